@@ -1,0 +1,1 @@
+"""dataplane: a Kubernetes Service data plane that replaces kube-proxy."""

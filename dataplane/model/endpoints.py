@@ -1,0 +1,173 @@
+"""EndpointSlices, legacy Endpoints and Pods, as immutable values.
+
+All three end up as EndpointSlice values: legacy v1 Endpoints are converted
+the way Kubernetes' mirroring controller would, and Pods are turned into
+endpoints by snapshot.py when nothing else names a Service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .fields import Reader
+from .service import Protocol, object_ref, read_metadata
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPort:
+    name: str
+    port: int
+    protocol: Protocol
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    address: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str = ""
+    zone: str = ""
+    hostname: str = ""
+    zone_hints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    namespace: str
+    name: str
+    service_name: str
+    address_type: str  # IPv4, IPv6 or FQDN (FQDN is never proxied)
+    endpoints: tuple[Endpoint, ...]
+    ports: tuple[EndpointPort, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerPort:
+    name: str
+    port: int
+    protocol: Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    namespace: str
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    node_name: str
+    ips: tuple[str, ...]
+    ready: bool
+    terminating: bool
+    container_ports: tuple[ContainerPort, ...]
+    hostname: str = ""
+    subdomain: str = ""
+
+
+def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
+    reader = Reader("EndpointSlice", object_ref(obj), obj)
+    namespace, name = read_metadata(reader)
+    labels = dict(reader.child("metadata").str_map("labels"))
+    address_type = reader.choice("addressType", ("IPv4", "IPv6", "FQDN"), "IPv4")
+    endpoints = []
+    for item in reader.items("endpoints"):
+        conditions = item.child("conditions")
+        ready = conditions.bool("ready", True)
+        hints = tuple(zone.str("name") for zone in item.child("hints").items("forZones"))
+        common = dict(
+            ready=ready,
+            # Kubernetes: an unset serving condition means the same as ready.
+            serving=conditions.bool("serving", ready),
+            terminating=conditions.bool("terminating", False),
+            node_name=item.str("nodeName"),
+            zone=item.str("zone"),
+            hostname=item.str("hostname"),
+            zone_hints=hints,
+        )
+        addresses = list(item.items("addresses"))
+        # Kubernetes: consumers use only the first address; FQDN slices are never proxied.
+        if addresses and address_type != "FQDN":
+            endpoints.append(Endpoint(address=addresses[0].parse_ip(addresses[0].data, ""), **common))
+    ports = tuple(
+        EndpointPort(
+            name=item.str("name"),
+            port=item.port("port", required=True),
+            protocol=Protocol(item.choice("protocol", tuple(Protocol), "TCP")),
+        )
+        for item in reader.items("ports")
+    )
+    return EndpointSlice(
+        namespace=namespace,
+        name=name,
+        service_name=labels.get(SERVICE_NAME_LABEL, ""),
+        address_type=address_type,
+        endpoints=tuple(endpoints),
+        ports=ports,
+    )
+
+
+def parse_endpoints(obj: dict[str, Any]) -> tuple[EndpointSlice, ...]:
+    """Converts a legacy v1 Endpoints object: one slice per subset."""
+    reader = Reader("Endpoints", object_ref(obj), obj)
+    namespace, name = read_metadata(reader)
+    slices = []
+    for index, subset in enumerate(reader.items("subsets")):
+        ports = tuple(
+            EndpointPort(
+                name=item.str("name"),
+                port=item.port("port", required=True),
+                protocol=Protocol(item.choice("protocol", tuple(Protocol), "TCP")),
+            )
+            for item in subset.items("ports")
+        )
+        endpoints = []
+        for field, ready in (("addresses", True), ("notReadyAddresses", False)):
+            for item in subset.items(field):
+                endpoints.append(
+                    Endpoint(
+                        address=item.parse_ip(item.data.get("ip") if isinstance(item.data, dict) else None, "ip"),
+                        ready=ready,
+                        serving=ready,
+                        node_name=item.str("nodeName"),
+                        hostname=item.str("hostname"),
+                    )
+                )
+        slices.append(EndpointSlice(namespace, f"{name}-subset-{index}", name, "IPv4", tuple(endpoints), ports))
+    return tuple(slices)
+
+
+def parse_pod(obj: dict[str, Any]) -> Pod:
+    reader = Reader("Pod", object_ref(obj), obj)
+    namespace, name = read_metadata(reader)
+    meta = reader.child("metadata")
+    spec = reader.child("spec")
+    status = reader.child("status")
+    ips = [item.ip("ip") for item in status.items("podIPs")]
+    ips = [ip for ip in ips if ip] or [ip for ip in [status.ip("podIP")] if ip]
+    ready = any(
+        cond.str("type") == "Ready" and cond.str("status") == "True" for cond in status.items("conditions")
+    ) and status.str("phase", "Running") == "Running"
+    ports = []
+    for container in spec.items("containers"):
+        for item in container.items("ports"):
+            ports.append(
+                ContainerPort(
+                    name=item.str("name"),
+                    port=item.port("containerPort", required=True),
+                    protocol=Protocol(item.choice("protocol", tuple(Protocol), "TCP")),
+                )
+            )
+    return Pod(
+        namespace=namespace,
+        name=name,
+        labels=meta.str_map("labels"),
+        node_name=spec.str("nodeName"),
+        ips=tuple(dict.fromkeys(ips)),
+        ready=ready,
+        terminating=bool(meta.str("deletionTimestamp")),
+        container_ports=tuple(ports),
+        hostname=spec.str("hostname"),
+        subdomain=spec.str("subdomain"),
+    )

@@ -1,0 +1,136 @@
+"""Typed, path-aware reads from the dicts that YAML and JSON give.
+
+Unknown fields are ignored; a present field of the wrong type or range raises
+InvalidObject naming the object and the field path (``spec.ports[1].port``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Iterator
+
+from .errors import InvalidObject
+
+_MISSING = object()
+
+
+class Reader:
+    """Reads one object's fields, remembering the path for error messages."""
+
+    __slots__ = ("kind", "ref", "data", "path")
+
+    def __init__(self, kind: str, ref: str, data: Any, path: str = ""):
+        self.kind = kind
+        self.ref = ref
+        self.data = data
+        self.path = path
+
+    def fail(self, problem: str, field: str = "") -> InvalidObject:
+        return InvalidObject(self.kind, self.ref, self._join(field) or "<object>", problem)
+
+    def _join(self, field: str) -> str:
+        if not field:
+            return self.path
+        if field.startswith("["):
+            return f"{self.path}{field}"
+        return f"{self.path}.{field}" if self.path else field
+
+    def _get(self, field: str) -> Any:
+        if not isinstance(self.data, dict):
+            return _MISSING
+        value = self.data.get(field, _MISSING)
+        return _MISSING if value is None else value
+
+    def child(self, field: str) -> "Reader":
+        value = self._get(field)
+        if value is _MISSING:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(f"must be an object, got {type(value).__name__}", field)
+        return Reader(self.kind, self.ref, value, self._join(field))
+
+    def items(self, field: str) -> Iterator["Reader"]:
+        value = self._get(field)
+        if value is _MISSING:
+            return
+        if not isinstance(value, list):
+            raise self.fail(f"must be a list, got {type(value).__name__}", field)
+        for index, item in enumerate(value):
+            yield Reader(self.kind, self.ref, item, f"{self._join(field)}[{index}]")
+
+    def str(self, field: str, default: str = "") -> str:
+        value = self._get(field)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str):
+            raise self.fail(f"must be a string, got {value!r}", field)
+        return value
+
+    def bool(self, field: str, default: bool) -> bool:
+        value = self._get(field)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(f"must be true or false, got {value!r}", field)
+        return value
+
+    def int(self, field: str, default: int | None = None, low: int = 0, high: int = 2**31 - 1) -> int | None:
+        value = self._get(field)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(f"must be an integer, got {value!r}", field)
+        if not low <= value <= high:
+            raise self.fail(f"must be between {low} and {high}, got {value}", field)
+        return value
+
+    def port(self, field: str, required: bool = False) -> int | None:
+        value = self.int(field, None, 1, 65535)
+        if value is None and required:
+            raise self.fail("is required", field)
+        return value
+
+    def choice(self, field: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self.str(field, default)
+        if value not in allowed:
+            raise self.fail(f"must be one of {', '.join(allowed)}, got {value!r}", field)
+        return value
+
+    def str_map(self, field: str) -> tuple[tuple[str, str], ...]:
+        value = self._get(field)
+        if value is _MISSING:
+            return ()
+        if not isinstance(value, dict):
+            raise self.fail("must be a map of strings", field)
+        pairs = []
+        for key, item in value.items():
+            if not isinstance(key, str) or not isinstance(item, (str, int, float, bool)):
+                raise self.fail(f"entry {key!r} must map a string to a string", field)
+            pairs.append((key, item if isinstance(item, str) else str(item)))
+        return tuple(sorted(pairs))
+
+    def ip(self, field: str) -> str | None:
+        value = self.str(field)
+        if not value:
+            return None
+        return self.parse_ip(value, field)
+
+    def parse_ip(self, value: Any, field: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(f"must be an IP address, got {value!r}", field)
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise self.fail(f"is not a valid IP address: {value!r}", field) from None
+
+    def ip_list(self, field: str) -> tuple[str, ...]:
+        return tuple(item.parse_ip(item.data, "") for item in self.items(field))
+
+    def cidr_list(self, field: str) -> tuple[str, ...]:
+        cidrs = []
+        for item in self.items(field):
+            try:
+                cidrs.append(str(ipaddress.ip_network(str(item.data).strip(), strict=False)))
+            except ValueError:
+                raise item.fail(f"is not a valid CIDR: {item.data!r}") from None
+        return tuple(cidrs)

@@ -1,0 +1,205 @@
+"""The v1 Service, as immutable values.
+
+A Service value is valid by construction: ports are in range, addresses are
+canonical strings, enums hold known values. Nothing downstream re-checks them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from .fields import Reader
+
+# A Service carrying this label belongs to another proxy (kube-proxy skips it too).
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+DEFAULT_AFFINITY_TIMEOUT = 10800
+
+
+class Protocol(StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+class ServiceType(StrEnum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+    EXTERNAL_NAME = "ExternalName"
+
+
+class TrafficPolicy(StrEnum):
+    CLUSTER = "Cluster"
+    LOCAL = "Local"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServiceKey:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str
+    protocol: Protocol
+    port: int
+    target_port: int | str  # a number, or the name of a container port
+    node_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    namespace: str
+    name: str
+    type: ServiceType = ServiceType.CLUSTER_IP
+    cluster_ips: tuple[str, ...] = ()  # empty for headless and ExternalName
+    ports: tuple[ServicePort, ...] = ()
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    session_affinity_timeout: int | None = None  # None: no ClientIP affinity
+    external_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
+    internal_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    health_check_node_port: int | None = None
+    selector: tuple[tuple[str, str], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()
+    external_name: str = ""
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.namespace, self.name)
+
+    @property
+    def headless(self) -> bool:
+        return not self.cluster_ips and self.type != ServiceType.EXTERNAL_NAME
+
+    @property
+    def proxied(self) -> bool:
+        """True when this node's data plane programs rules for it."""
+        return bool(self.cluster_ips) and self.type != ServiceType.EXTERNAL_NAME
+
+    @property
+    def external_ips_all(self) -> tuple[str, ...]:
+        """externalIPs and LoadBalancer ingress IPs: addresses reached from outside."""
+        return self.external_ips + tuple(ip for ip in self.load_balancer_ips if ip not in self.external_ips)
+
+    def port_named(self, name: str) -> ServicePort | None:
+        return next((port for port in self.ports if port.name == name), None)
+
+
+def is_foreign(obj: dict[str, Any]) -> bool:
+    """A Service labelled for another service proxy is not ours to program."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return isinstance(labels, dict) and SERVICE_PROXY_NAME_LABEL in labels
+
+
+def object_ref(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    return f"{meta.get('namespace') or 'default'}/{meta.get('name') or '<unnamed>'}"
+
+
+def read_metadata(reader: Reader) -> tuple[str, str]:
+    meta = reader.child("metadata")
+    name = meta.str("name")
+    if not name:
+        raise meta.fail("is required", "name")
+    return meta.str("namespace", "default") or "default", name
+
+
+def parse_service(obj: dict[str, Any]) -> Service:
+    """Builds a Service from a v1 Service object; raises InvalidObject."""
+    reader = Reader("Service", object_ref(obj), obj)
+    namespace, name = read_metadata(reader)
+    meta = reader.child("metadata")
+    spec = reader.child("spec")
+    service_type = ServiceType(spec.choice("type", tuple(ServiceType), ServiceType.CLUSTER_IP))
+
+    cluster_ips = _cluster_ips(spec)
+    ports = tuple(_parse_port(item, service_type) for item in spec.items("ports"))
+    _check_unique_ports(spec, ports)
+
+    affinity = spec.choice("sessionAffinity", ("None", "ClientIP"), "None")
+    timeout = None
+    if affinity == "ClientIP":
+        timeout = (
+            spec.child("sessionAffinityConfig").child("clientIP").int("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT, 1, 86400)
+        )
+    ingress_ips = tuple(
+        ip for ip in (item.ip("ip") for item in reader.child("status").child("loadBalancer").items("ingress")) if ip
+    )
+    return Service(
+        namespace=namespace,
+        name=name,
+        type=service_type,
+        cluster_ips=cluster_ips if service_type != ServiceType.EXTERNAL_NAME else (),
+        ports=ports,
+        external_ips=spec.ip_list("externalIPs"),
+        load_balancer_ips=ingress_ips if service_type == ServiceType.LOAD_BALANCER else (),
+        session_affinity_timeout=timeout,
+        external_traffic_policy=TrafficPolicy(spec.choice("externalTrafficPolicy", tuple(TrafficPolicy), "Cluster")),
+        internal_traffic_policy=TrafficPolicy(spec.choice("internalTrafficPolicy", tuple(TrafficPolicy), "Cluster")),
+        load_balancer_source_ranges=spec.cidr_list("loadBalancerSourceRanges"),
+        health_check_node_port=spec.port("healthCheckNodePort"),
+        selector=spec.str_map("selector"),
+        labels=meta.str_map("labels"),
+        annotations=meta.str_map("annotations"),
+        external_name=spec.str("externalName"),
+    )
+
+
+def _cluster_ips(spec: Reader) -> tuple[str, ...]:
+    listed = list(spec.items("clusterIPs"))
+    if listed:
+        raw = [(item.data, f"clusterIPs[{index}]") for index, item in enumerate(listed)]
+    else:
+        raw = [(spec.str("clusterIP"), "clusterIP")]
+    if raw[0][0] in ("None", ""):
+        return ()
+    ips = tuple(spec.parse_ip(value, field) for value, field in raw)
+    if len({ipaddress.ip_address(ip).version for ip in ips}) != len(ips):
+        raise spec.fail("must hold at most one address per IP family", "clusterIPs")
+    return ips
+
+
+def _parse_port(item: Reader, service_type: ServiceType) -> ServicePort:
+    port = item.port("port", required=True)
+    assert port is not None
+    target = item.data.get("targetPort") if isinstance(item.data, dict) else None
+    if target is None or target == "":
+        target = port
+    elif isinstance(target, str) and target.isdigit():
+        target = int(target)
+    if isinstance(target, bool) or not isinstance(target, (int, str)):
+        raise item.fail(f"must be a port number or name, got {target!r}", "targetPort")
+    if isinstance(target, int) and not 1 <= target <= 65535:
+        raise item.fail(f"must be between 1 and 65535, got {target}", "targetPort")
+    node_port = item.port("nodePort") if service_type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER) else None
+    return ServicePort(
+        name=item.str("name"),
+        protocol=Protocol(item.choice("protocol", tuple(Protocol), "TCP")),
+        port=port,
+        target_port=target,
+        node_port=node_port,
+    )
+
+
+def _check_unique_ports(spec: Reader, ports: tuple[ServicePort, ...]) -> None:
+    seen: set[object] = set()
+    for index, port in enumerate(ports):
+        for key, what in (((port.port, port.protocol), "port"), (("name", port.name), "name")):
+            if key in seen:
+                raise spec.fail(f"duplicate {what} {key[0] if what == 'port' else port.name!r}", f"ports[{index}]")
+            seen.add(key)
+        if port.node_port is not None:
+            if (port.node_port, port.protocol, "node") in seen:
+                raise spec.fail(f"duplicate nodePort {port.node_port}", f"ports[{index}].nodePort")
+            seen.add((port.node_port, port.protocol, "node"))

@@ -1,0 +1,128 @@
+"""Joins Services with their endpoints into one immutable state snapshot.
+
+Precedence for one Service, as in a cluster: EndpointSlices that name it
+(label kubernetes.io/service-name, all merged); else legacy v1 Endpoints;
+else the ready Pods its selector matches, as the endpoint controller would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from .endpoints import EndpointSlice, Pod
+from .service import Service, ServiceKey, ServicePort
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Backend:
+    """One endpoint of one Service port: where a connection may be sent."""
+
+    ip: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str = ""
+    zone: str = ""
+    zone_hints: tuple[str, ...] = ()
+    hostname: str = ""
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.ip else 4
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceState:
+    """A Service and, aligned with service.ports, each port's backends."""
+
+    service: Service
+    backends: tuple[tuple[Backend, ...], ...]
+
+    def port_backends(self) -> Iterable[tuple[ServicePort, tuple[Backend, ...]]]:
+        return zip(self.service.ports, self.backends)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    services: Mapping[ServiceKey, ServiceState] = field(default_factory=dict)
+    pods: Mapping[tuple[str, str], Pod] = field(default_factory=dict)
+
+
+def join_service(
+    service: Service,
+    slices: Iterable[EndpointSlice] = (),
+    legacy: Iterable[EndpointSlice] = (),
+    pods: Iterable[Pod] = (),
+) -> ServiceState:
+    """Resolves each Service port to its backends; never raises."""
+    slices = tuple(slices) or tuple(legacy)
+    if slices:
+        backends = tuple(_from_slices(port, slices) for port in service.ports)
+    elif service.selector:
+        matching = [pod for pod in pods if _selects(service.selector, pod.labels)]
+        backends = tuple(_from_pods(port, matching) for port in service.ports)
+    else:
+        backends = tuple(() for _ in service.ports)
+    return ServiceState(service, backends)
+
+
+def _from_slices(port: ServicePort, slices: tuple[EndpointSlice, ...]) -> tuple[Backend, ...]:
+    found: dict[tuple[str, int], Backend] = {}
+    for endpoint_slice in slices:
+        # The EndpointSlice controller names slice ports after Service ports.
+        slice_port = next(
+            (p for p in endpoint_slice.ports if p.name == port.name and p.protocol == port.protocol), None
+        )
+        if slice_port is None:
+            continue
+        for endpoint in endpoint_slice.endpoints:
+            backend = Backend(
+                ip=endpoint.address,
+                port=slice_port.port,
+                ready=endpoint.ready,
+                serving=endpoint.serving,
+                terminating=endpoint.terminating,
+                node_name=endpoint.node_name,
+                zone=endpoint.zone,
+                zone_hints=endpoint.zone_hints,
+                hostname=endpoint.hostname,
+            )
+            previous = found.get((backend.ip, backend.port))
+            if previous is None or (backend.ready and not previous.ready):
+                found[(backend.ip, backend.port)] = backend
+    return tuple(sorted(found.values()))
+
+
+def _from_pods(port: ServicePort, pods: list[Pod]) -> tuple[Backend, ...]:
+    found: dict[tuple[str, int], Backend] = {}
+    for pod in pods:
+        target = _resolve_target_port(port, pod)
+        if target is None:
+            continue
+        for ip in pod.ips:
+            found[(ip, target)] = Backend(
+                ip=ip,
+                port=target,
+                ready=pod.ready and not pod.terminating,
+                serving=pod.ready,
+                terminating=pod.terminating,
+                node_name=pod.node_name,
+                hostname=pod.hostname,
+            )
+    return tuple(sorted(found.values()))
+
+
+def _resolve_target_port(port: ServicePort, pod: Pod) -> int | None:
+    if isinstance(port.target_port, int):
+        return port.target_port
+    for container_port in pod.container_ports:
+        if container_port.name == port.target_port and container_port.protocol == port.protocol:
+            return container_port.port
+    return None
+
+
+def _selects(selector: tuple[tuple[str, str], ...], labels: tuple[tuple[str, str], ...]) -> bool:
+    have = dict(labels)
+    return all(have.get(key) == value for key, value in selector)
