@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .fields import Reader
+from .fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, Reader
 from .service import Protocol, object_ref, read_metadata
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -78,10 +78,10 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
         hints = tuple(zone.str("name") for zone in item.child("hints").items("forZones"))
         common = dict(
             ready=ready,
-            # Kubernetes: an unset serving condition means the same as ready.
-            serving=conditions.bool("serving", ready),
+            # As kube-proxy reads them: unset ready and serving mean true, unset terminating false.
+            serving=conditions.bool("serving", True),
             terminating=conditions.bool("terminating", False),
-            node_name=item.str("nodeName"),
+            node_name=item.name("nodeName", DNS1123_SUBDOMAIN),
             zone=item.str("zone"),
             hostname=item.str("hostname"),
             zone_hints=hints,
@@ -92,7 +92,7 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
             endpoints.append(Endpoint(address=addresses[0].parse_ip(addresses[0].data, ""), **common))
     ports = tuple(
         EndpointPort(
-            name=item.str("name"),
+            name=item.name("name", DNS1123_LABEL),
             port=item.port("port", required=True),
             protocol=Protocol(item.choice("protocol", tuple(Protocol), "TCP")),
         )
@@ -116,7 +116,7 @@ def parse_endpoints(obj: dict[str, Any]) -> tuple[EndpointSlice, ...]:
     for index, subset in enumerate(reader.items("subsets")):
         ports = tuple(
             EndpointPort(
-                name=item.str("name"),
+                name=item.name("name", DNS1123_LABEL),
                 port=item.port("port", required=True),
                 protocol=Protocol(item.choice("protocol", tuple(Protocol), "TCP")),
             )
@@ -130,7 +130,7 @@ def parse_endpoints(obj: dict[str, Any]) -> tuple[EndpointSlice, ...]:
                         address=item.parse_ip(item.data.get("ip") if isinstance(item.data, dict) else None, "ip"),
                         ready=ready,
                         serving=ready,
-                        node_name=item.str("nodeName"),
+                        node_name=item.name("nodeName", DNS1123_SUBDOMAIN),
                         hostname=item.str("hostname"),
                     )
                 )
@@ -154,7 +154,7 @@ def parse_pod(obj: dict[str, Any]) -> Pod:
         for item in container.items("ports"):
             ports.append(
                 ContainerPort(
-                    name=item.str("name"),
+                    name=item.name("name", IANA_SVC_NAME),
                     port=item.port("containerPort", required=True),
                     protocol=Protocol(item.choice("protocol", tuple(Protocol), "TCP")),
                 )
@@ -163,10 +163,11 @@ def parse_pod(obj: dict[str, Any]) -> Pod:
         namespace=namespace,
         name=name,
         labels=meta.str_map("labels"),
-        node_name=spec.str("nodeName"),
+        node_name=spec.name("nodeName", DNS1123_SUBDOMAIN),
         ips=tuple(dict.fromkeys(ips)),
         ready=ready,
-        terminating=bool(meta.str("deletionTimestamp")),
+        # Any value counts: YAML turns an unquoted timestamp into a datetime, not a string.
+        terminating=meta.has("deletionTimestamp"),
         container_ports=tuple(ports),
         hostname=spec.str("hostname"),
         subdomain=spec.str("subdomain"),

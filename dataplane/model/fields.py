@@ -7,11 +7,55 @@ InvalidObject naming the object and the field path (``spec.ports[1].port``).
 from __future__ import annotations
 
 import ipaddress
+import re
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .errors import InvalidObject
 
 _MISSING = object()
+_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+
+
+@dataclass(frozen=True, slots=True)
+class NameRule:
+    """One of Kubernetes' naming rules. Names end up in nftables chain names
+    and comments, so anything outside these rules is refused at parse time."""
+
+    pattern: re.Pattern[str]
+    max_length: int
+    description: str
+
+    def problem(self, value: str) -> str | None:
+        """None when `value` follows the rule, else what is wrong with it."""
+        # fullmatch, not "$": "$" would accept a trailing newline.
+        if len(value) <= self.max_length and self.pattern.fullmatch(value):
+            return None
+        return f"must be {self.description}, got {value!r}"
+
+
+DNS1123_LABEL = NameRule(
+    re.compile(_LABEL),
+    63,
+    "a DNS-1123 label (at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit)",
+)
+DNS1035_LABEL = NameRule(
+    re.compile("[a-z]([-a-z0-9]*[a-z0-9])?"),
+    63,
+    "a DNS-1035 label (at most 63 lowercase letters, digits and '-', starting with a letter"
+    " and ending with a letter or digit)",
+)
+DNS1123_SUBDOMAIN = NameRule(
+    re.compile(rf"{_LABEL}(\.{_LABEL})*"),
+    253,
+    "a DNS-1123 subdomain (at most 253 characters: DNS-1123 labels joined by '.')",
+)
+IANA_SVC_NAME = NameRule(
+    re.compile("(?=[-a-z0-9]*[a-z])[a-z0-9]+(-[a-z0-9]+)*"),
+    15,
+    "an IANA service name (at most 15 lowercase letters, digits and '-', at least one letter,"
+    " no '-' at either end or next to another '-')",
+)
 
 
 class Reader:
@@ -65,6 +109,19 @@ class Reader:
         if not isinstance(value, str):
             raise self.fail(f"must be a string, got {value!r}", field)
         return value
+
+    def name(self, field: str, rule: NameRule) -> str:
+        """An optional string that must follow `rule` when present and not empty."""
+        value = self.str(field)
+        if value:
+            problem = rule.problem(value)
+            if problem is not None:
+                raise self.fail(problem, field)
+        return value
+
+    def has(self, field: str) -> bool:
+        """True when the field is present and not null, whatever its type."""
+        return self._get(field) is not _MISSING
 
     def bool(self, field: str, default: bool) -> bool:
         value = self._get(field)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from .fields import Reader
+from .fields import DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, NameRule, Reader
 
 # A Service carrying this label belongs to another proxy (kube-proxy skips it too).
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
@@ -102,23 +102,26 @@ def is_foreign(obj: dict[str, Any]) -> bool:
 
 
 def object_ref(obj: dict[str, Any]) -> str:
+    """`namespace/name` for messages, escaped so a hostile name stays on one line."""
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     meta = meta if isinstance(meta, dict) else {}
-    return f"{meta.get('namespace') or 'default'}/{meta.get('name') or '<unnamed>'}"
+    ref = f"{meta.get('namespace') or 'default'}/{meta.get('name') or '<unnamed>'}"
+    return ref if ref.isprintable() else ref.encode("unicode_escape").decode("ascii")
 
 
-def read_metadata(reader: Reader) -> tuple[str, str]:
+def read_metadata(reader: Reader, name_rule: NameRule = DNS1123_SUBDOMAIN) -> tuple[str, str]:
+    """(namespace, name), both checked against Kubernetes' naming rules."""
     meta = reader.child("metadata")
-    name = meta.str("name")
+    name = meta.name("name", name_rule)
     if not name:
         raise meta.fail("is required", "name")
-    return meta.str("namespace", "default") or "default", name
+    return meta.name("namespace", DNS1123_LABEL) or "default", name
 
 
 def parse_service(obj: dict[str, Any]) -> Service:
     """Builds a Service from a v1 Service object; raises InvalidObject."""
     reader = Reader("Service", object_ref(obj), obj)
-    namespace, name = read_metadata(reader)
+    namespace, name = read_metadata(reader, DNS1035_LABEL)
     meta = reader.child("metadata")
     spec = reader.child("spec")
     service_type = ServiceType(spec.choice("type", tuple(ServiceType), ServiceType.CLUSTER_IP))
@@ -182,9 +185,12 @@ def _parse_port(item: Reader, service_type: ServiceType) -> ServicePort:
         raise item.fail(f"must be a port number or name, got {target!r}", "targetPort")
     if isinstance(target, int) and not 1 <= target <= 65535:
         raise item.fail(f"must be between 1 and 65535, got {target}", "targetPort")
+    if isinstance(target, str):
+        item.name("targetPort", IANA_SVC_NAME)
     node_port = item.port("nodePort") if service_type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER) else None
     return ServicePort(
-        name=item.str("name"),
+        # Kubernetes: Service port names are DNS-1123 labels (container port names are IANA names).
+        name=item.name("name", DNS1123_LABEL),
         protocol=Protocol(item.choice("protocol", tuple(Protocol), "TCP")),
         port=port,
         target_port=target,

@@ -61,7 +61,9 @@ def join_service(
     if slices:
         backends = tuple(_from_slices(port, slices) for port in service.ports)
     elif service.selector:
-        matching = [pod for pod in pods if _selects(service.selector, pod.labels)]
+        matching = [
+            pod for pod in pods if pod.namespace == service.namespace and _selects(service.selector, pod.labels)
+        ]
         backends = tuple(_from_pods(port, matching) for port in service.ports)
     else:
         backends = tuple(() for _ in service.ports)

@@ -50,9 +50,11 @@ class ManifestSource:
     """Feeds a Store from a file or a directory tree of manifests."""
 
     def __init__(self, root: Path, store: Store):
-        self.root = Path(root)
+        # Absolute, because watchfiles reports absolute paths and origins must compare equal.
+        self.root = Path(root).absolute()
         self.store = store
         self.errors: dict[str, list[str]] = {}  # file -> problems seen at its last read
+        self._stats: dict[str, tuple[int, int] | None] = {}  # file -> (mtime_ns, size) at its last read
 
     def files(self) -> list[Path]:
         if self.root.is_file():
@@ -65,9 +67,9 @@ class ManifestSource:
         """(Re)reads one file; a missing file withdraws its objects."""
         origin = str(path)
         if not path.exists():
-            self.errors.pop(origin, None)
-            return self.store.replace(origin, None)
+            return self._withdraw(origin)
         try:
+            self._stats[origin] = _stat(path)
             documents = read_documents(path)
         except (ValueError, OSError, UnicodeDecodeError) as error:
             kept = "keeping its last good content" if origin in self.store.origins else "nothing loaded from it"
@@ -80,35 +82,60 @@ class ManifestSource:
         self.errors[origin] = [str(p) for p in problems]
         return self.store.replace(origin, objects)
 
-    def load_all(self) -> set[ServiceKey]:
+    def load_all(self, only_changed: bool = False) -> set[ServiceKey]:
+        """(Re)reads every file, or with `only_changed` those whose mtime or size moved."""
         present = {str(p) for p in self.files()}
         changed: set[ServiceKey] = set()
-        for origin in self.store.origins - present:
-            changed |= self.load(Path(origin))
+        for origin in (self.store.origins | set(self._stats)) - present:
+            changed |= self._withdraw(origin)
         for path in sorted(present):
+            if only_changed and self._stats.get(path) == _stat(Path(path)):
+                continue
             changed |= self.load(Path(path))
         return changed
 
     async def watch(self, debounce_ms: int = 50) -> AsyncIterator[set[ServiceKey]]:
-        """Yields the Services changed by each batch of file events, forever."""
+        """Yields the Services changed by each batch of file events, forever.
+
+        Edits made between the caller's load_all() and the moment the watcher
+        exists have no event; a rescan of changed files once it exists catches them.
+        """
         watched = self.root if self.root.is_dir() else self.root.parent
+        caught_up = False
         async for events in watchfiles.awatch(
-            watched, debounce=debounce_ms, step=10, recursive=True, force_polling=False
+            watched,
+            debounce=debounce_ms,
+            step=10,
+            recursive=True,
+            force_polling=False,
+            yield_on_timeout=True,
+            rust_timeout=200,
         ):
-            paths = {Path(path) for _, path in events}
             changed: set[ServiceKey] = set()
-            for path in sorted(paths):
+            if not caught_up:
+                caught_up = True
+                changed |= self.load_all(only_changed=True)
+            for path in sorted({Path(path) for _, path in events}):
                 if self.root.is_file() and path != self.root:
                     continue
-                if path.is_dir() or (not path.exists() and str(path) not in self.store.origins and path.suffix == ""):
-                    # A directory appeared or vanished: rescan everything below the root.
-                    changed |= self.load_all()
+                if path.is_dir() or (not path.exists() and self._holds_files_below(path)):
+                    # A directory appeared or vanished: rescan below the root; its files may have no events.
+                    changed |= self.load_all(only_changed=True)
                     continue
                 if self._wanted(path):
                     changed |= self.load(path)
             if changed:
                 yield changed
             await asyncio.sleep(0)
+
+    def _withdraw(self, origin: str) -> set[ServiceKey]:
+        self.errors.pop(origin, None)
+        self._stats.pop(origin, None)
+        return self.store.replace(origin, None)
+
+    def _holds_files_below(self, path: Path) -> bool:
+        prefix = f"{path}/"
+        return any(origin.startswith(prefix) for origin in self.store.origins | set(self._stats))
 
     def _wanted(self, path: Path) -> bool:
         if self.root.is_file():
@@ -117,3 +144,12 @@ class ManifestSource:
             return is_manifest(path.relative_to(self.root))
         except ValueError:
             return False
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    """(mtime_ns, size), or None for a file that is gone."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size

@@ -1,0 +1,153 @@
+"""Command line: `dataplane run | render | cleanup`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from .config import NodeSettings, parse_cidrs, select_nodeport_ips
+from .daemon import http
+from .nat import layout
+
+EXIT_USAGE = 2
+EXIT_NOT_ROOT = 3
+EXIT_NO_NFTABLES = 4
+
+
+class LogfmtFormatter(logging.Formatter):
+    """One line per event, key=value, so logs are grep- and machine-readable."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += " " + self.formatException(record.exc_info).replace("\n", " | ")
+        message = message.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+        stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+        return f'time={stamp}.{int(record.msecs):03d} level={record.levelname.lower()} logger={record.name} msg="{message}"'
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dataplane", description="A Kubernetes Service data plane on nftables.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    proxy_flags = argparse.ArgumentParser(add_help=False)
+    proxy_flags.add_argument("--source", default="/etc/dataplane/manifests",
+                             help="a manifest file or a directory of them (YAML/JSON)")
+    proxy_flags.add_argument("--proxy-mode", default="kernel", choices=["kernel"],
+                             help="kernel: nftables picks endpoints (userspace mode is not built yet)")
+    proxy_flags.add_argument("--hostname-override", default="", help="this node's name (default: the hostname)")
+    proxy_flags.add_argument("--cluster-cidr", default="",
+                             help="Pod CIDRs, comma-separated; traffic from elsewhere to a ClusterIP is masqueraded")
+    proxy_flags.add_argument("--nodeport-addresses", default="",
+                             help="CIDRs whose node addresses serve NodePorts, or 'primary' (default: all but loopback)")
+    proxy_flags.add_argument("--masquerade-all", action="store_true", help="masquerade all Service traffic")
+    proxy_flags.add_argument("--healthz-bind-address", default="0.0.0.0:10256")
+    proxy_flags.add_argument("--metrics-bind-address", default="127.0.0.1:10249")
+    proxy_flags.add_argument("--min-sync-period", type=float, default=1.0,
+                             help="seconds: at most one sync this often; bursts of changes coalesce")
+    proxy_flags.add_argument("--sync-period", type=float, default=300.0,
+                             help="seconds between full resyncs")
+    proxy_flags.add_argument("-v", "--verbose", action="count", default=0)
+
+    commands.add_parser("run", parents=[proxy_flags], help="run the daemon (root)")
+    render = commands.add_parser("render", parents=[proxy_flags], help="print the ruleset; touches nothing")
+    render.add_argument("--node-ips", default=None,
+                        help="node addresses to assume, comma-separated (default: this host's)")
+    commands.add_parser("cleanup", parents=[argparse.ArgumentParser(add_help=False)],
+                        help="remove every rule this program installed (root)").add_argument(
+        "-v", "--verbose", action="count", default=0)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> NodeSettings:
+    nodeport = args.nodeport_addresses.strip()
+    for bind in (args.healthz_bind_address, args.metrics_bind_address):
+        http.split_host_port(bind)
+    return NodeSettings(
+        node_name=(args.hostname_override or socket.gethostname()).lower(),
+        cluster_cidrs=parse_cidrs(args.cluster_cidr, "--cluster-cidr"),
+        masquerade_all=args.masquerade_all,
+        nodeport_cidrs=() if nodeport in ("", "primary") else parse_cidrs(nodeport, "--nodeport-addresses"),
+        nodeport_primary_only=nodeport == "primary",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, handlers=[handler])
+    log = logging.getLogger("dataplane")
+    try:
+        if args.command == "render":
+            return _render(args)
+        if os.geteuid() != 0:
+            log.error("%s needs root (CAP_NET_ADMIN) to program nftables", args.command)
+            return EXIT_NOT_ROOT
+        from .nat.nftables import NftError, Nftables
+
+        try:
+            nft = Nftables()
+            nft.run("list tables")
+        except NftError as error:
+            log.error("nftables is not usable: %s", error)
+            return EXIT_NO_NFTABLES
+        if args.command == "cleanup":
+            for family in ("ip", "ip6"):
+                nft.delete_table(family, layout.TABLE)
+            log.info("removed table %s from ip and ip6", layout.TABLE)
+            return 0
+        return _run(args, nft)
+    except ValueError as error:
+        log.error("%s", error)
+        return EXIT_USAGE
+
+
+def _render(args: argparse.Namespace) -> int:
+    from .model import Snapshot  # noqa: F401  (keeps render import-light)
+    from .nat.plan import full
+    from .nat.render import render
+    from .netlink.addresses import node_addresses
+    from .sync.manifests import ManifestSource
+    from .sync.store import Store
+
+    settings = settings_from(args)
+    store = Store()
+    ManifestSource(Path(args.source), store).load_all()
+    if args.node_ips is not None:
+        found, primary = [ip.strip() for ip in args.node_ips.split(",") if ip.strip()], None
+        primary = found[0] if found else None
+    else:
+        found, primary = node_addresses()
+    transaction, _ = full(render(store.snapshot(), settings, select_nodeport_ips(settings, found, primary)))
+    sys.stdout.write(str(transaction))
+    return 0
+
+
+def _run(args: argparse.Namespace, nft) -> int:
+    import uvloop
+
+    from .daemon.app import Daemon, Options
+
+    options = Options(
+        source=Path(args.source),
+        settings=settings_from(args),
+        healthz_bind=args.healthz_bind_address,
+        metrics_bind=args.metrics_bind_address,
+        min_sync_period=args.min_sync_period,
+        sync_period=args.sync_period,
+    )
+    logging.getLogger("dataplane").info(
+        "starting: source=%s node=%s nftables=%s", options.source, options.settings.node_name, nft.backend_name
+    )
+    uvloop.run(Daemon(options, nft).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The daemon: sources feed the store, the sync loop programs the kernel.
+
+Everything runs on one asyncio (uvloop) event loop; the blocking nftables
+and conntrack calls run in a worker thread so probes stay answered while a
+large sync is in flight. On SIGTERM/SIGINT the daemon exits and leaves its
+rules in place: traffic keeps flowing until the next start adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..config import NodeSettings, select_nodeport_ips
+from ..nat.nftables import NftError, Nftables
+from ..netlink import addresses, conntrack
+from ..sync.manifests import ManifestSource
+from ..sync.store import Store
+from . import http
+from .metrics import Metrics
+from .proxier import Proxier
+from .schedule import Schedule, SyncLoop
+
+log = logging.getLogger("dataplane")
+
+
+@dataclass
+class Options:
+    source: Path
+    settings: NodeSettings
+    healthz_bind: str = "0.0.0.0:10256"
+    metrics_bind: str = "127.0.0.1:10249"
+    min_sync_period: float = 1.0
+    sync_period: float = 300.0
+
+
+class Health:
+    """kube-proxy's healthz, stricter at start: not healthy before the first sync is live."""
+
+    def __init__(self, stale_after: float = 30.0, clock=time.time):
+        self.clock = clock
+        self.stale_after = stale_after
+        self.last_updated: float | None = None
+        self.failing = False
+        self.pending_since: float | None = None
+
+    def queued(self) -> None:
+        if self.pending_since is None:
+            self.pending_since = self.clock()
+
+    def synced(self, ok: bool, pending_at_start: float | None) -> None:
+        self.failing = not ok
+        if ok:
+            self.last_updated = self.clock()
+            if self.pending_since == pending_at_start:
+                self.pending_since = None
+
+    def report(self) -> tuple[int, str, bytes]:
+        now = self.clock()
+        overdue = self.pending_since is not None and now - self.pending_since > self.stale_after
+        healthy = self.last_updated is not None and not self.failing and not overdue
+        body = {
+            "lastUpdated": _iso(self.last_updated),
+            "currentTime": _iso(now),
+            "nodeEligible": healthy,
+            "pendingSince": _iso(self.pending_since),
+        }
+        return (200 if healthy else 503), "application/json", (json.dumps(body) + "\n").encode()
+
+
+def _iso(stamp: float | None) -> str | None:
+    return None if stamp is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
+class Daemon:
+    def __init__(self, options: Options, nft: Nftables):
+        self.options = options
+        self.store = Store()
+        self.source = ManifestSource(options.source, self.store)
+        self.metrics = Metrics()
+        self.health = Health()
+        self.proxier = Proxier(options.settings, nft)
+        self.node_ips: tuple[str, ...] = ()
+        self.loop = SyncLoop(
+            Schedule(min_interval=options.min_sync_period, full_interval=options.sync_period), self._sync
+        )
+
+    async def refresh_node_ips(self) -> bool:
+        # pyroute2 runs an event loop of its own: keep it off ours.
+        found, primary = await asyncio.to_thread(addresses.node_addresses)
+        ips = select_nodeport_ips(self.options.settings, found, primary)
+        if ips == self.node_ips:
+            return False
+        log.info("NodePort addresses: %s", ", ".join(ips) or "none")
+        self.node_ips = ips
+        return True
+
+    def changed(self, what: str) -> None:
+        log.debug("change queued: %s", what)
+        self.metrics.last_queued.set_to_current_time()
+        self.health.queued()
+        self.loop.request()
+
+    async def _sync(self, full: bool) -> bool:
+        snapshot = self.store.snapshot()
+        pending_wall, pending_mono = self.health.pending_since, self.loop.schedule.pending_since
+        started = time.perf_counter()
+        try:
+            result = await asyncio.to_thread(self.proxier.sync, snapshot, self.node_ips, full)
+        except NftError as error:
+            self.metrics.sync_failures.inc()
+            log.error("sync failed, rules left as they were: %s", error)
+            self.health.synced(False, pending_wall)
+            return False
+        elapsed = time.perf_counter() - started
+        self.metrics.sync_duration.observe(elapsed)
+        (self.metrics.full_sync_duration if full else self.metrics.partial_sync_duration).observe(elapsed)
+        if pending_mono is not None:
+            self.metrics.programming_latency.observe(time.monotonic() - pending_mono)
+        self.metrics.last_sync.set_to_current_time()
+        self.metrics.services.set(result.services)
+        self.metrics.endpoints.set(result.endpoints)
+        self.metrics.invalid_objects.set(sum(len(p) for p in self.source.errors.values()))
+        self.health.synced(True, pending_wall)
+        log.info(
+            "%s sync: %d commands in %.1f ms (%d services, %d endpoint entries)",
+            "full" if full else "partial", result.commands, elapsed * 1000, result.services, result.endpoints,
+        )
+        if result.stale:
+            try:
+                deleted = await asyncio.to_thread(conntrack.clear, list(result.stale))
+                self.metrics.conntrack_deleted.inc(deleted)
+                log.info("deleted %d stale conntrack entries for %d endpoints", deleted, len(result.stale))
+            except OSError as error:
+                log.warning("conntrack cleanup failed: %s", error)
+        return True
+
+    async def _watch_files(self) -> None:
+        async for changed in self.source.watch():
+            self.metrics.service_changes.inc(len(changed))
+            self.changed(f"{len(changed)} services")
+
+    async def _watch_addresses(self) -> None:
+        async for _ in addresses.address_changes():
+            if await self.refresh_node_ips():
+                self.changed("node addresses")
+
+    async def run(self) -> None:
+        await self.refresh_node_ips()
+        self.source.load_all()
+        self.changed("start")
+        servers = [
+            await http.serve(self.options.healthz_bind, {"/healthz": self.health.report, "/livez": self.health.report}),
+            await http.serve(self.options.metrics_bind, {"/metrics": self._metrics}),
+        ]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = [asyncio.create_task(c) for c in (self.loop.run(), self._watch_files(), self._watch_addresses())]
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks + [stopper]:
+            task.cancel()
+        for server in servers:
+            server.close()
+        for task in done:
+            if task is not stopper and task.exception():
+                raise task.exception()
+        log.info("stopping; rules stay in place")
+
+    def _metrics(self) -> tuple[int, str, bytes]:
+        return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)

@@ -1,0 +1,84 @@
+"""When to sync: coalesce bursts, resync periodically, retry after failures.
+
+The decision is a pure function of the clock and a few timestamps, so it is
+tested without sleeping; `SyncLoop` is the small async shell around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Schedule:
+    min_interval: float  # at most one sync per this many seconds: bursts coalesce
+    full_interval: float  # a full resync at least this often
+    retry_interval: float = 1.0
+    last_run: float = float("-inf")
+    last_full: float = float("-inf")
+    pending_since: float | None = None  # oldest change not yet synced
+    failed: bool = True  # nothing is programmed yet: the first sync is full
+
+    def request(self, now: float) -> None:
+        if self.pending_since is None:
+            self.pending_since = now
+
+    def next_sync(self, now: float) -> tuple[float, bool]:
+        """(seconds to wait before syncing, whether that sync must be full)."""
+        if self.failed:
+            return max(0.0, self.last_run + self.retry_interval - now), True
+        due_full = self.last_full + self.full_interval
+        if self.pending_since is not None:
+            due_partial = max(self.pending_since, self.last_run + self.min_interval)
+            if due_partial < due_full:
+                return max(0.0, due_partial - now), False
+        return max(0.0, due_full - now), True
+
+    def ran(self, started: float, full: bool, ok: bool, pending_at_start: float | None) -> None:
+        self.last_run = started
+        self.failed = not ok
+        if ok and full:
+            self.last_full = started
+        if ok and self.pending_since == pending_at_start:
+            self.pending_since = None
+
+
+class SyncLoop:
+    """Runs `sync(full)` as the schedule says; never dies of a failed sync."""
+
+    def __init__(self, schedule: Schedule, sync: Callable[[bool], Awaitable[bool]], clock=time.monotonic):
+        self.schedule = schedule
+        self._sync = sync
+        self._clock = clock
+        self._wake = asyncio.Event()
+
+    def request(self) -> None:
+        self.schedule.request(self._clock())
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            wait, full = self.schedule.next_sync(self._clock())
+            if wait > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                    continue  # something changed: decide again
+                except asyncio.TimeoutError:
+                    pass
+                wait, full = self.schedule.next_sync(self._clock())
+                if wait > 0:
+                    continue
+            started, pending = self._clock(), self.schedule.pending_since
+            try:
+                ok = await self._sync(full)
+            except Exception:  # the loop must outlive any bug in one sync
+                log.exception("sync failed")
+                ok = False
+            self.schedule.ran(started, full, ok, pending)

@@ -1,0 +1,266 @@
+"""Clients that talk to echo servers from inside a namespace.
+
+Invariant: a request never raises for what the network did. Every outcome,
+an echo reply or a refusal, a timeout, an unreachable route, a reset, is
+returned as an `Outcome` so that tests can table expectations like
+"refused within 0.5 s". Programming errors (bad arguments) still raise.
+
+Sockets come from `Netns.socket`, so the calling process stays in its own
+namespace while the traffic leaves from the given one.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import ipaddress
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .echo import Reply
+
+
+class Failure(StrEnum):
+    REFUSED = "refused"  # TCP RST, or ICMP port unreachable on a connected UDP socket
+    TIMEOUT = "timeout"
+    UNREACHABLE = "unreachable"  # ICMP host/net unreachable, no route
+    RESET = "reset"  # an established connection was reset
+    CLOSED = "closed"  # the peer closed without answering
+    GARBLED = "garbled"  # an answer that is not an echo reply
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one request got: exactly one of `reply` and `failure` is set."""
+
+    reply: Reply | None
+    failure: Failure | None
+    elapsed: float
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.reply is not None
+
+    @property
+    def pod(self) -> str | None:
+        return self.reply.pod if self.reply else None
+
+    def __str__(self) -> str:
+        what = str(self.reply) if self.reply else f"{self.failure} {self.detail}".strip()
+        return f"{what} ({self.elapsed * 1000:.0f} ms)"
+
+
+_FAILURES = {
+    errno.ECONNREFUSED: Failure.REFUSED,
+    errno.ETIMEDOUT: Failure.TIMEOUT,
+    errno.EHOSTUNREACH: Failure.UNREACHABLE,
+    errno.ENETUNREACH: Failure.UNREACHABLE,
+    errno.ECONNRESET: Failure.RESET,
+    errno.EPIPE: Failure.RESET,
+}
+
+
+def classify(error: OSError) -> Failure | None:
+    """The Failure an OSError stands for, or None for errors that are not the network's doing."""
+    if isinstance(error, TimeoutError | socket.timeout):
+        return Failure.TIMEOUT
+    return _FAILURES.get(error.errno)
+
+
+def _family(ip: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+
+
+def _attempt(started: float, action: Callable[[], Reply]) -> Outcome:
+    try:
+        reply = action()
+    except ValueError as error:
+        return Outcome(None, Failure.GARBLED, time.monotonic() - started, str(error))
+    except EOFError:
+        return Outcome(None, Failure.CLOSED, time.monotonic() - started)
+    except OSError as error:
+        failure = classify(error)
+        if failure is None:
+            raise
+        return Outcome(None, failure, time.monotonic() - started, error.strerror or "")
+    return Outcome(reply, None, time.monotonic() - started)
+
+
+class TcpSession:
+    """One TCP connection from a namespace, kept open across requests until `close()`.
+
+    `connect` returns the Outcome of the connect itself; `request` sends one line
+    and reads one reply line.
+    """
+
+    def __init__(self, ns, ip: str, port: int, timeout: float = 1.0, source: tuple[str, int] | None = None):
+        self.ns, self.ip, self.port, self.timeout = ns, ip, port, timeout
+        self._sock = ns.socket(_family(ip), socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        if source is not None:
+            self._sock.bind(source)
+        self._buffer = b""
+
+    def __enter__(self) -> "TcpSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def local(self) -> tuple[str, int]:
+        return self._sock.getsockname()[:2]
+
+    def connect(self) -> Outcome:
+        started = time.monotonic()
+
+        def go() -> Reply:
+            self._sock.connect((self.ip, self.port))
+            return None  # type: ignore[return-value]
+
+        outcome = _attempt(started, go)
+        return outcome if outcome.failure else Outcome(None, None, outcome.elapsed)
+
+    def request(self, line: str = "hello") -> Outcome:
+        started = time.monotonic()
+
+        def go() -> Reply:
+            self._sock.sendall(line.encode() + b"\n")
+            while b"\n" not in self._buffer:
+                chunk = self._sock.recv(4096)
+                if not chunk:
+                    raise EOFError
+                self._buffer += chunk
+            text, _, self._buffer = self._buffer.partition(b"\n")
+            return Reply.parse(text.decode(errors="replace"))
+
+        return _attempt(started, go)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class UdpSession:
+    """A connected UDP socket from a namespace: every request leaves from the same source port.
+
+    Connected, so that an ICMP port unreachable for an earlier datagram surfaces as
+    `Failure.REFUSED`, as it would for a real client.
+    """
+
+    def __init__(self, ns, ip: str, port: int, timeout: float = 1.0, source: tuple[str, int] | None = None):
+        self.ns, self.ip, self.port, self.timeout = ns, ip, port, timeout
+        self._sock = ns.socket(_family(ip), socket.SOCK_DGRAM)
+        self._sock.settimeout(timeout)
+        if source is not None:
+            self._sock.bind(source)
+        self._sock.connect((ip, port))
+
+    def __enter__(self) -> "UdpSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def local(self) -> tuple[str, int]:
+        return self._sock.getsockname()[:2]
+
+    def request(self, payload: str = "hello") -> Outcome:
+        started = time.monotonic()
+
+        def go() -> Reply:
+            self._drain()
+            self._sock.send(payload.encode())
+            return Reply.parse(self._sock.recv(4096).decode(errors="replace"))
+
+        return _attempt(started, go)
+
+    def _drain(self) -> None:
+        """Drops late answers (and errors) left over from earlier requests, so they are not taken for this one's."""
+        while True:
+            try:
+                self._sock.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def tcp_request(ns, ip: str, port: int, timeout: float = 1.0, line: str = "hello") -> Outcome:
+    """Connects from `ns` to ip:port, sends one line, returns the reply or why there was none.
+
+    `timeout` bounds the connect and the read separately.
+    """
+    started = time.monotonic()
+    with TcpSession(ns, ip, port, timeout) as session:
+        connected = session.connect()
+        if connected.failure:
+            return connected
+        outcome = session.request(line)
+    return Outcome(outcome.reply, outcome.failure, time.monotonic() - started, outcome.detail)
+
+
+def udp_request(ns, ip: str, port: int, timeout: float = 1.0, payload: str = "hello") -> Outcome:
+    """Sends one datagram from a fresh source port in `ns`; returns the reply or why there was none."""
+    with UdpSession(ns, ip, port, timeout) as session:
+        return session.request(payload)
+
+
+def request(protocol: str, ns, ip: str, port: int, timeout: float = 1.0) -> Outcome:
+    """`tcp_request` or `udp_request` by protocol name ("TCP"/"UDP", any case)."""
+    match protocol.upper():
+        case "TCP":
+            return tcp_request(ns, ip, port, timeout)
+        case "UDP":
+            return udp_request(ns, ip, port, timeout)
+    raise ValueError(f"unsupported protocol {protocol!r}")
+
+
+def sample(send: Callable[[], Outcome], want: Iterable[str] = (), tries: int = 60) -> list[Outcome]:
+    """Calls `send` up to `tries` times; stops early once every pod in `want` has answered.
+
+    With `want` empty it makes exactly `tries` calls. Returns every outcome, in order.
+    """
+    want = set(want)
+    seen: set[str] = set()
+    outcomes = []
+    for _ in range(tries):
+        outcome = send()
+        outcomes.append(outcome)
+        if outcome.pod:
+            seen.add(outcome.pod)
+        if want and want <= seen:
+            break
+    return outcomes
+
+
+def tally(outcomes: Iterable[Outcome]) -> Counter:
+    """How many outcomes each pod (or failure kind) accounts for."""
+    return Counter(o.pod if o.ok else str(o.failure) for o in outcomes)
+
+
+def http_get(ns, host: str, port: int, path: str = "/", timeout: float = 1.0) -> tuple[int, bytes]:
+    """GET http://host:port/path from inside `ns`; returns (status, body). Raises OSError when it cannot connect."""
+    sock = ns.socket(_family(host), socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((host, port))
+    except OSError:
+        sock.close()
+        raise
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    connection.sock = sock
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()

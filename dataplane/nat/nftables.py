@@ -1,0 +1,129 @@
+"""The one module that talks to the kernel's nftables.
+
+It runs transactions through libnftables in-process (no fork per sync) and
+falls back to `nft -f -` where the library cannot be loaded. Every
+transaction is one netlink batch: the kernel applies all of it or none.
+Errors are classified here, once; callers never parse nft's stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import shutil
+import subprocess
+import threading
+
+from .ruleset import Transaction
+
+
+class NftError(RuntimeError):
+    def __init__(self, message: str, text: str = ""):
+        super().__init__(message.strip())
+        self.text = text  # the script that failed, for the log
+
+    @property
+    def errno(self) -> int | None:
+        for code, phrase in ((errno.ENOENT, "No such file or directory"), (errno.EEXIST, "File exists"),
+                             (errno.EPERM, "Operation not permitted"), (errno.EBUSY, "Device or resource busy")):
+            if phrase in str(self):
+                return code
+        return None
+
+    def is_not_found(self) -> bool:
+        return self.errno == errno.ENOENT
+
+    def is_permission(self) -> bool:
+        return self.errno == errno.EPERM
+
+
+class _LibNftables:
+    """libnftables through ctypes: nft's own parser, without a process per call."""
+
+    def __init__(self, path: str):
+        lib = ctypes.CDLL(path)
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        for name in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+            getattr(lib, name).restype = ctypes.c_char_p
+        lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        self._lib = lib
+        self._ctx = lib.nft_ctx_new(0)
+        lib.nft_ctx_buffer_output(self._ctx)
+        lib.nft_ctx_buffer_error(self._ctx)
+        self._lock = threading.Lock()  # one context, one caller at a time
+
+    def run(self, text: str, check_only: bool = False) -> tuple[int, str, str]:
+        with self._lock:
+            self._lib.nft_ctx_set_dry_run(self._ctx, check_only)
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, text.encode())
+            out = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode(errors="replace")
+            err = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode(errors="replace")
+            return rc, out, err
+
+
+class _NftCommand:
+    def __init__(self, path: str):
+        self._path = path
+
+    def run(self, text: str, check_only: bool = False) -> tuple[int, str, str]:
+        args = [self._path, "-c", "-f", "-"] if check_only else [self._path, "-f", "-"]
+        done = subprocess.run(args, input=text, capture_output=True, text=True)
+        return done.returncode, done.stdout, done.stderr
+
+
+class Nftables:
+    """Runs nft scripts; raises NftError with nft's message on failure."""
+
+    def __init__(self, backend: _LibNftables | _NftCommand | None = None):
+        self._backend = backend or _pick_backend()
+
+    @property
+    def backend_name(self) -> str:
+        return "libnftables" if isinstance(self._backend, _LibNftables) else "nft"
+
+    def run(self, text: str, check_only: bool = False) -> str:
+        rc, out, err = self._backend.run(text, check_only)
+        if rc != 0:
+            raise NftError(err or f"nft failed with status {rc}", text)
+        return out
+
+    def apply(self, tx: Transaction) -> None:
+        if tx:
+            self.run(str(tx))
+
+    def check(self, tx: Transaction) -> None:
+        self.run(str(tx), check_only=True)
+
+    def table_exists(self, family: str, table: str) -> bool:
+        try:
+            self.run(f"list table {family} {table}")
+            return True
+        except NftError as error:
+            if error.is_not_found():
+                return False
+            raise
+
+    def delete_table(self, family: str, table: str) -> None:
+        """Idempotent: a missing table is already deleted."""
+        self.run(f"add table {family} {table}\ndelete table {family} {table}\n")
+
+
+def _pick_backend() -> _LibNftables | _NftCommand:
+    for path in ("libnftables.so.1", ctypes.util.find_library("nftables")):
+        if not path:
+            continue
+        try:
+            return _LibNftables(path)
+        except (OSError, AttributeError):
+            continue
+    nft = shutil.which("nft")
+    if nft is None:
+        raise NftError("nftables is not installed: neither libnftables nor the nft command was found")
+    return _NftCommand(nft)
