@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter())
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, handlers=[handler])
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every batch of events
     log = logging.getLogger("dataplane")
     try:
         if args.command == "render":

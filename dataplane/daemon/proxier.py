@@ -36,9 +36,12 @@ class Proxier:
     def sync(self, snapshot: Snapshot, node_ips: tuple[str, ...], full: bool) -> SyncResult:
         """Programs `snapshot`; raises NftError with the kernel untouched on failure."""
         ruleset = self.builder.build(snapshot, node_ips)
-        tx, state = plan.full(ruleset) if full else self.programmed.plan(ruleset)
+        if full:
+            tx, change = plan.full(ruleset)
+        else:
+            tx, change = self.programmed.plan(ruleset)
         self.nft.apply(tx)
-        self.programmed = state
+        state = self.programmed = change if full else self.programmed.commit(change)
         stale = stale_flows(self.synced, snapshot)
         self.synced = snapshot
         services = sum(1 for owner in ruleset.fragments if owner != NODE)

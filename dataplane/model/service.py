@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from .fields import DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, NameRule, Reader
 
@@ -36,8 +36,9 @@ class TrafficPolicy(StrEnum):
     LOCAL = "Local"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ServiceKey:
+class ServiceKey(NamedTuple):
+    """namespace/name; a tuple so that hashing 10,000 of them stays cheap."""
+
     namespace: str
     name: str
 
@@ -97,7 +98,8 @@ class Service:
 
 def is_foreign(obj: dict[str, Any]) -> bool:
     """A Service labelled for another service proxy is not ours to program."""
-    labels = (obj.get("metadata") or {}).get("labels") or {}
+    meta = obj.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, dict) else None
     return isinstance(labels, dict) and SERVICE_PROXY_NAME_LABEL in labels
 
 

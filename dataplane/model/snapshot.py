@@ -8,7 +8,7 @@ else the ready Pods its selector matches, as the endpoint controller would.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .endpoints import EndpointSlice, Pod
 from .service import Service, ServiceKey, ServicePort
@@ -44,10 +44,14 @@ class ServiceState:
         return zip(self.service.ports, self.backends)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Snapshot:
     services: Mapping[ServiceKey, ServiceState] = field(default_factory=dict)
     pods: Mapping[tuple[str, str], Pod] = field(default_factory=dict)
+    # Lineage: the snapshot this one follows, and the Services changed since.
+    # A consumer that saw `previous` need only look at `changed`.
+    previous: Callable[[], "Snapshot | None"] | None = field(default=None, compare=False)
+    changed: frozenset[ServiceKey] | None = field(default=None, compare=False)
 
 
 def join_service(

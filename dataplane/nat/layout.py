@@ -158,6 +158,11 @@ def pick_declarations(n: int, settings: NodeSettings, family: Family) -> list[De
     ]
 
 
+def pick_size(name: str) -> int:
+    """The endpoint count a pick declaration serves: 'cluster-3' -> 3."""
+    return int(name.rsplit("-", 1)[1])
+
+
 def pick_names(n: int) -> frozenset[str]:
     return frozenset(
         (endpoints_map(n), nodeport_endpoints_map(n), cluster_chain(n), external_chain(n), nodeport_chain(n))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Hashable, Iterable
 
 from .ruleset import EMPTY, Chain, Element, Fragment, Ruleset, Transaction
@@ -26,100 +25,167 @@ log = logging.getLogger(__name__)
 ElementKey = tuple[str, str]  # (container, key)
 
 
-@dataclass
+_GONE = (None, 0)  # overlay marker: the slot was released
+
+
 class Programmed:
-    """What the kernel holds after the last successful transaction."""
+    """What the kernel holds after the last successful transaction.
 
-    ruleset: Ruleset | None = None
-    held: dict[ElementKey, tuple[Element, int]] = field(default_factory=dict)  # -> (element, refcount)
-    needed: dict[str, int] = field(default_factory=dict)  # declaration name -> refcount
-    conflicts: dict[Hashable, frozenset[Element]] = field(default_factory=dict)
+    `plan()` is pure: it returns the transaction and a Change, and only
+    `commit(change)`, called once the kernel accepted the transaction,
+    moves this state forward. A failed apply therefore loses nothing.
+    """
 
-    def plan(self, new: Ruleset) -> tuple[Transaction, "Programmed"]:
-        """The transaction from this state to `new`, and the state after it.
+    def __init__(self, ruleset: Ruleset | None = None):
+        self.ruleset = ruleset
+        self.held: dict[ElementKey, tuple[Element, int]] = {}  # slot -> (element, refcount)
+        self.needed: dict[str, int] = {}  # declaration name -> refcount
+        self.conflicts: dict[Hashable, frozenset[Element]] = {}
 
-        Pure: self is left untouched, so a failed apply loses nothing.
-        """
+    def plan(self, new: Ruleset) -> tuple[Transaction, "Change"]:
+        """The transaction from this state to `new`; a full one if there is no state yet."""
         if self.ruleset is None or (new.family, new.table) != (self.ruleset.family, self.ruleset.table):
-            return full(new)
+            tx, state = full(new)
+            return tx, Change(new, replacement=state)
         old = self.ruleset
-        changed = [k for k in old.fragments.keys() | new.fragments.keys() if old.fragments.get(k) is not new.fragments.get(k)]
-        changed = [k for k in changed if old.fragments.get(k, EMPTY) != new.fragments.get(k, EMPTY)]
-        state = Programmed(new, dict(self.held), dict(self.needed), dict(self.conflicts))
+        change = Change(new, base=self)
         added: list[Element] = []
         removed: list[Element] = []
-        for key in sorted(changed, key=repr):
-            state._retract(key, old.fragments.get(key, EMPTY), removed)
-        for key in sorted(changed, key=repr):
-            state._contribute(key, new.fragments.get(key, EMPTY), added)
-        # An element both removed and re-added (the same key moving between
-        # owners) would be deleted then added again: drop the pair.
+        owners = sorted(_changed_owners(old, new), key=repr)
+        for owner in owners:
+            change.retract(owner, old.fragments.get(owner, EMPTY), removed)
+        for owner in owners:
+            change.contribute(owner, new.fragments.get(owner, EMPTY), added)
+        # The same element released by one owner and taken by another stays.
         same = set(added) & set(removed)
         added = [e for e in added if e not in same]
         removed = [e for e in removed if e not in same]
-        gone = [n for n in self.needed if n not in state.needed and n not in new.always]
-        born = [n for n in state.needed if n not in self.needed and n not in old.always]
+        gone = [n for n, count in change.needed.items() if count == 0 and n in self.needed and n not in new.always]
+        born = [n for n, count in change.needed.items() if count > 0 and n not in self.needed and n not in old.always]
         tx = Transaction()
         table = f"{new.family} {new.table}"
         _declare(tx, new, born)
         _fill_chains(tx, new, born)
         _elements(tx, "delete", table, removed)
         _elements(tx, "add", table, added)
+        old_chains = [n for n in gone if isinstance(old.declarations[n], Chain)]
+        for name in old_chains:
+            tx.add(f"flush chain {table} {name}")
+            tx.add(f"delete chain {table} {name}")
         for name in gone:
-            declaration = old.declarations[name]
-            if isinstance(declaration, Chain):
-                tx.add(f"flush chain {table} {name}")
-                tx.add(f"delete chain {table} {name}")
-        for name in gone:
-            if not isinstance(old.declarations[name], Chain):
+            if name not in old_chains:
                 tx.add(f"delete {old.declarations[name].kind} {table} {name}")
-        return tx, state
+        return tx, change
 
-    def _contribute(self, owner: Hashable, fragment: Fragment, added: list[Element]) -> None:
+    def commit(self, change: "Change") -> "Programmed":
+        """The state once the kernel accepted `change`'s transaction."""
+        if change.replacement is not None:
+            return change.replacement
+        assert change.base is self, "a change applies to the state it was planned from"
+        for slot, entry in change.held.items():
+            if entry is _GONE:
+                self.held.pop(slot, None)
+            else:
+                self.held[slot] = entry
+        for name, count in change.needed.items():
+            if count:
+                self.needed[name] = count
+            else:
+                self.needed.pop(name, None)
+        for owner, refused in change.conflicts.items():
+            if refused:
+                self.conflicts[owner] = refused
+            else:
+                self.conflicts.pop(owner, None)
+        self.ruleset = change.ruleset
+        return self
+
+
+class Change:
+    """A planned step: overlays on a Programmed state, so planning copies nothing big."""
+
+    def __init__(self, ruleset: Ruleset, base: Programmed | None = None, replacement: Programmed | None = None):
+        self.ruleset = ruleset
+        self.base = base
+        self.replacement = replacement
+        self.held: dict[ElementKey, tuple[Element, int] | tuple[None, int]] = {}
+        self.needed: dict[str, int] = {}
+        self.conflicts: dict[Hashable, frozenset[Element]] = {}
+
+    def _entry(self, slot: ElementKey):
+        entry = self.held.get(slot)
+        if entry is None and self.base is not None:
+            entry = self.base.held.get(slot)
+        return None if entry is _GONE else entry
+
+    def _need(self, name: str, delta: int) -> None:
+        current = self.needed.get(name)
+        if current is None:
+            current = self.base.needed.get(name, 0) if self.base is not None else 0
+        self.needed[name] = current + delta
+
+    def contribute(self, owner: Hashable, fragment: Fragment, added: list[Element]) -> None:
         refused = []
-        for element in sorted(fragment.elements):
-            slot = (element.container, element.key)
-            entry = self.held.get(slot)
-            if entry is None:
-                self.held[slot] = (element, 1)
+        held, base = self.held, self.base.held if self.base is not None else {}
+        for element in fragment.elements:
+            slot = element[:2]
+            entry = held.get(slot) or base.get(slot)  # inlined _entry: the full-sync hot loop
+            if entry is None or entry is _GONE:
+                held[slot] = (element, 1)
                 added.append(element)
             elif entry[0].value == element.value:
-                self.held[slot] = (entry[0], entry[1] + 1)
+                held[slot] = (entry[0], entry[1] + 1)
             else:
                 refused.append(element)
+        self.conflicts[owner] = frozenset(refused)
         if refused:
-            self.conflicts[owner] = frozenset(refused)
             log.error(
                 "%s: %d entries conflict with another Service (e.g. %s in %s); left out",
                 owner, len(refused), refused[0].key, refused[0].container,
             )
         for name in fragment.needs:
-            self.needed[name] = self.needed.get(name, 0) + 1
+            self._need(name, +1)
 
-    def _retract(self, owner: Hashable, fragment: Fragment, removed: list[Element]) -> None:
-        refused = self.conflicts.pop(owner, frozenset())
+    def retract(self, owner: Hashable, fragment: Fragment, removed: list[Element]) -> None:
+        refused = self.conflicts.get(owner)
+        if refused is None:
+            refused = self.base.conflicts.get(owner, frozenset()) if self.base is not None else frozenset()
+        self.conflicts[owner] = frozenset()
         for element in fragment.elements:
             if element in refused:
                 continue
-            slot = (element.container, element.key)
-            held, count = self.held[slot]
+            slot = element[:2]
+            held, count = self._entry(slot)
             if count == 1:
-                del self.held[slot]
+                self.held[slot] = _GONE
                 removed.append(held)
             else:
                 self.held[slot] = (held, count - 1)
         for name in fragment.needs:
-            self.needed[name] -= 1
-            if not self.needed[name]:
-                del self.needed[name]
+            self._need(name, -1)
+
+
+def _changed_owners(old: Ruleset, new: Ruleset) -> set[Hashable]:
+    """Owners whose fragment differs; cheap when `new` was built from `old`."""
+    if new.changed is not None and new.previous is not None and new.previous() is old:
+        candidates = new.changed
+    else:
+        candidates = old.fragments.keys() | new.fragments.keys()
+    return {
+        owner for owner in candidates
+        if old.fragments.get(owner, EMPTY) is not new.fragments.get(owner, EMPTY)
+        and old.fragments.get(owner, EMPTY) != new.fragments.get(owner, EMPTY)
+    }
 
 
 def full(ruleset: Ruleset) -> tuple[Transaction, Programmed]:
     """One transaction that replaces the table with exactly `ruleset`."""
-    state = Programmed(ruleset)
+    state = Programmed()
+    change = Change(ruleset, base=state)
     added: list[Element] = []
     for owner in sorted(ruleset.fragments, key=repr):
-        state._contribute(owner, ruleset.fragments[owner], added)
+        change.contribute(owner, ruleset.fragments[owner], added)
+    state.commit(change)
     table = f"{ruleset.family} {ruleset.table}"
     names = [n for n in ruleset.declarations if n in ruleset.always or n in state.needed]
     tx = Transaction([f"add table {table}", f"delete table {table}", f"add table {table}"])

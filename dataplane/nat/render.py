@@ -7,13 +7,14 @@ when it has none. The node's NodePort addresses are one more fragment.
 
 from __future__ import annotations
 
+import weakref
 from typing import Hashable, Iterable
 
 from ..config import NodeSettings
 from ..lb.endpoints import usable_endpoints
-from ..model import ServiceKey, ServiceState, Snapshot
+from ..model import ServiceState, Snapshot
 from . import layout
-from .ruleset import Element, Fragment, Ruleset
+from .ruleset import EMPTY, Element, Fragment, Ruleset
 
 NODE = "node"  # the owner of node-level elements (NodePort addresses)
 
@@ -28,34 +29,52 @@ def render(
 class RulesetBuilder:
     """Renders Rulesets, reusing the fragments of Services that did not change.
 
-    Services are immutable values and the store keeps unchanged ones
-    identical, so an identity check finds what must be rendered again.
+    A snapshot names the Services changed since the one before it; when that
+    is the snapshot this builder saw last, only those are rendered again.
     """
 
     def __init__(self, settings: NodeSettings, family: int = 4):
         self.settings = settings
         self.family = layout.Family(family)
-        self._cache: dict[ServiceKey, tuple[ServiceState, Fragment]] = {}
         self._declarations = {d.name: d for d in layout.skeleton(settings, self.family)}
         self._always = frozenset(self._declarations)
+        self._last_snapshot: weakref.ref[Snapshot] | None = None
+        self._last: Ruleset | None = None
 
     def build(self, snapshot: Snapshot, node_ips: Iterable[str] = ()) -> Ruleset:
-        fragments: dict[Hashable, Fragment] = {}
-        cache = {}
-        for key, state in snapshot.services.items():
-            cached = self._cache.get(key)
-            if cached is not None and cached[0] is state:
-                fragment = cached[1]
-            else:
-                fragment = service_fragment(state, self.settings, self.family)
-                for name in fragment.needs - self._declarations.keys():
-                    self._add_pick_declarations(int(name.rsplit("-", 1)[1]))
-            cache[key] = (state, fragment)
+        last = self._last
+        if last is not None and snapshot.previous is not None and snapshot.previous is self._last_snapshot:
+            # The snapshot says what changed since the one we built last.
+            fragments = dict(last.fragments)
+            candidates = snapshot.changed
+        else:
+            fragments, candidates = {}, snapshot.services.keys()
+        changed = set()
+        for key in candidates:
+            state = snapshot.services.get(key)
+            fragment = service_fragment(state, self.settings, self.family) if state is not None else EMPTY
+            for name in fragment.needs - self._declarations.keys():
+                self._add_pick_declarations(layout.pick_size(name))
             if fragment.elements:
                 fragments[key] = fragment
-        self._cache = cache
-        fragments[NODE] = node_fragment(node_ips, self.family)
-        return Ruleset(self.family.nft, layout.TABLE, self._declarations, self._always, fragments)
+            else:
+                fragments.pop(key, None)
+            changed.add(key)
+        node = node_fragment(node_ips, self.family)
+        previous_node = last.fragments.get(NODE) if last is not None else None
+        if previous_node == node:
+            node = previous_node  # identical object: the planner skips it at once
+        else:
+            changed.add(NODE)
+        fragments[NODE] = node
+        incremental = candidates is snapshot.changed
+        ruleset = Ruleset(
+            self.family.nft, layout.TABLE, self._declarations, self._always, fragments,
+            previous=weakref.ref(last) if incremental else None,
+            changed=frozenset(changed) if incremental else None,
+        )
+        self._last, self._last_snapshot = ruleset, weakref.ref(snapshot)
+        return ruleset
 
     def _add_pick_declarations(self, n: int) -> None:
         # Copy on write: Rulesets already handed out keep their own mapping.
@@ -105,5 +124,10 @@ def service_fragment(state: ServiceState, settings: NodeSettings, family: layout
             key = f"{proto} . {port.node_port}"
             elements.append(Element(layout.SERVICE_NODEPORTS, key, f"goto {layout.nodeport_chain(n)}", comment))
             elements.extend(Element(layout.nodeport_endpoints_map(n), f"{key} . {i}", t) for i, t in enumerate(targets))
-        elements.extend(Element(layout.HAIRPIN, f"{e.ip} . {e.ip}") for e in endpoints)
+        # Only a Pod on this node can reach itself through this node's rules.
+        elements.extend(
+            Element(layout.HAIRPIN, f"{e.ip} . {e.ip}")
+            for e in endpoints
+            if e.node_name in (settings.node_name, "")
+        )
     return Fragment(frozenset(elements), frozenset(needs))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Mapping
+from typing import Callable, Hashable, Iterable, Mapping, NamedTuple
 
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9._:/-]")
 
@@ -21,8 +21,9 @@ def safe_comment(text: str) -> str:
     return _COMMENT_UNSAFE.sub("_", text)[:120]
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Element:
+class Element(NamedTuple):
+    """A map or set element; a tuple, because there are hundreds of thousands."""
+
     container: str  # map or set name
     key: str  # nft text of the key, e.g. "10.96.0.1 . tcp . 80"
     value: str = ""  # nft text of the mapped value; empty for set elements
@@ -71,13 +72,16 @@ class Fragment:
 EMPTY = Fragment()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Ruleset:
     family: str  # "ip" or "ip6"
     table: str
     declarations: Mapping[str, Declaration]  # every declaration any owner may need
     always: frozenset[str]  # declarations present whatever the owners need
     fragments: Mapping[Hashable, Fragment] = field(default_factory=dict)
+    # Lineage: the ruleset this one was built from, and the owners rebuilt since.
+    previous: Callable[[], "Ruleset | None"] | None = None
+    changed: frozenset[Hashable] | None = None
 
 
 class Transaction:

@@ -9,6 +9,7 @@ a consumer may hold an old one while the store moves on.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import defaultdict
 
 from ..model import EndpointSlice, ObjectSet, Pod, Service, ServiceKey, ServiceState, Snapshot, join_service
@@ -26,6 +27,8 @@ class Store:
         self._pods: dict[str, dict[tuple[str, str], Pod]] = defaultdict(dict)  # by namespace
         self._states: dict[ServiceKey, ServiceState] = {}
         self._pod_index: dict[tuple[str, str], Pod] = {}
+        self._last: weakref.ref[Snapshot] | None = None
+        self._changed: set[ServiceKey] = set()
 
     def replace(self, origin: str, objects: ObjectSet | None) -> set[ServiceKey]:
         """Replaces everything `origin` contributed; returns the Services whose state changed."""
@@ -36,10 +39,22 @@ class Store:
         if objects is not None:
             self._origins[origin] = objects
             affected |= self._index(origin, objects, add=True)
-        return {key for key in affected if self._rejoin(key)}
+        changed = {key for key in affected if self._rejoin(key)}
+        self._changed |= changed
+        return changed
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(dict(self._states), dict(self._pod_index))
+        """The current state; records what changed since the previous snapshot."""
+        previous = self._last() if self._last is not None else None
+        snapshot = Snapshot(
+            dict(self._states),
+            dict(self._pod_index),
+            previous=self._last if previous is not None else None,
+            changed=frozenset(self._changed) if previous is not None else None,
+        )
+        self._last = weakref.ref(snapshot)
+        self._changed = set()
+        return snapshot
 
     @property
     def origins(self) -> frozenset[str]:
