@@ -68,12 +68,14 @@ class _LibNftables:
             return rc, out, err
 
 
-class _NftCommand:
-    def __init__(self, path: str):
-        self._path = path
+class NftCommand:
+    """The nft binary; `argv` may wrap it (["ip", "netns", "exec", "ns1", "nft"] in tests)."""
+
+    def __init__(self, argv: list[str]):
+        self._argv = list(argv)
 
     def run(self, text: str, check_only: bool = False) -> tuple[int, str, str]:
-        args = [self._path, "-c", "-f", "-"] if check_only else [self._path, "-f", "-"]
+        args = self._argv + (["-c", "-f", "-"] if check_only else ["-f", "-"])
         done = subprocess.run(args, input=text, capture_output=True, text=True)
         return done.returncode, done.stdout, done.stderr
 
@@ -81,7 +83,7 @@ class _NftCommand:
 class Nftables:
     """Runs nft scripts; raises NftError with nft's message on failure."""
 
-    def __init__(self, backend: _LibNftables | _NftCommand | None = None):
+    def __init__(self, backend: _LibNftables | NftCommand | None = None):
         self._backend = backend or _pick_backend()
 
     @property
@@ -115,7 +117,7 @@ class Nftables:
         self.run(f"add table {family} {table}\ndelete table {family} {table}\n")
 
 
-def _pick_backend() -> _LibNftables | _NftCommand:
+def _pick_backend() -> _LibNftables | NftCommand:
     for path in ("libnftables.so.1", ctypes.util.find_library("nftables")):
         if not path:
             continue
@@ -126,4 +128,4 @@ def _pick_backend() -> _LibNftables | _NftCommand:
     nft = shutil.which("nft")
     if nft is None:
         raise NftError("nftables is not installed: neither libnftables nor the nft command was found")
-    return _NftCommand(nft)
+    return NftCommand([nft])

@@ -220,4 +220,5 @@ def _elements(tx: Transaction, verb: str, table: str, elements: Iterable[Element
         for start in range(0, len(items), batch):
             # Deleting takes the key alone; adding takes key, comment and value.
             texts = (e.key if verb == "delete" else e.text() for e in items[start : start + batch])
-            tx.add(f"{verb} element {table} {container} {{ {', '.join(texts)} }}")
+            # One element per line: reviewable golden files and readable logs.
+            tx.add(f"{verb} element {table} {container} {{\n\t" + ",\n\t".join(texts) + "\n}")
