@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
-from .endpoints import EndpointSlice, Pod
+from .endpoints import Endpoint, EndpointSlice, Pod
 from .service import Service, ServiceKey, ServicePort
 
 
@@ -35,10 +35,15 @@ class Backend:
 
 @dataclass(frozen=True, slots=True)
 class ServiceState:
-    """A Service and, aligned with service.ports, each port's backends."""
+    """A Service and, aligned with service.ports, each port's backends.
+
+    `endpoints` lists every endpoint whatever its ports, which is what DNS
+    needs for headless Services (they may have no ports at all).
+    """
 
     service: Service
     backends: tuple[tuple[Backend, ...], ...]
+    endpoints: tuple[Endpoint, ...] = ()
 
     def port_backends(self) -> Iterable[tuple[ServicePort, tuple[Backend, ...]]]:
         return zip(self.service.ports, self.backends)
@@ -64,14 +69,37 @@ def join_service(
     slices = tuple(slices) or tuple(legacy)
     if slices:
         backends = tuple(_from_slices(port, slices) for port in service.ports)
+        found = {}
+        for endpoint_slice in slices:
+            for endpoint in endpoint_slice.endpoints:
+                if endpoint.address not in found or (endpoint.ready and not found[endpoint.address].ready):
+                    found[endpoint.address] = endpoint
+        endpoints = tuple(sorted(found.values()))
     elif service.selector:
         matching = [
             pod for pod in pods if pod.namespace == service.namespace and _selects(service.selector, pod.labels)
         ]
         backends = tuple(_from_pods(port, matching) for port in service.ports)
+        endpoints = tuple(sorted(_pod_endpoints(service, matching)))
     else:
         backends = tuple(() for _ in service.ports)
-    return ServiceState(service, backends)
+        endpoints = ()
+    return ServiceState(service, backends, endpoints)
+
+
+def _pod_endpoints(service: Service, pods: list[Pod]) -> Iterable[Endpoint]:
+    for pod in pods:
+        # The endpoint controller publishes a hostname only for Pods in the Service's subdomain.
+        hostname = pod.hostname if pod.subdomain == service.name else ""
+        for ip in pod.ips:
+            yield Endpoint(
+                address=ip,
+                ready=pod.ready and not pod.terminating,
+                serving=pod.ready,
+                terminating=pod.terminating,
+                node_name=pod.node_name,
+                hostname=hostname,
+            )
 
 
 def _from_slices(port: ServicePort, slices: tuple[EndpointSlice, ...]) -> tuple[Backend, ...]:
