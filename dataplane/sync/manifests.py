@@ -54,7 +54,7 @@ class ManifestSource:
         self.root = Path(root).absolute()
         self.store = store
         self.errors: dict[str, list[str]] = {}  # file -> problems seen at its last read
-        self._stats: dict[str, tuple[int, int] | None] = {}  # file -> (mtime_ns, size) at its last read
+        self._stats: dict[str, tuple[int, int, int] | None] = {}  # file -> _stat() at its last read
 
     def files(self) -> list[Path]:
         if self.root.is_file():
@@ -83,7 +83,7 @@ class ManifestSource:
         return self.store.replace(origin, objects)
 
     def load_all(self, only_changed: bool = False) -> set[ServiceKey]:
-        """(Re)reads every file, or with `only_changed` those whose mtime or size moved."""
+        """(Re)reads every file, or with `only_changed` those whose mtime, size or inode moved."""
         present = {str(p) for p in self.files()}
         changed: set[ServiceKey] = set()
         for origin in (self.store.origins | set(self._stats)) - present:
@@ -146,10 +146,10 @@ class ManifestSource:
             return False
 
 
-def _stat(path: Path) -> tuple[int, int] | None:
-    """(mtime_ns, size), or None for a file that is gone."""
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file apart (the inode catches editors that save by rename), or None when it is gone."""
     try:
         info = path.stat()
     except OSError:
         return None
-    return info.st_mtime_ns, info.st_size
+    return info.st_mtime_ns, info.st_size, info.st_ino
