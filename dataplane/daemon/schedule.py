@@ -34,6 +34,8 @@ class Schedule:
         if self.failed:
             return max(0.0, self.last_run + self.retry_interval - now), True
         due_full = self.last_full + self.full_interval
+        if now >= due_full:
+            return 0.0, True  # a due resync also carries whatever is pending
         if self.pending_since is not None:
             due_partial = max(self.pending_since, self.last_run + self.min_interval)
             if due_partial < due_full:

@@ -1,0 +1,80 @@
+"""The sync schedule, driven by a fake clock: no test sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dataplane.daemon.schedule import Schedule, SyncLoop
+
+
+def schedule() -> Schedule:
+    return Schedule(min_interval=1.0, full_interval=60.0, retry_interval=2.0)
+
+
+def test_first_sync_is_full_and_immediate() -> None:
+    assert schedule().next_sync(now=100.0) == (0.0, True)
+
+
+@pytest.mark.parametrize(
+    "last_run, pending_since, now, expected",
+    [
+        (100.0, 100.5, 100.5, (0.5, False)),  # a change right after a sync waits for min_interval
+        (100.0, 103.0, 103.0, (0.0, False)),  # a change after a quiet spell syncs at once
+        (100.0, None, 110.0, (50.0, True)),  # nothing pending: next is the periodic full resync
+        (100.0, 150.0, 161.0, (0.0, True)),  # a pending change when the resync is due rides on it
+    ],
+)
+def test_next_sync(last_run, pending_since, now, expected) -> None:
+    plan = schedule()
+    plan.ran(started=100.0, full=True, ok=True, pending_at_start=None)
+    plan.last_run = last_run
+    plan.pending_since = pending_since
+    assert plan.next_sync(now) == expected
+
+
+def test_failure_retries_with_a_full_sync_after_the_retry_interval() -> None:
+    plan = schedule()
+    plan.ran(started=100.0, full=True, ok=True, pending_at_start=None)
+    plan.request(now=105.0)
+    plan.ran(started=105.0, full=False, ok=False, pending_at_start=105.0)
+    assert plan.next_sync(now=105.5) == (1.5, True)
+    assert plan.pending_since == 105.0  # the change is still owed
+
+
+def test_change_arriving_during_a_sync_stays_pending() -> None:
+    plan = schedule()
+    plan.request(now=100.0)
+    started_with = plan.pending_since
+    plan.pending_since = 100.0
+    plan.ran(started=100.0, full=True, ok=True, pending_at_start=started_with)
+    assert plan.pending_since is None
+    plan.request(now=100.2)
+    plan.ran(started=100.1, full=False, ok=True, pending_at_start=None)  # began before the change
+    assert plan.pending_since == 100.2
+
+
+def test_loop_coalesces_a_burst_and_survives_a_crashing_sync() -> None:
+    clock = [0.0]
+    calls: list[bool] = []
+
+    async def sync(full: bool) -> bool:
+        calls.append(full)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in one sync")
+        return True
+
+    async def scenario() -> None:
+        loop = SyncLoop(Schedule(min_interval=0.0, full_interval=1e9, retry_interval=0.0), sync, clock=lambda: clock[0])
+        runner = asyncio.create_task(loop.run())
+        await asyncio.sleep(0.01)  # the first, full sync
+        for _ in range(5):  # a burst: one sync
+            clock[0] += 0.001
+            loop.request()
+        await asyncio.sleep(0.01)  # it raises; the loop retries with a full sync
+        await asyncio.sleep(0.01)
+        runner.cancel()
+
+    asyncio.run(scenario())
+    assert calls[:3] == [True, False, True]
