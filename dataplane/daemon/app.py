@@ -129,9 +129,11 @@ class Daemon:
         self.metrics.endpoints.set(result.endpoints)
         self.metrics.invalid_objects.set(sum(len(p) for p in self.source.errors.values()))
         self.health.synced(True, pending_wall)
+        render, plan, apply = (round(s * 1000, 1) for s in result.seconds)
         log.info(
-            "%s sync: %d commands in %.1f ms (%d services, %d endpoint entries)",
-            "full" if full else "partial", result.commands, elapsed * 1000, result.services, result.endpoints,
+            "%s sync: %d commands in %.1f ms (render %s, plan %s, apply %s; %d services, %d endpoint entries)",
+            "full" if full else "partial", result.commands, elapsed * 1000, render, plan, apply,
+            result.services, result.endpoints,
         )
         if result.stale:
             try:

@@ -7,6 +7,7 @@ sync leaves both the kernel and our memory of it as they were.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ..config import NodeSettings
@@ -24,6 +25,7 @@ class SyncResult:
     stale: tuple[StaleFlows, ...]
     services: int
     endpoints: int
+    seconds: tuple[float, float, float]  # render, plan, apply
 
 
 class Proxier:
@@ -35,26 +37,31 @@ class Proxier:
 
     def sync(self, snapshot: Snapshot, node_ips: tuple[str, ...], full: bool) -> SyncResult:
         """Programs `snapshot`; raises NftError with the kernel untouched on failure."""
+        started = time.perf_counter()
         ruleset = self.builder.build(snapshot, node_ips)
+        rendered = time.perf_counter()
         if full:
             tx, change = plan.full(ruleset)
         else:
             tx, change = self.programmed.plan(ruleset)
+        planned = time.perf_counter()
         self.nft.apply(tx)
+        applied = time.perf_counter()
         state = self.programmed = change if full else self.programmed.commit(change)
         stale = stale_flows(self.synced, snapshot)
         self.synced = snapshot
-        services = sum(1 for owner in ruleset.fragments if owner != NODE)
-        endpoints = sum(1 for (container, _) in state.held if container.startswith("endpoints-"))
-        return SyncResult(len(tx), stale, services, endpoints)
+        services = len(ruleset.fragments) - (NODE in ruleset.fragments)
+        endpoints = sum(count for name, count in state.sizes.items() if name.startswith("endpoints-"))
+        timings = (rendered - started, planned - rendered, applied - planned)
+        return SyncResult(len(tx), stale, services, endpoints, timings)
 
 
 def stale_flows(old: Snapshot, new: Snapshot) -> tuple[StaleFlows, ...]:
     """UDP/SCTP endpoints that stopped being usable for some Service port."""
     stale: set[StaleFlows] = set()
-    for key, before in old.services.items():
-        after = new.services.get(key)
-        if after is before:
+    for key in new.changed_since(old):
+        before, after = old.services.get(key), new.services.get(key)
+        if before is None or after is before:
             continue
         now_usable = {}
         if after is not None:

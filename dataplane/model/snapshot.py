@@ -58,6 +58,14 @@ class Snapshot:
     previous: Callable[[], "Snapshot | None"] | None = field(default=None, compare=False)
     changed: frozenset[ServiceKey] | None = field(default=None, compare=False)
 
+    def follows(self, other: "Snapshot") -> bool:
+        """True when `changed` lists every Service that differs from `other`."""
+        return self.changed is not None and self.previous is not None and self.previous() is other
+
+    def changed_since(self, other: "Snapshot") -> Iterable[ServiceKey]:
+        """Keys of Services that may differ from `other` (all of them without lineage)."""
+        return self.changed if self.follows(other) else self.services.keys() | other.services.keys()
+
 
 def join_service(
     service: Service,

@@ -81,17 +81,31 @@ class NftCommand:
 
 
 class Nftables:
-    """Runs nft scripts; raises NftError with nft's message on failure."""
+    """Runs nft scripts; raises NftError with nft's message on failure.
 
-    def __init__(self, backend: _LibNftables | NftCommand | None = None):
+    Small transactions (incremental syncs) run in-process through
+    libnftables. Large ones (full syncs) run in a short-lived `nft` process:
+    nft caches what it parsed, 250 MB for 10,000 Services, and that memory
+    should leave with the process instead of staying in the daemon.
+    """
+
+    LARGE = 1 << 20  # bytes of script text
+
+    def __init__(self, backend: _LibNftables | NftCommand | None = None, bulk: NftCommand | None = None):
         self._backend = backend or _pick_backend()
+        if bulk is None and isinstance(self._backend, NftCommand):
+            bulk = self._backend
+        elif bulk is None and shutil.which("nft"):
+            bulk = NftCommand([shutil.which("nft")])
+        self._bulk = bulk or self._backend
 
     @property
     def backend_name(self) -> str:
         return "libnftables" if isinstance(self._backend, _LibNftables) else "nft"
 
     def run(self, text: str, check_only: bool = False) -> str:
-        rc, out, err = self._backend.run(text, check_only)
+        backend = self._bulk if len(text) >= self.LARGE else self._backend
+        rc, out, err = backend.run(text, check_only)
         if rc != 0:
             raise NftError(err or f"nft failed with status {rc}", text)
         return out
@@ -102,15 +116,6 @@ class Nftables:
 
     def check(self, tx: Transaction) -> None:
         self.run(str(tx), check_only=True)
-
-    def table_exists(self, family: str, table: str) -> bool:
-        try:
-            self.run(f"list table {family} {table}")
-            return True
-        except NftError as error:
-            if error.is_not_found():
-                return False
-            raise
 
     def delete_table(self, family: str, table: str) -> None:
         """Idempotent: a missing table is already deleted."""

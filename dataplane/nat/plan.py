@@ -41,6 +41,7 @@ class Programmed:
         self.held: dict[ElementKey, tuple[Element, int]] = {}  # slot -> (element, refcount)
         self.needed: dict[str, int] = {}  # declaration name -> refcount
         self.conflicts: dict[Hashable, frozenset[Element]] = {}
+        self.sizes: dict[str, int] = {}  # container -> elements held, for metrics
 
     def plan(self, new: Ruleset) -> tuple[Transaction, "Change"]:
         """The transaction from this state to `new`; a full one if there is no state yet."""
@@ -82,10 +83,14 @@ class Programmed:
         if change.replacement is not None:
             return change.replacement
         assert change.base is self, "a change applies to the state it was planned from"
+        sizes = self.sizes
         for slot, entry in change.held.items():
             if entry is _GONE:
-                self.held.pop(slot, None)
+                if self.held.pop(slot, None) is not None:
+                    sizes[slot[0]] -= 1
             else:
+                if self.held.get(slot) is None:
+                    sizes[slot[0]] = sizes.get(slot[0], 0) + 1
                 self.held[slot] = entry
         for name, count in change.needed.items():
             if count:

@@ -43,7 +43,8 @@ class RulesetBuilder:
 
     def build(self, snapshot: Snapshot, node_ips: Iterable[str] = ()) -> Ruleset:
         last = self._last
-        if last is not None and snapshot.previous is not None and snapshot.previous is self._last_snapshot:
+        seen = self._last_snapshot() if self._last_snapshot is not None else None
+        if last is not None and seen is not None and snapshot.follows(seen):
             # The snapshot says what changed since the one we built last.
             fragments = dict(last.fragments)
             candidates = snapshot.changed

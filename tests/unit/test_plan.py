@@ -147,3 +147,14 @@ def test_golden_yaml_is_valid_kubernetes() -> None:
     for path in (Path(__file__).parent.parent / "golden").glob("*.yaml"):
         _, errors = parse_objects(yaml.safe_load_all(path.read_text()), str(path))
         assert not errors, errors
+
+
+def test_element_counts_follow_commits() -> None:
+    cluster = Cluster()
+    cluster.put("a", service("a", "10.96.0.1"), endpoint_slice("a", "10.244.1.1", "10.244.1.2"))
+    cluster.put("b", service("b", "10.96.0.2"), endpoint_slice("b", "10.244.1.1"))
+    cluster.remove("a")
+    counted: dict[str, int] = {}
+    for container, _ in cluster.state.held:
+        counted[container] = counted.get(container, 0) + 1
+    assert {k: v for k, v in cluster.state.sizes.items() if v} == counted
