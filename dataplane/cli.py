@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
                              help="seconds: at most one sync this often; bursts of changes coalesce")
     proxy_flags.add_argument("--sync-period", type=float, default=300.0,
                              help="seconds between full resyncs")
+    proxy_flags.add_argument("--dns-bind-address", default="",
+                             help="HOST:PORT to serve cluster DNS on, UDP and TCP (default: no DNS server)")
+    proxy_flags.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS zone")
+    proxy_flags.add_argument("--dns-upstream", default="",
+                             help="resolvers for other names, IP[:PORT] comma-separated (default: /etc/resolv.conf)")
+    proxy_flags.add_argument("--dns-ttl", type=int, default=5, help="seconds: TTL of DNS answers, negative ones too")
     proxy_flags.add_argument("-v", "--verbose", action="count", default=0)
 
     commands.add_parser("run", parents=[proxy_flags], help="run the daemon (root)")
@@ -142,6 +148,10 @@ def _run(args: argparse.Namespace, nft) -> int:
         metrics_bind=args.metrics_bind_address,
         min_sync_period=args.min_sync_period,
         sync_period=args.sync_period,
+        dns_bind=args.dns_bind_address,
+        cluster_domain=args.cluster_domain,
+        dns_upstream=args.dns_upstream,
+        dns_ttl=args.dns_ttl,
     )
     logging.getLogger("dataplane").info(
         "starting: source=%s node=%s nftables=%s", options.source, options.settings.node_name, nft.backend_name

@@ -19,6 +19,7 @@ from pathlib import Path
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import NodeSettings, select_nodeport_ips
+from ..dns import DnsServer, parse_list
 from ..nat.nftables import NftError, Nftables
 from ..netlink import addresses, conntrack
 from ..sync.manifests import ManifestSource
@@ -39,6 +40,10 @@ class Options:
     metrics_bind: str = "127.0.0.1:10249"
     min_sync_period: float = 1.0
     sync_period: float = 300.0
+    dns_bind: str = ""  # HOST:PORT of the cluster DNS server; empty: no DNS server
+    cluster_domain: str = "cluster.local"
+    dns_upstream: str = ""  # comma-separated; empty: the nameservers of /etc/resolv.conf
+    dns_ttl: int = 5
 
 
 class Health:
@@ -88,6 +93,9 @@ class Daemon:
         self.health = Health()
         self.proxier = Proxier(options.settings, nft)
         self.node_ips: tuple[str, ...] = ()
+        self.dns = None if not options.dns_bind else DnsServer(
+            options.dns_bind, options.cluster_domain, options.dns_ttl, parse_list(options.dns_upstream) or None
+        )
         self.loop = SyncLoop(
             Schedule(min_interval=options.min_sync_period, full_interval=options.sync_period), self._sync
         )
@@ -129,6 +137,9 @@ class Daemon:
         self.metrics.endpoints.set(result.endpoints)
         self.metrics.invalid_objects.set(sum(len(p) for p in self.source.errors.values()))
         self.health.synced(True, pending_wall)
+        if self.dns is not None:
+            # After the rules are live, so that a name never resolves to a ClusterIP that does not work yet.
+            self.dns.publish(snapshot)
         render, plan, apply = (round(s * 1000, 1) for s in result.seconds)
         log.info(
             "%s sync: %d commands in %.1f ms (render %s, plan %s, apply %s; %d services, %d endpoint entries)",
@@ -162,6 +173,8 @@ class Daemon:
             await http.serve(self.options.healthz_bind, {"/healthz": self.health.report, "/livez": self.health.report}),
             await http.serve(self.options.metrics_bind, {"/metrics": self._metrics}),
         ]
+        if self.dns is not None:
+            await self.dns.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -173,6 +186,8 @@ class Daemon:
             task.cancel()
         for server in servers:
             server.close()
+        if self.dns is not None:
+            await self.dns.close()
         for task in done:
             if task is not stopper and task.exception():
                 raise task.exception()
