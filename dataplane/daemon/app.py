@@ -167,6 +167,9 @@ class Daemon:
 
     async def run(self) -> None:
         await self.refresh_node_ips()
+        # Watch before the first read: an edit made while we read then has an event.
+        watcher = asyncio.create_task(self._watch_files())
+        await asyncio.sleep(0)  # the watcher task sets its inotify watches up to its first await
         self.source.load_all()
         self.changed("start")
         servers = [
@@ -179,7 +182,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        tasks = [asyncio.create_task(c) for c in (self.loop.run(), self._watch_files(), self._watch_addresses())]
+        tasks = [watcher, *(asyncio.create_task(c) for c in (self.loop.run(), self._watch_addresses()))]
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for task in tasks + [stopper]:
