@@ -76,7 +76,7 @@ def _family(ip: str) -> int:
     return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
 
 
-def _attempt(started: float, action: Callable[[], Reply]) -> Outcome:
+def _attempt(started: float, action: Callable[[], Reply | None]) -> Outcome:
     try:
         reply = action()
     except ValueError as error:
@@ -94,8 +94,7 @@ def _attempt(started: float, action: Callable[[], Reply]) -> Outcome:
 class TcpSession:
     """One TCP connection from a namespace, kept open across requests until `close()`.
 
-    `connect` returns the Outcome of the connect itself; `request` sends one line
-    and reads one reply line.
+    `connect()` first; then each `request` sends one line and reads one reply line.
     """
 
     def __init__(self, ns, ip: str, port: int, timeout: float = 1.0, source: tuple[str, int] | None = None):
@@ -116,15 +115,15 @@ class TcpSession:
     def local(self) -> tuple[str, int]:
         return self._sock.getsockname()[:2]
 
-    def connect(self) -> Outcome:
+    def connect(self) -> Outcome | None:
+        """Connects; None on success, else the failed Outcome (refused, timeout, unreachable)."""
         started = time.monotonic()
 
-        def go() -> Reply:
+        def go() -> None:
             self._sock.connect((self.ip, self.port))
-            return None  # type: ignore[return-value]
 
         outcome = _attempt(started, go)
-        return outcome if outcome.failure else Outcome(None, None, outcome.elapsed)
+        return outcome if outcome.failure else None
 
     def request(self, line: str = "hello") -> Outcome:
         started = time.monotonic()
@@ -182,13 +181,17 @@ class UdpSession:
 
     def _drain(self) -> None:
         """Drops late answers (and errors) left over from earlier requests, so they are not taken for this one's."""
-        while True:
-            try:
-                self._sock.recv(4096, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError:
-                continue
+        self._sock.settimeout(0)
+        try:
+            while True:
+                try:
+                    self._sock.recv(4096)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    continue  # a pending ICMP error, reported once and cleared
+        finally:
+            self._sock.settimeout(self.timeout)
 
     def close(self) -> None:
         self._sock.close()
@@ -197,13 +200,13 @@ class UdpSession:
 def tcp_request(ns, ip: str, port: int, timeout: float = 1.0, line: str = "hello") -> Outcome:
     """Connects from `ns` to ip:port, sends one line, returns the reply or why there was none.
 
-    `timeout` bounds the connect and the read separately.
+    `timeout` bounds the connect and the read separately; `elapsed` covers both.
     """
-    started = time.monotonic()
     with TcpSession(ns, ip, port, timeout) as session:
-        connected = session.connect()
-        if connected.failure:
-            return connected
+        started = time.monotonic()
+        failed = session.connect()
+        if failed:
+            return failed
         outcome = session.request(line)
     return Outcome(outcome.reply, outcome.failure, time.monotonic() - started, outcome.detail)
 
@@ -224,8 +227,8 @@ def request(protocol: str, ns, ip: str, port: int, timeout: float = 1.0) -> Outc
     raise ValueError(f"unsupported protocol {protocol!r}")
 
 
-def sample(send: Callable[[], Outcome], want: Iterable[str] = (), tries: int = 60) -> list[Outcome]:
-    """Calls `send` up to `tries` times; stops early once every pod in `want` has answered.
+def sample(send: Callable[[], Outcome], want: Iterable[str] = (), tries: int = 100, at_least: int = 0) -> list[Outcome]:
+    """Calls `send` until every pod in `want` has answered and `at_least` calls were made, at most `tries` times.
 
     With `want` empty it makes exactly `tries` calls. Returns every outcome, in order.
     """
@@ -237,7 +240,7 @@ def sample(send: Callable[[], Outcome], want: Iterable[str] = (), tries: int = 6
         outcomes.append(outcome)
         if outcome.pod:
             seen.add(outcome.pod)
-        if want and want <= seen:
+        if want and want <= seen and len(outcomes) >= at_least:
             break
     return outcomes
 

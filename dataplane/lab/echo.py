@@ -21,7 +21,6 @@ import http.server
 import ipaddress
 import signal
 import socket
-import socketserver
 import sys
 import threading
 from dataclasses import dataclass
@@ -66,43 +65,69 @@ def answer(name: str, peer: tuple, local: tuple) -> bytes:
     return f"{name} {format_addr(peer)} {format_addr(local)}\n".encode()
 
 
-class _Dual:
-    """Listens on [::] dual-stack when the namespace has IPv6, else 0.0.0.0."""
-
-    allow_reuse_address = True
-    daemon_threads = True
-
-    def server_bind(self):
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
+# Linux values; the socket module names them only from Python 3.13 (IP_PKTINFO).
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 
 
-def _family() -> int:
+def _families() -> list[tuple[int, str]]:
+    """IPv4 always; IPv6 too where the namespace has it, on a separate v6-only socket."""
+    families = [(socket.AF_INET, "0.0.0.0")]
     try:
         socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
-        return socket.AF_INET6
+        families.append((socket.AF_INET6, "::"))
     except OSError:
-        return socket.AF_INET
+        pass
+    return families
 
 
-def _servers(name: str, tcp: list[int], udp: list[int], http_ports: list[int]) -> list[socketserver.BaseServer]:
-    family = _family()
-    host = "::" if family == socket.AF_INET6 else "0.0.0.0"
+def _listen(family: int, type: int, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, type)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    if type == socket.SOCK_STREAM:
+        sock.listen(128)
+    return sock
 
-    class Lines(socketserver.StreamRequestHandler):
-        def handle(self):
-            local = self.connection.getsockname()
-            for _ in self.rfile:
-                self.wfile.write(answer(name, self.client_address, local))
-                self.wfile.flush()
 
-    class Datagrams(socketserver.BaseRequestHandler):
-        def handle(self):
-            _, sock = self.request
-            sock.sendto(answer(name, self.client_address, sock.getsockname()), self.client_address)
+def _serve_lines(name: str, listener: socket.socket) -> None:
+    def handle(connection: socket.socket, peer: tuple) -> None:
+        local = connection.getsockname()
+        with connection, connection.makefile("rb") as lines:
+            for _ in lines:
+                connection.sendall(answer(name, peer, local))
 
-    class Http(http.server.BaseHTTPRequestHandler):
+    while True:
+        connection, peer = listener.accept()
+        threading.Thread(target=handle, args=(connection, peer), daemon=True).start()
+
+
+def _destination(family: int, ancillary: list, port: int) -> tuple[str, int]:
+    """The datagram's destination address, from IP_PKTINFO / IPV6_PKTINFO: a wildcard bind does not tell it."""
+    for level, kind, data in ancillary:
+        if family == socket.AF_INET and (level, kind) == (socket.IPPROTO_IP, IP_PKTINFO):
+            return socket.inet_ntop(socket.AF_INET, data[8:12]), port  # struct in_pktinfo: ifindex, spec_dst, addr
+        if family == socket.AF_INET6 and (level, kind) == (socket.IPPROTO_IPV6, IPV6_PKTINFO):
+            return socket.inet_ntop(socket.AF_INET6, data[:16]), port  # struct in6_pktinfo: addr, ifindex
+    return ("0.0.0.0" if family == socket.AF_INET else "::"), port
+
+
+def _serve_datagrams(name: str, sock: socket.socket) -> None:
+    family, port = sock.family, sock.getsockname()[1]
+    if family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+    while True:
+        _, ancillary, _, peer = sock.recvmsg(65535, socket.CMSG_SPACE(64))
+        sock.sendto(answer(name, peer, _destination(family, ancillary, port)), peer)
+
+
+def _http_server(name: str, family: int, host: str, port: int) -> http.server.ThreadingHTTPServer:
+    class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             body = answer(name, self.client_address, self.connection.getsockname())
             self.send_response(200)
@@ -114,20 +139,27 @@ def _servers(name: str, tcp: list[int], udp: list[int], http_ports: list[int]) -
         def log_message(self, *args):
             pass
 
-    class TCP(_Dual, socketserver.ThreadingTCPServer):
+    class Server(http.server.ThreadingHTTPServer):
         address_family = family
+        daemon_threads = True
 
-    class UDP(_Dual, socketserver.UDPServer):
-        address_family = family
+        def server_bind(self):
+            if family == socket.AF_INET6:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            super().server_bind()
 
-    class HTTP(_Dual, http.server.ThreadingHTTPServer):
-        address_family = family
+    return Server((host, port), Handler)
 
-    return (
-        [TCP((host, p), Lines) for p in tcp]
-        + [UDP((host, p), Datagrams) for p in udp]
-        + [HTTP((host, p), Http) for p in http_ports]
-    )
+
+def start(name: str, tcp: list[int], udp: list[int], http_ports: list[int]) -> None:
+    """Binds every socket (raising OSError if one cannot be bound), then serves each in a daemon thread."""
+    jobs = []
+    for family, host in _families():
+        jobs += [(_serve_lines, _listen(family, socket.SOCK_STREAM, host, p)) for p in tcp]
+        jobs += [(_serve_datagrams, _listen(family, socket.SOCK_DGRAM, host, p)) for p in udp]
+        jobs += [(lambda _, server: server.serve_forever(), _http_server(name, family, host, p)) for p in http_ports]
+    for serve, sock in jobs:
+        threading.Thread(target=serve, args=(name, sock), daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,9 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http", type=int, action="append", default=[], metavar="PORT")
     args = parser.parse_args(argv)
 
-    servers = _servers(args.name, args.tcp, args.udp, args.http)
-    for server in servers:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    start(args.name, args.tcp, args.udp, args.http)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     print("ready", flush=True)

@@ -6,7 +6,8 @@ under `ip netns exec` creates sockets on request and passes each back over a
 Unix SOCK_SEQPACKET pair (SCM_RIGHTS); the caller then connects, sends,
 receives and times out with the ordinary socket API, in its own process.
 
-Run as `python -m dataplane.lab.sockets FD` (the child side; FD is its end of the pair).
+The child runs `CHILD` with `python -I -c` (no imports beyond the standard
+library, so it starts in a few milliseconds); FD is its end of the pair.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import sys
+import subprocess
 import threading
 
 
@@ -31,7 +32,7 @@ class SocketFactory:
         """Starts the helper inside `ns` (a Netns); raises OSError when it does not answer."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            child = ns.python("-m", __name__, str(theirs.fileno()), pass_fds=(theirs.fileno(),))
+            child = ns.python("-I", "-c", CHILD, str(theirs.fileno()), pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
         factory = cls(ours, child)
@@ -55,30 +56,21 @@ class SocketFactory:
         self._channel.close()
         try:
             self._child.wait(2.0)
-        except Exception:
+        except subprocess.TimeoutExpired:
             self._child.kill()
             self._child.wait()
 
 
-def serve(fd: int) -> None:
-    """The child's loop: one socket per request until the parent closes the channel."""
-    channel = socket.socket(fileno=fd)
-    while True:
-        request = channel.recv(64)
-        if not request:
-            return
-        try:
-            family, type_, proto = (int(x) for x in request.split())
-            made = socket.socket(family, type_, proto)
-        except OSError as error:
-            channel.send(b"E%d" % (error.errno or errno.EINVAL))
-            continue
-        except ValueError:
-            channel.send(b"E%d" % errno.EINVAL)
-            continue
-        socket.send_fds(channel, [b"ok"], [made.fileno()])
-        made.close()
-
-
-if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+CHILD = """
+import errno, socket, sys
+channel = socket.socket(fileno=int(sys.argv[1]))
+while request := channel.recv(64):
+    try:
+        family, type_, proto = (int(x) for x in request.split())
+        made = socket.socket(family, type_, proto)
+    except (OSError, ValueError) as error:
+        channel.send(b"E%d" % (getattr(error, "errno", None) or errno.EINVAL))
+        continue
+    socket.send_fds(channel, [b"ok"], [made.fileno()])
+    made.close()
+"""
