@@ -129,10 +129,12 @@ class Lab:
 
     def _wire(self) -> None:
         plan = self.plan
-        # Before any link exists, so that every interface inherits it: loose reverse-path
-        # filtering, as on most Kubernetes nodes.
+        # rp_filter: before any link exists, so that every interface inherits it; loose,
+        # as on most Kubernetes nodes. icmp_ratelimit: the kernel allows a burst of 6
+        # ICMP errors per peer, then 1/s; tests that expect several quick refusals
+        # (rejects are ICMP port unreachable) in a row would otherwise see timeouts.
         self.node.sysctl(net__ipv4__ip_forward=1, net__ipv4__conf__all__rp_filter=2,
-                         net__ipv4__conf__default__rp_filter=2)
+                         net__ipv4__conf__default__rp_filter=2, net__ipv4__icmp_ratelimit=0)
         node_lines = [
             f"link add client type veth peer name eth0 netns {self.client.name}",
             f"address add {plan.node_client_side} dev client",
