@@ -19,7 +19,7 @@ Address plan
                       10.96.0.40 named         targetPort http-web / echo-udp, from Pods
                       10.96.0.41 named-mixed   http-web is 8080 on one Pod and 80 on another
                       10.96.0.50-52            no usable endpoint (empty slice, no matching Pod, none ready)
-                      10.96.0.60-61            endpoint removal (TCP, UDP)
+                      10.96.0.60-62            endpoint removal (slice TCP, slice UDP, Pods TCP)
                       10.96.0.70-72            broken manifest
                       10.96.0.80               another table's rules
     LoadBalancer    192.168.60.10; externalIP 192.168.70.10 (both routed to the node by the client's default)
@@ -223,15 +223,32 @@ def serving(ns, address: str, port_: int, protocol: str = "TCP", pods=ALL, what:
     wait_until(all_answer, timeout=10, what=what or f"{sorted(pods)} serve {address}:{port_}/{protocol}")
 
 
-def test_removed_endpoint_gets_no_new_connections_within_2s(lab, daemon, manifests):
-    manifests.write("shrink.yaml", web("shrink", "10.96.0.60"))
-    serving(lab.client, "10.96.0.60", 80)
+def shrink_by_slice(manifests: ManifestDir, pods) -> None:
+    manifests.write("shrink-slice.yaml", web("shrink-slice", "10.96.0.60", pods=pods))
 
-    manifests.write("shrink.yaml", web("shrink", "10.96.0.60", pods={"pod1", "pod2"}))
+
+def shrink_by_pods(manifests: ManifestDir, pods) -> None:
+    """Endpoints derived from Pod manifests, one file per Pod; a Pod leaves when its file is deleted."""
+    manifests.write("shrink-pods.yaml", service("shrink-pods", "10.96.0.62", [port("http", 80)],
+                                                selector={"app": "shrink"}))
+    for name, ip in POD_IPS.items():
+        if name in pods:
+            manifests.write(f"shrink-pods-{name}.yaml", pod(f"shrink-{name}", ip, {"app": "shrink"}))
+        else:
+            manifests.remove(f"shrink-pods-{name}.yaml")
+
+
+@pytest.mark.parametrize("shrink, address", [(shrink_by_slice, "10.96.0.60"), (shrink_by_pods, "10.96.0.62")],
+                         ids=["endpointslice-rewritten", "pod-manifest-deleted"])
+def test_removed_endpoint_gets_no_new_connections_within_2s(lab, daemon, manifests, shrink, address):
+    shrink(manifests, ALL)
+    serving(lab.client, address, 80)
+
+    shrink(manifests, {"pod1", "pod2"})
     changed = time.monotonic()
     time.sleep(max(0.0, changed + CONVERGENCE - time.monotonic()))
 
-    outcomes = [tcp_request(lab.client, "10.96.0.60", 80) for _ in range(40)]
+    outcomes = [tcp_request(lab.client, address, 80) for _ in range(40)]
     assert tally(outcomes).keys() == {"pod1", "pod2"}, f"{CONVERGENCE} s after the change: {tally(outcomes)}"
 
 

@@ -8,6 +8,7 @@ import yaml
 from dataplane.lab import Failure, ManifestDir, Outcome, Reply, sample, tally, wait_until
 from dataplane.lab.echo import answer
 from dataplane.lab.manifests import endpoint_slice, pod, port, service
+from dataplane.lab import netns
 from dataplane.lab.netns import leftovers
 from dataplane.lab.topology import AddressPlan
 
@@ -95,3 +96,15 @@ def test_wait_until_returns_the_first_truthy_value_or_names_what_timed_out():
     assert wait_until(lambda: next(values), timeout=1, interval=0) == "done"
     with pytest.raises(TimeoutError, match="rules programmed: not met within 0.01 s .last: False"):
         wait_until(lambda: False, timeout=0.01, interval=0.005, what="rules programmed")
+
+
+@pytest.mark.parametrize("euid, missing, problem", [
+    (0, None, None),
+    (1000, None, "needs root to create network namespaces"),
+    (0, "nft", "needs `nft` on PATH"),
+    (0, "ip", "needs `ip` on PATH"),
+], ids=["root-with-tools", "not-root", "no-nft", "no-ip"])
+def test_environment_problem_names_why_namespace_tests_skip(monkeypatch, euid, missing, problem):
+    monkeypatch.setattr(netns.os, "geteuid", lambda: euid)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == missing else f"/usr/sbin/{tool}")
+    assert netns.environment_problem() == problem
