@@ -37,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
 
     proxy_flags = argparse.ArgumentParser(add_help=False)
     proxy_flags.add_argument("--source", default="/etc/dataplane/manifests",
-                             help="a manifest file or a directory of them (YAML/JSON)")
+                             help="a manifest file or a directory of them (YAML/JSON), or `kube`: the Kubernetes API")
+    proxy_flags.add_argument("--kubeconfig", default="",
+                             help="with --source kube: a kubeconfig file (default: in-cluster service account)")
+    proxy_flags.add_argument("--master", default="",
+                             help="with --source kube: the API server's URL, overriding the kubeconfig's")
     proxy_flags.add_argument("--proxy-mode", default="kernel", choices=["kernel"],
                              help="kernel: nftables picks endpoints (userspace mode is not built yet)")
     proxy_flags.add_argument("--hostname-override", default="", help="this node's name (default: the hostname)")
@@ -115,6 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def api_settings(args: argparse.Namespace):
+    """ApiSettings for `--source kube`, None for manifests; raises ValueError for API flags without it."""
+    if args.source != "kube":
+        if args.kubeconfig or args.master:
+            raise ValueError("--kubeconfig and --master need --source kube")
+        return None
+    from .sync.kube import ApiSettings
+
+    return ApiSettings(kubeconfig=args.kubeconfig, master=args.master)
+
+
 def _render(args: argparse.Namespace) -> int:
     from .model import Snapshot  # noqa: F401  (keeps render import-light)
     from .nat.plan import full
@@ -124,6 +139,8 @@ def _render(args: argparse.Namespace) -> int:
     from .sync.store import Store
 
     settings = settings_from(args)
+    if api_settings(args) is not None:
+        raise ValueError("render reads manifests (--source PATH); --source kube is for `run`")
     store = Store()
     ManifestSource(Path(args.source), store).load_all()
     if args.node_ips is not None:
@@ -152,6 +169,7 @@ def _run(args: argparse.Namespace, nft) -> int:
         cluster_domain=args.cluster_domain,
         dns_upstream=args.dns_upstream,
         dns_ttl=args.dns_ttl,
+        kube=api_settings(args),
     )
     logging.getLogger("dataplane").info(
         "starting: source=%s node=%s nftables=%s", options.source, options.settings.node_name, nft.backend_name

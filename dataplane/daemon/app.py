@@ -22,6 +22,7 @@ from ..config import NodeSettings, select_nodeport_ips
 from ..dns import DnsServer, parse_list
 from ..nat.nftables import NftError, Nftables
 from ..netlink import addresses, conntrack
+from ..sync.kube import ApiSettings, KubeSource, NodeInfo
 from ..sync.manifests import ManifestSource
 from ..sync.store import Store
 from . import http
@@ -44,6 +45,7 @@ class Options:
     cluster_domain: str = "cluster.local"
     dns_upstream: str = ""  # comma-separated; empty: the nameservers of /etc/resolv.conf
     dns_ttl: int = 5
+    kube: ApiSettings | None = None  # set: the Kubernetes API is the source (`--source kube`), not `source`
 
 
 class Health:
@@ -88,8 +90,12 @@ class Daemon:
     def __init__(self, options: Options, nft: Nftables):
         self.options = options
         self.store = Store()
-        self.source = ManifestSource(options.source, self.store)
         self.metrics = Metrics()
+        if options.kube is not None:
+            self.source = KubeSource(options.kube, self.store, options.settings.node_name,
+                                     registry=self.metrics.registry, on_node=self._node_changed)
+        else:
+            self.source = ManifestSource(options.source, self.store)
         self.health = Health()
         self.proxier = Proxier(options.settings, nft)
         self.node_ips: tuple[str, ...] = ()
@@ -103,6 +109,9 @@ class Daemon:
     async def refresh_node_ips(self) -> bool:
         # pyroute2 runs an event loop of its own: keep it off ours.
         found, primary = await asyncio.to_thread(addresses.node_addresses)
+        node = getattr(self.source, "node", None)
+        if node is not None and node.primary_ip in found:
+            primary = node.primary_ip  # the Node object's InternalIP, as kube-proxy takes it
         ips = select_nodeport_ips(self.options.settings, found, primary)
         if ips == self.node_ips:
             return False
@@ -160,29 +169,46 @@ class Daemon:
             self.metrics.service_changes.inc(len(changed))
             self.changed(f"{len(changed)} services")
 
+    def _node_changed(self, node: NodeInfo | None) -> None:
+        asyncio.get_running_loop().create_task(self._refresh_after_node())
+
+    async def _refresh_after_node(self) -> None:
+        if await self.refresh_node_ips():
+            self.changed("node object")
+
     async def _watch_addresses(self) -> None:
         async for _ in addresses.address_changes():
             if await self.refresh_node_ips():
                 self.changed("node addresses")
 
     async def run(self) -> None:
+        if isinstance(self.source, KubeSource):
+            await self.source.connect()  # a configuration that does not load is a usage error
         await self.refresh_node_ips()
         # Watch before the first read: an edit made while we read then has an event.
         watcher = asyncio.create_task(self._watch_files())
         await asyncio.sleep(0)  # the watcher task sets its inotify watches up to its first await
-        self.source.load_all()
-        self.changed("start")
-        servers = [
-            await http.serve(self.options.healthz_bind, {"/healthz": self.health.report, "/livez": self.health.report}),
-            await http.serve(self.options.metrics_bind, {"/metrics": self._metrics}),
-        ]
-        if self.dns is not None:
-            await self.dns.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        tasks = [watcher, *(asyncio.create_task(c) for c in (self.loop.run(), self._watch_addresses()))]
+        servers = [
+            await http.serve(self.options.healthz_bind, {"/healthz": self.health.report, "/livez": self.health.report}),
+            await http.serve(self.options.metrics_bind, {"/metrics": self._metrics}),
+        ]
+        ready = True
+        if isinstance(self.source, KubeSource):
+            # No sync before the first lists are in: an empty store would wipe the rules a
+            # previous run left, and /healthz must not pass before the cluster is programmed.
+            ready = await self._wait_synced(watcher, stop)
+        else:
+            self.source.load_all()
+        if ready:
+            self.changed("start")
+        if self.dns is not None:
+            await self.dns.start()
+        runners = (self.loop.run(), self._watch_addresses()) if ready else ()
+        tasks = [watcher, *(asyncio.create_task(c) for c in runners)]
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for task in tasks + [stopper]:
@@ -195,6 +221,15 @@ class Daemon:
             if task is not stopper and task.exception():
                 raise task.exception()
         log.info("stopping; rules stay in place")
+
+    async def _wait_synced(self, watcher: asyncio.Task, stop: asyncio.Event) -> bool:
+        """Waits for the source's first lists; False when stopped (or the watcher died) first."""
+        synced = asyncio.create_task(self.source.synced.wait())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([synced, stopped, watcher], return_when=asyncio.FIRST_COMPLETED)
+        synced.cancel()
+        stopped.cancel()
+        return self.source.synced.is_set() and not stop.is_set()
 
     def _metrics(self) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
