@@ -17,6 +17,8 @@ class NodeSettings:
     nodeport_cidrs: tuple[str, ...] = ()
     nodeport_primary_only: bool = False
     masquerade_bit: int = DEFAULT_MASQUERADE_BIT
+    service_cidrs: tuple[str, ...] = ()  # unallocated addresses in them are dropped
+    node_zone: str = ""  # topology.kubernetes.io/zone of this node, for zone hints
 
 
 def parse_cidrs(text: str, flag: str) -> tuple[str, ...]:

@@ -70,9 +70,9 @@ class Programmed:
         _elements(tx, "delete", table, removed)
         _elements(tx, "add", table, added)
         old_chains = [n for n in gone if isinstance(old.declarations[n], Chain)]
-        for name in old_chains:
-            tx.add(f"flush chain {table} {name}")
-            tx.add(f"delete chain {table} {name}")
+        # Flush them all before deleting any: one may still jump to another.
+        tx.extend(f"flush chain {table} {name}" for name in old_chains)
+        tx.extend(f"delete chain {table} {name}" for name in old_chains)
         for name in gone:
             if name not in old_chains:
                 tx.add(f"delete {old.declarations[name].kind} {table} {name}")

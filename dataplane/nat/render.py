@@ -7,12 +7,13 @@ when it has none. The node's NodePort addresses are one more fragment.
 
 from __future__ import annotations
 
+import ipaddress
 import weakref
 from typing import Hashable, Iterable
 
 from ..config import NodeSettings
-from ..lb.endpoints import usable_endpoints
-from ..model import ServiceState, Snapshot
+from ..lb.endpoints import Selection
+from ..model import Backend, Service, ServicePort, ServiceState, Snapshot, TrafficPolicy
 from . import layout
 from .ruleset import EMPTY, Element, Fragment, Ruleset
 
@@ -40,11 +41,13 @@ class RulesetBuilder:
         self._always = frozenset(self._declarations)
         self._last_snapshot: weakref.ref[Snapshot] | None = None
         self._last: Ruleset | None = None
+        self._last_node_ips: tuple[str, ...] = ()
 
     def build(self, snapshot: Snapshot, node_ips: Iterable[str] = ()) -> Ruleset:
         last = self._last
+        node_ips = tuple(sorted(node_ips))
         seen = self._last_snapshot() if self._last_snapshot is not None else None
-        if last is not None and seen is not None and snapshot.follows(seen):
+        if last is not None and seen is not None and snapshot.follows(seen) and node_ips == self._last_node_ips:
             # The snapshot says what changed since the one we built last.
             fragments = dict(last.fragments)
             candidates = snapshot.changed
@@ -53,9 +56,14 @@ class RulesetBuilder:
         changed = set()
         for key in candidates:
             state = snapshot.services.get(key)
-            fragment = service_fragment(state, self.settings, self.family) if state is not None else EMPTY
-            for name in fragment.needs - self._declarations.keys():
-                self._add_pick_declarations(layout.pick_size(name))
+            fragment = service_fragment(state, self.settings, self.family, node_ips) if state is not None else EMPTY
+            missing = fragment.needs - self._declarations.keys()
+            if missing:
+                # Copy on write: Rulesets already handed out keep their own mapping.
+                declarations = dict(self._declarations)
+                for name in missing:
+                    declarations.update((d.name, d) for d in layout.declare(name, self.settings, self.family))
+                self._declarations = declarations
             if fragment.elements:
                 fragments[key] = fragment
             else:
@@ -74,61 +82,120 @@ class RulesetBuilder:
             previous=weakref.ref(last) if incremental else None,
             changed=frozenset(changed) if incremental else None,
         )
-        self._last, self._last_snapshot = ruleset, weakref.ref(snapshot)
+        self._last, self._last_snapshot, self._last_node_ips = ruleset, weakref.ref(snapshot), node_ips
         return ruleset
-
-    def _add_pick_declarations(self, n: int) -> None:
-        # Copy on write: Rulesets already handed out keep their own mapping.
-        declarations = dict(self._declarations)
-        declarations.update((d.name, d) for d in layout.pick_declarations(n, self.settings, self.family))
-        self._declarations = declarations
 
 
 def node_fragment(node_ips: Iterable[str], family: layout.Family) -> Fragment:
     return Fragment(frozenset(Element(layout.NODEPORT_IPS, ip) for ip in node_ips if family.holds(ip)))
 
 
-def service_fragment(state: ServiceState, settings: NodeSettings, family: layout.Family) -> Fragment:
+def service_fragment(
+    state: ServiceState, settings: NodeSettings, family: layout.Family, node_ips: tuple[str, ...] = ()
+) -> Fragment:
     """The elements one Service contributes, for one address family."""
     service = state.service
-    if not service.proxied:
-        return Fragment()
-    cluster_ips = [ip for ip in service.cluster_ips if family.holds(ip)]
+    cluster_ips = [ip for ip in service.cluster_ips if family.holds(ip)] if service.proxied else []
     if not cluster_ips:
         return Fragment()
+    out = _FragmentBuilder(f"{service.namespace}/{service.name}")
+    out.add(layout.CLUSTER_IPS, *((ip, "") for ip in cluster_ips))
     external_ips = [ip for ip in service.external_ips_all if family.holds(ip)]
-    elements: list[Element] = []
-    needs: set[str] = set()
     for port, backends in state.port_backends():
-        proto = port.protocol.lower()
-        comment = f"{service.namespace}/{service.name}:{port.name or port.port}"
-        endpoints = sorted(b for b in usable_endpoints(backends) if family.holds(b.ip))
-        addresses = [(ip, layout.cluster_chain) for ip in cluster_ips] + [(ip, layout.external_chain) for ip in external_ips]
-        if not endpoints:
-            for ip, _ in addresses:
-                elements.append(
-                    Element(layout.NO_ENDPOINT_SERVICES, f"{ip} . {proto} . {port.port}", f"goto {layout.REJECT}", comment)
-                )
-            if port.node_port:
-                elements.append(
-                    Element(layout.NO_ENDPOINT_NODEPORTS, f"{proto} . {port.node_port}", f"goto {layout.REJECT}", comment)
-                )
-            continue
-        n = len(endpoints)
-        needs |= layout.pick_names(n)
-        targets = [f"{e.ip} . {e.port}" for e in endpoints]
-        for ip, chain in addresses:
-            key = f"{ip} . {proto} . {port.port}"
-            elements.append(Element(layout.SERVICE_IPS, key, f"goto {chain(n)}", comment))
-            elements.extend(Element(layout.endpoints_map(n), f"{key} . {i}", t) for i, t in enumerate(targets))
-        if port.node_port:
-            key = f"{proto} . {port.node_port}"
-            elements.append(Element(layout.SERVICE_NODEPORTS, key, f"goto {layout.nodeport_chain(n)}", comment))
-            elements.extend(Element(layout.nodeport_endpoints_map(n), f"{key} . {i}", t) for i, t in enumerate(targets))
-        # Only a Pod on this node can reach itself through this node's rules.
-        elements.extend(
-            Element(layout.HAIRPIN, f"{e.ip} . {e.ip}")
-            for e in endpoints
-            if e.node_name in (settings.node_name, "")
+        _render_port(out, service, port, [b for b in backends if family.holds(b.ip)], cluster_ips, external_ips,
+                     settings, family, node_ips)
+    return out.fragment()
+
+
+class _FragmentBuilder:
+    def __init__(self, name: str):
+        self.name = name
+        self.elements: list[Element] = []
+        self.needs: set[str] = set()
+
+    def add(self, container: str, *items: tuple[str, str], comment: str = "") -> None:
+        self.elements.extend(Element(container, key, value, comment) for key, value in items)
+
+    def endpoints(self, container: str, key: str, endpoints: tuple[Backend, ...]) -> None:
+        self.elements.extend(
+            Element(container, f"{key} . {slot}", f"{e.ip} . {e.port}") for slot, e in enumerate(endpoints)
         )
-    return Fragment(frozenset(elements), frozenset(needs))
+
+    def fragment(self) -> Fragment:
+        return Fragment(frozenset(self.elements), frozenset(self.needs))
+
+
+def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, backends: list[Backend],
+                 cluster_ips: list[str], external_ips: list[str], settings: NodeSettings,
+                 family: layout.Family, node_ips: tuple[str, ...]) -> None:
+    proto = port.protocol.lower()
+    comment = f"{out.name}:{port.name or port.port}"
+    chosen = Selection.of(backends, settings.node_name, settings.node_zone)
+    lb_ips = [ip for ip in service.load_balancer_ips if family.holds(ip)]
+    if service.load_balancer_source_ranges and lb_ips:
+        _firewall(out, service, port, proto, lb_ips, family, node_ips)
+    out.add(layout.CLUSTER_IP_PORTS, *((f"{ip} . {proto} . {port.port}", "") for ip in cluster_ips))
+    if not chosen.any_usable:
+        # No endpoint at all: refuse at once (ICMP port unreachable), as kube-proxy does.
+        reject = f"goto {layout.REJECT}"
+        out.add(layout.NO_ENDPOINT_SERVICES, *((f"{ip} . {proto} . {port.port}", reject)
+                                                for ip in cluster_ips + external_ips), comment=comment)
+        if port.node_port:
+            out.add(layout.NO_ENDPOINT_NODEPORTS, (f"{proto} . {port.node_port}", reject), comment=comment)
+        return
+    n, m = len(chosen.cluster), len(chosen.local)
+    out.needs |= layout.pick_names(n)
+
+    internal = chosen.local if service.internal_traffic_policy == TrafficPolicy.LOCAL else chosen.cluster
+    for ip in cluster_ips:
+        key = f"{ip} . {proto} . {port.port}"
+        if internal:
+            out.add(layout.SERVICE_IPS, (key, f"goto {layout.cluster_chain(len(internal))}"), comment=comment)
+            out.endpoints(layout.endpoints_map(len(internal)), key, internal)
+        else:  # internalTrafficPolicy: Local and no endpoint here: drop, do not refuse
+            out.add(layout.NO_ENDPOINT_SERVICES, (key, "drop"), comment=comment)
+        out.needs |= layout.pick_names(len(internal)) if internal else set()
+
+    local_policy = service.external_traffic_policy == TrafficPolicy.LOCAL
+    for ip in external_ips:
+        key = f"{ip} . {proto} . {port.port}"
+        out.endpoints(layout.endpoints_map(n), key, chosen.cluster)
+        if local_policy:
+            chain = layout.local_chain(m, n)
+            out.needs |= {chain} | (layout.local_pick_names(m) if m else set())
+            out.endpoints(layout.local_endpoints_map(m), key, chosen.local)
+        else:
+            chain = layout.external_chain(n)
+        out.add(layout.SERVICE_IPS, (key, f"goto {chain}"), comment=comment)
+    if port.node_port:
+        key = f"{proto} . {port.node_port}"
+        out.endpoints(layout.nodeport_endpoints_map(n), key, chosen.cluster)
+        if local_policy:
+            chain = layout.nodeport_local_chain(m, n)
+            out.needs |= {chain} | (layout.local_pick_names(m) if m else set())
+            out.endpoints(layout.nodeport_local_endpoints_map(m), key, chosen.local)
+        else:
+            chain = layout.nodeport_chain(n)
+        out.add(layout.SERVICE_NODEPORTS, (key, f"goto {chain}"), comment=comment)
+    # Only a Pod on this node can reach itself through this node's rules.
+    used = {e.ip for e in chosen.cluster + chosen.local + internal if e.node_name in (settings.node_name, "")}
+    out.add(layout.HAIRPIN, *((f"{ip} . {ip}", "") for ip in sorted(used)))
+
+
+def _firewall(out: _FragmentBuilder, service: Service, port: ServicePort, proto: str, lb_ips: list[str],
+              family: layout.Family, node_ips: tuple[str, ...]) -> None:
+    """loadBalancerSourceRanges: LoadBalancer IPs only; other sources are dropped before DNAT.
+
+    When a range holds a node address the node itself stays allowed, whatever
+    source address it picks (kube-proxy: a VIP bound locally loops back with
+    the VIP as source).
+    """
+    ranges = [r for r in service.load_balancer_source_ranges if family.holds(r)]
+    node_inside = any(ipaddress.ip_address(ip) in ipaddress.ip_network(r)
+                      for ip in node_ips if family.holds(ip) for r in ranges)
+    for ip in lb_ips:
+        key = f"{ip} . {proto} . {port.port}"
+        out.add(layout.FIREWALL_IPS, (key, ""))
+        out.add(layout.FIREWALL_ALLOW, *((f"{key} . {r}", "") for r in ranges))
+        if node_inside:
+            out.add(layout.FIREWALL_LOCAL, (key, ""))
