@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     proxy_flags.add_argument("--nodeport-addresses", default="",
                              help="CIDRs whose node addresses serve NodePorts, or 'primary' (default: all but loopback)")
     proxy_flags.add_argument("--masquerade-all", action="store_true", help="masquerade all Service traffic")
+    proxy_flags.add_argument("--service-cidr", default="",
+                             help="Service CIDRs, comma-separated; traffic to unallocated addresses in them is dropped")
+    proxy_flags.add_argument("--node-zone", default="",
+                             help="this node's topology.kubernetes.io/zone, for EndpointSlice zone hints")
     proxy_flags.add_argument("--healthz-bind-address", default="0.0.0.0:10256")
     proxy_flags.add_argument("--metrics-bind-address", default="127.0.0.1:10249")
     proxy_flags.add_argument("--min-sync-period", type=float, default=1.0,
@@ -84,6 +88,8 @@ def settings_from(args: argparse.Namespace) -> NodeSettings:
         masquerade_all=args.masquerade_all,
         nodeport_cidrs=() if nodeport in ("", "primary") else parse_cidrs(nodeport, "--nodeport-addresses"),
         nodeport_primary_only=nodeport == "primary",
+        service_cidrs=parse_cidrs(args.service_cidr, "--service-cidr"),
+        node_zone=args.node_zone,
     )
 
 
