@@ -26,6 +26,7 @@ from ..sync.kube import ApiSettings, KubeSource, NodeInfo
 from ..sync.manifests import ManifestSource
 from ..sync.store import Store
 from . import http
+from .healthcheck import HealthCheckServers
 from .metrics import Metrics
 from .proxier import Proxier
 from .schedule import Schedule, SyncLoop
@@ -99,6 +100,7 @@ class Daemon:
         self.health = Health()
         self.proxier = Proxier(options.settings, nft)
         self.node_ips: tuple[str, ...] = ()
+        self.health_checks = HealthCheckServers(options.settings.node_name)
         self.dns = None if not options.dns_bind else DnsServer(
             options.dns_bind, options.cluster_domain, options.dns_ttl, parse_list(options.dns_upstream) or None
         )
@@ -149,6 +151,7 @@ class Daemon:
         if self.dns is not None:
             # After the rules are live, so that a name never resolves to a ClusterIP that does not work yet.
             self.dns.publish(snapshot)
+        await self.health_checks.update(snapshot)
         render, plan, apply = (round(s * 1000, 1) for s in result.seconds)
         log.info(
             "%s sync: %d commands in %.1f ms (render %s, plan %s, apply %s; %d services, %d endpoint entries)",
@@ -215,6 +218,7 @@ class Daemon:
             task.cancel()
         for server in servers:
             server.close()
+        self.health_checks.close()
         if self.dns is not None:
             await self.dns.close()
         for task in done:

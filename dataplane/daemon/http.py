@@ -12,7 +12,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[], tuple[int, str, bytes]]  # -> (status, content type, body)
+Handler = Callable[[], tuple]  # -> (status, content type, body[, extra headers])
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
@@ -24,6 +24,7 @@ def split_host_port(text: str) -> tuple[str, int]:
 
 
 async def serve(bind: str, routes: dict[str, Handler]) -> asyncio.AbstractServer:
+    """Serves `routes` (path -> handler; "*" answers every other path) on HOST:PORT."""
     host, port = split_host_port(bind)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -31,15 +32,17 @@ async def serve(bind: str, routes: dict[str, Handler]) -> asyncio.AbstractServer
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             method, _, rest = request.decode("latin-1").partition(" ")
             path = rest.split(" ", 1)[0].split("?", 1)[0]
+            headers = ""
             if method not in ("GET", "HEAD"):
                 status, kind, body = 405, "text/plain", b"GET only\n"
-            elif path in routes:
-                status, kind, body = routes[path]()
+            elif path in routes or "*" in routes:
+                status, kind, body, *extra = (routes.get(path) or routes["*"])()
+                headers = "".join(f"{name}: {value}\r\n" for name, value in (extra[0] if extra else {}).items())
             else:
                 status, kind, body = 404, "text/plain", b"not found\n"
             head = (
                 f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {kind}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                f"Content-Length: {len(body)}\r\n{headers}Connection: close\r\n\r\n"
             )
             writer.write(head.encode() + (body if method == "GET" else b""))
             await writer.drain()

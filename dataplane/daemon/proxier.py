@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..config import NodeSettings
-from ..lb.endpoints import usable_endpoints
 from ..model import Protocol, Snapshot
 from ..nat import plan
 from ..nat.nftables import Nftables
-from ..nat.render import NODE, RulesetBuilder
+from ..nat.ruleset import Ruleset
+from ..nat.render import RulesetBuilder
+from ..nat.ruleset import Transaction
 from ..netlink.conntrack import StaleFlows
 
 
@@ -29,49 +31,67 @@ class SyncResult:
 
 
 class Proxier:
-    def __init__(self, settings: NodeSettings, nft: Nftables, family: int = 4):
+    """Programs both address families, `ip dataplane` and `ip6 dataplane`, in one transaction."""
+
+    def __init__(self, settings: NodeSettings, nft: Nftables, families: tuple[int, ...] = (4, 6)):
         self.nft = nft
-        self.builder = RulesetBuilder(settings, family)
-        self.programmed = plan.Programmed()
+        self.builders = [RulesetBuilder(settings, family) for family in families]
+        self.programmed = [plan.Programmed() for _ in families]
         self.synced = Snapshot()
+        # Userspace mode adds its declarations and elements to each rendered ruleset (daemon/userspace.py).
+        self.extend: Callable[[Ruleset, Snapshot], Ruleset] | None = None
 
     def sync(self, snapshot: Snapshot, node_ips: tuple[str, ...], full: bool) -> SyncResult:
         """Programs `snapshot`; raises NftError with the kernel untouched on failure."""
         started = time.perf_counter()
-        ruleset = self.builder.build(snapshot, node_ips)
+        rulesets = [builder.build(snapshot, node_ips) for builder in self.builders]
+        if self.extend is not None:
+            rulesets = [self.extend(ruleset, snapshot) for ruleset in rulesets]
         rendered = time.perf_counter()
-        if full:
-            tx, change = plan.full(ruleset)
-        else:
-            tx, change = self.programmed.plan(ruleset)
+        tx = Transaction()
+        changes = []
+        for ruleset, state in zip(rulesets, self.programmed):
+            family_tx, change = plan.full(ruleset) if full else state.plan(ruleset)
+            tx.extend(family_tx.commands)
+            changes.append(change)
         planned = time.perf_counter()
         self.nft.apply(tx)
         applied = time.perf_counter()
-        state = self.programmed = change if full else self.programmed.commit(change)
+        self.programmed = [change if full else state.commit(change) for state, change in zip(self.programmed, changes)]
         stale = stale_flows(self.synced, snapshot)
         self.synced = snapshot
-        services = len(ruleset.fragments) - (NODE in ruleset.fragments)
-        endpoints = sum(count for name, count in state.sizes.items() if name.startswith("endpoints-"))
+        services = len(snapshot.services)
+        endpoints = sum(count for state in self.programmed for name, count in state.sizes.items()
+                        if name.startswith(("endpoints-", "local-endpoints-")))
         timings = (rendered - started, planned - rendered, applied - planned)
         return SyncResult(len(tx), stale, services, endpoints, timings)
 
 
 def stale_flows(old: Snapshot, new: Snapshot) -> tuple[StaleFlows, ...]:
-    """UDP/SCTP endpoints that stopped being usable for some Service port."""
+    """UDP/SCTP flows to delete after moving from `old` to `new` (see StaleFlows)."""
     stale: set[StaleFlows] = set()
     for key in new.changed_since(old):
         before, after = old.services.get(key), new.services.get(key)
-        if before is None or after is before:
+        if after is before:
             continue
-        now_usable = {}
-        if after is not None:
-            now_usable = {port.name: {(b.ip, b.port) for b in usable_endpoints(backends)}
-                          for port, backends in after.port_backends()}
-        for port, backends in before.port_backends():
-            if port.protocol == Protocol.TCP:
-                continue  # TCP endpoints that vanish answer with a reset: no stale state
-            keep = now_usable.get(port.name, set())
-            for backend in usable_endpoints(backends):
-                if (backend.ip, backend.port) not in keep:
-                    stale.add(StaleFlows(port.protocol.value, backend.ip, backend.port))
+        serving_after = _serving(after) if after is not None else {}
+        for port, backends in before.port_backends() if before is not None else ():
+            if port.protocol != Protocol.TCP:  # a vanished TCP endpoint answers with a reset
+                keep = serving_after.get((port.name, port.protocol), set())
+                stale |= {StaleFlows(port.protocol.value, b.ip, b.port)
+                          for b in backends if b.serving and (b.ip, b.port) not in keep}
+        serving_before = _serving(before) if before is not None else {}
+        for port, backends in after.port_backends() if after is not None else ():
+            if port.protocol != Protocol.TCP and serving_after[(port.name, port.protocol)] \
+                    and not serving_before.get((port.name, port.protocol)):
+                service = after.service
+                addresses = service.cluster_ips + service.external_ips_all
+                stale |= {StaleFlows(port.protocol.value, ip, port.port, "frontend") for ip in addresses}
+                if port.node_port:
+                    stale.add(StaleFlows(port.protocol.value, "", port.node_port, "frontend"))
     return tuple(sorted(stale))
+
+
+def _serving(state) -> dict[tuple[str, Protocol], set[tuple[str, int]]]:
+    return {(port.name, port.protocol): {(b.ip, b.port) for b in backends if b.serving}
+            for port, backends in state.port_backends()}

@@ -23,11 +23,19 @@ _PROTOCOLS = {"UDP": socket.IPPROTO_UDP, "SCTP": socket.IPPROTO_SCTP}
 
 @dataclass(frozen=True, slots=True, order=True)
 class StaleFlows:
-    """Flows of `protocol` answered by ip:port, no longer an endpoint of the Service."""
+    """UDP/SCTP conntrack entries that would send a client nowhere.
+
+    kind "endpoint": flows answered by ip:port, no longer a serving endpoint
+    (deleted Pod, Service scaled to zero or deleted: kubernetes#139628).
+    kind "frontend": flows to the Service address ip:port (ip "" for a
+    NodePort) that were never translated, created while the Service had no
+    rules; they would bypass the endpoints it has now (kubernetes#48370).
+    """
 
     protocol: str
     ip: str
     port: int
+    kind: str = "endpoint"
 
 
 def clear(stale: list[StaleFlows]) -> int:
@@ -37,14 +45,26 @@ def clear(stale: list[StaleFlows]) -> int:
         return 0
     with Conntrack() as conntrack:
         for flows in stale:
-            family = socket.AF_INET6 if ":" in flows.ip else socket.AF_INET
-            reply = NFCTAttrTuple(family=family, saddr=flows.ip, proto=_PROTOCOLS[flows.protocol], sport=flows.port)
-            for entry in list(conntrack.dump_entries(tuple_reply=reply)):
-                if entry.tuple_orig.daddr == flows.ip:
-                    continue  # not NATed: a client talking to the Pod directly
+            for entry in list(_matching(conntrack, flows)):
                 try:
                     conntrack.entry("del", tuple_orig=entry.tuple_orig)
                     deleted += 1
                 except OSError as error:  # gone meanwhile
                     log.debug("conntrack entry already gone: %s", error)
     return deleted
+
+
+def _matching(conntrack: Conntrack, flows: StaleFlows):
+    proto = _PROTOCOLS[flows.protocol]
+    families = [socket.AF_INET6 if ":" in flows.ip else socket.AF_INET] if flows.ip else [socket.AF_INET, socket.AF_INET6]
+    for family in families:
+        if flows.kind == "endpoint":
+            reply = NFCTAttrTuple(family=family, saddr=flows.ip, proto=proto, sport=flows.port)
+            for entry in conntrack.dump_entries(tuple_reply=reply):
+                if entry.tuple_orig.daddr != flows.ip:  # NATed to the endpoint, not a direct client
+                    yield entry
+        else:
+            orig = NFCTAttrTuple(family=family, daddr=flows.ip or None, proto=proto, dport=flows.port)
+            for entry in conntrack.dump_entries(tuple_orig=orig):
+                if (entry.tuple_reply.saddr, entry.tuple_reply.sport) == (entry.tuple_orig.daddr, entry.tuple_orig.dport):
+                    yield entry  # never translated

@@ -80,3 +80,23 @@ def test_endpoint_turning_unready_is_stale() -> None:
     old = Snapshot({("default", "dns"): _state(Protocol.UDP, "10.244.1.1")})
     new = Snapshot({("default", "dns"): _state(Protocol.UDP, "10.244.1.1", ready=False)})
     assert stale_flows(old, new) == (StaleFlows("UDP", "10.244.1.1", 53),)
+
+
+def test_terminating_but_serving_endpoint_keeps_its_flows() -> None:
+    service = Service("default", "dns", cluster_ips=("10.96.0.10",), ports=(ServicePort("dns", Protocol.UDP, 53, 53),))
+    old = Snapshot({("default", "dns"): ServiceState(service, ((Backend("10.244.1.1", 53),),))})
+    draining = Backend("10.244.1.1", 53, ready=False, serving=True, terminating=True)
+    new = Snapshot({("default", "dns"): ServiceState(service, ((draining, Backend("10.244.1.2", 53)),))})
+    assert [f for f in stale_flows(old, new) if f.kind == "endpoint"] == []
+
+
+def test_udp_service_gaining_endpoints_clears_untranslated_flows() -> None:
+    service = Service("default", "dns", cluster_ips=("10.96.0.10",), external_ips=("203.0.113.1",),
+                      ports=(ServicePort("dns", Protocol.UDP, 53, 53, node_port=30053),))
+    old = Snapshot({("default", "dns"): ServiceState(service, ((),))})
+    new = Snapshot({("default", "dns"): ServiceState(service, ((Backend("10.244.1.1", 53),),))})
+    assert set(stale_flows(old, new)) == {
+        StaleFlows("UDP", "10.96.0.10", 53, "frontend"),
+        StaleFlows("UDP", "203.0.113.1", 53, "frontend"),
+        StaleFlows("UDP", "", 30053, "frontend"),
+    }
