@@ -125,6 +125,7 @@ class KubeApi:
         """Stops the server and its thread. Idempotent."""
         if self._thread.is_alive():
             self.stop()
+            self._call(self._cancel_tasks())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
 
@@ -202,6 +203,12 @@ class KubeApi:
             if watch.transport is not None:
                 watch.transport.abort()
         await runner.cleanup()
+
+    async def _cancel_tasks(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _each_watch(self, action) -> int:
         for watch in list(self._watches):
