@@ -1,4 +1,4 @@
-"""Command line: `dataplane run | render | cleanup`."""
+"""Command line: `dataplane run | render | cleanup | status`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import NodeSettings, parse_cidrs, select_nodeport_ips
 from .daemon import http
+from .lb.policy import ALGORITHMS
 from .nat import layout
 
 EXIT_USAGE = 2
@@ -42,8 +43,13 @@ def _parser() -> argparse.ArgumentParser:
                              help="with --source kube: a kubeconfig file (default: in-cluster service account)")
     proxy_flags.add_argument("--master", default="",
                              help="with --source kube: the API server's URL, overriding the kubeconfig's")
-    proxy_flags.add_argument("--proxy-mode", default="kernel", choices=["kernel"],
-                             help="kernel: nftables picks endpoints (userspace mode is not built yet)")
+    proxy_flags.add_argument("--proxy-mode", default="kernel", choices=["kernel", "userspace"],
+                             help="kernel: nftables picks endpoints; userspace: the first packet of each new flow "
+                                  "is queued to the daemon, which picks (fail-open to the kernel's pick)")
+    proxy_flags.add_argument("--queues", type=_positive, default=1,
+                             help="userspace: NFQUEUE queues 0..N-1; the kernel spreads flows over them by hash")
+    proxy_flags.add_argument("--lb-algorithm", default="random", choices=ALGORITHMS,
+                             help="userspace: the algorithm of Services without a dataplane.io/lb-algorithm annotation")
     proxy_flags.add_argument("--hostname-override", default="", help="this node's name (default: the hostname)")
     proxy_flags.add_argument("--cluster-cidr", default="",
                              help="Pod CIDRs, comma-separated; traffic from elsewhere to a ClusterIP is masqueraded")
@@ -72,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     render = commands.add_parser("render", parents=[proxy_flags], help="print the ruleset; touches nothing")
     render.add_argument("--node-ips", default=None,
                         help="node addresses to assume, comma-separated (default: this host's)")
+    status = commands.add_parser("status", help="ask the running daemon how it balances (userspace mode)")
+    status.add_argument("--metrics-bind-address", default="127.0.0.1:10249", help="where the daemon serves /status")
+    status.add_argument("--json", action="store_true", help="print the daemon's JSON as it is")
+    status.add_argument("-v", "--verbose", action="count", default=0)
     commands.add_parser("cleanup", parents=[argparse.ArgumentParser(add_help=False)],
                         help="remove every rule this program installed (root)").add_argument(
         "-v", "--verbose", action="count", default=0)
@@ -103,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "render":
             return _render(args)
+        if args.command == "status":
+            return _status(args)
         if os.geteuid() != 0:
             log.error("%s needs root (CAP_NET_ADMIN) to program nftables", args.command)
             return EXIT_NOT_ROOT
@@ -117,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cleanup":
             for family in ("ip", "ip6"):
                 nft.delete_table(family, layout.TABLE)
-            log.info("removed table %s from ip and ip6", layout.TABLE)
+            from .daemon.userspace import remove_queue_rules
+
+            remove_queue_rules()
+            log.info("removed table %s from ip and ip6, and the NFQUEUE rules of userspace mode", layout.TABLE)
             return 0
         return _run(args, nft)
     except ValueError as error:
@@ -154,9 +169,47 @@ def _render(args: argparse.Namespace) -> int:
         primary = found[0] if found else None
     else:
         found, primary = node_addresses()
-    transaction, _ = full(render(store.snapshot(), settings, select_nodeport_ips(settings, found, primary)))
+    snapshot = store.snapshot()
+    ruleset = render(snapshot, settings, select_nodeport_ips(settings, found, primary))
+    if args.proxy_mode == "userspace":
+        from .nat.userspace import QueueSpec, UserspaceRules
+        from .nat.xtables import Xtables
+
+        queue = QueueSpec(count=args.queues)  # as on a kernel without nft's queue: the rule goes to iptables
+        ruleset = UserspaceRules(settings, layout.Family(4), queue).extend(ruleset, snapshot)
+        sys.stdout.write("# userspace mode; with `iptables-restore --noflush`:\n")
+        sys.stdout.write("".join(f"#   {line}\n" for line in Xtables(4).script(queue).splitlines()))
+    transaction, _ = full(ruleset)
     sys.stdout.write(str(transaction))
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.request
+
+    from .daemon.userspace import format_status
+
+    host, port = http.split_host_port(args.metrics_bind_address)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.loads(response.read())
+    except (OSError, ValueError) as error:
+        logging.getLogger("dataplane").error("no daemon answers at %s: %s", url, error)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=1))
+    else:
+        format_status(body)
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def _run(args: argparse.Namespace, nft) -> int:
@@ -176,6 +229,9 @@ def _run(args: argparse.Namespace, nft) -> int:
         dns_upstream=args.dns_upstream,
         dns_ttl=args.dns_ttl,
         kube=api_settings(args),
+        proxy_mode=args.proxy_mode,
+        queues=args.queues,
+        lb_algorithm=args.lb_algorithm,
     )
     logging.getLogger("dataplane").info(
         "starting: source=%s node=%s nftables=%s", options.source, options.settings.node_name, nft.backend_name

@@ -29,6 +29,7 @@ from . import http
 from .healthcheck import HealthCheckServers
 from .metrics import Metrics
 from .proxier import Proxier
+from .userspace import UserspaceMode, remove_queue_rules
 from .schedule import Schedule, SyncLoop
 
 log = logging.getLogger("dataplane")
@@ -46,6 +47,9 @@ class Options:
     cluster_domain: str = "cluster.local"
     dns_upstream: str = ""  # comma-separated; empty: the nameservers of /etc/resolv.conf
     dns_ttl: int = 5
+    proxy_mode: str = "kernel"  # or "userspace": new flows are balanced by the forwarder (issue 3)
+    queues: int = 1  # userspace: NFQUEUE queues, the kernel spreads flows over them by hash
+    lb_algorithm: str = "random"  # userspace: for Services without a dataplane.io/lb-algorithm annotation
     kube: ApiSettings | None = None  # set: the Kubernetes API is the source (`--source kube`), not `source`
 
 
@@ -99,6 +103,11 @@ class Daemon:
             self.source = ManifestSource(options.source, self.store)
         self.health = Health()
         self.proxier = Proxier(options.settings, nft)
+        self.userspace = None
+        if options.proxy_mode == "userspace":
+            self.userspace = UserspaceMode(options.settings, nft, options.queues, options.lb_algorithm)
+            self.proxier.extend = self.userspace.extend
+            self.metrics.registry.register(self.userspace.collector())
         self.node_ips: tuple[str, ...] = ()
         self.health_checks = HealthCheckServers(options.settings.node_name)
         self.dns = None if not options.dns_bind else DnsServer(
@@ -119,6 +128,8 @@ class Daemon:
             return False
         log.info("NodePort addresses: %s", ", ".join(ips) or "none")
         self.node_ips = ips
+        if self.userspace is not None:
+            self.userspace.node_addresses(ips)
         return True
 
     def changed(self, what: str) -> None:
@@ -148,6 +159,8 @@ class Daemon:
         self.metrics.endpoints.set(result.endpoints)
         self.metrics.invalid_objects.set(sum(len(p) for p in self.source.errors.values()))
         self.health.synced(True, pending_wall)
+        if self.userspace is not None:
+            self.userspace.synced(snapshot)  # only now: the endpoint ids it names are in the kernel
         if self.dns is not None:
             # After the rules are live, so that a name never resolves to a ClusterIP that does not work yet.
             self.dns.publish(snapshot)
@@ -195,9 +208,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if self.userspace is not None:
+            await self.userspace.start()
+        else:
+            await asyncio.to_thread(remove_queue_rules)  # left by a userspace run before this one
         servers = [
             await http.serve(self.options.healthz_bind, {"/healthz": self.health.report, "/livez": self.health.report}),
-            await http.serve(self.options.metrics_bind, {"/metrics": self._metrics}),
+            await http.serve(self.options.metrics_bind, {"/metrics": self._metrics, "/status": self._status}),
         ]
         ready = True
         if isinstance(self.source, KubeSource):
@@ -218,6 +235,8 @@ class Daemon:
             task.cancel()
         for server in servers:
             server.close()
+        if self.userspace is not None:
+            self.userspace.close()  # the queues unbind: new flows take the kernel's pick until the next start
         self.health_checks.close()
         if self.dns is not None:
             await self.dns.close()
@@ -237,3 +256,9 @@ class Daemon:
 
     def _metrics(self) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+
+    def _status(self) -> tuple[int, str, bytes]:
+        """`dataplane status` reads this: the mode, and in userspace mode each Service port's balancing."""
+        if self.userspace is not None:
+            return self.userspace.status()
+        return 200, "application/json", (json.dumps({"mode": "kernel", "services": []}) + "\n").encode()

@@ -1,0 +1,167 @@
+"""What the forwarder needs to know about a Service port, from the snapshot: pure functions.
+
+A `PortTable` is one Service port as the balancer sees it: where its new
+flows arrive (Service addresses, NodePort), its endpoints with their ids
+and weights (the same usable endpoints kernel mode programs: `usable_endpoints`),
+its algorithm and its ClientIP affinity.
+
+Annotations on the Service (untrusted input: a bad value is reported,
+naming the Service and the annotation, and the default applies):
+- `dataplane.io/lb-algorithm`: random | round-robin | maglev | least-conn
+  (default: the daemon's --lb-algorithm);
+- `dataplane.io/weights`: comma-separated `KEY=WEIGHT`, KEY an endpoint IP,
+  `node:NAME` or `zone:NAME`; WEIGHT an integer 0-1000 (0: no new flows
+  while another endpoint has weight). An IP beats a node, a node beats a
+  zone; endpoints matched by nothing weigh 1.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+from ..model import Protocol, ServiceState, TrafficPolicy
+from .endpoints import Selection
+
+ALGORITHM_ANNOTATION = "dataplane.io/lb-algorithm"
+WEIGHTS_ANNOTATION = "dataplane.io/weights"
+ALGORITHMS = ("random", "round-robin", "maglev", "least-conn")
+MAX_WEIGHT = 1000
+PROTOCOL_NUMBERS = {Protocol.TCP: 6, Protocol.UDP: 17, Protocol.SCTP: 132}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One endpoint of one Service port, with the id its mark carries."""
+
+    id: int
+    ip: str
+    port: int
+    weight: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class PortTable:
+    name: str  # "namespace/name:port", for metrics and logs
+    protocol: int  # IP protocol number
+    addresses: tuple[bytes, ...]  # packed Service addresses (ClusterIPs, external and LoadBalancer IPs)
+    port: int
+    node_port: int | None
+    targets: tuple[Target, ...]
+    algorithm: str
+    affinity_timeout: int | None  # seconds of ClientIP affinity; None: none
+
+
+def packed(ip: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+
+
+def port_tables(
+    state: ServiceState, ids: Callable[[tuple[str, int]], int | None], default_algorithm: str, family: int = 4,
+    node_name: str = "", zone: str = "",
+) -> tuple[tuple[PortTable, ...], list[str]]:
+    """The Service's ports as the balancer sees them, and problems found in its annotations.
+
+    Endpoints are those kernel mode would pick among (lb/endpoints.Selection):
+    for Service addresses, Cluster or, with internalTrafficPolicy Local, this
+    node's; for external addresses and NodePorts, Cluster. External traffic
+    of an externalTrafficPolicy: Local Service is not the forwarder's (see
+    nat/userspace.frontends), so it has no table here. With internal and
+    external endpoint sets differing, a port gets two tables, `...:port` and
+    `...:port/external`. Endpoints without an id (not programmed yet) are left out.
+    """
+    service = state.service
+    if not service.proxied:
+        return (), []
+    problems: list[str] = []
+    annotations = dict(service.annotations)
+    algorithm = annotations.get(ALGORITHM_ANNOTATION, "").strip() or default_algorithm
+    if algorithm not in ALGORITHMS:
+        problems.append(f"Service {service.namespace}/{service.name}: annotation {ALGORITHM_ANNOTATION}: "
+                        f"{algorithm!r} is not one of {', '.join(ALGORITHMS)}; using {default_algorithm}")
+        algorithm = default_algorithm
+    rules = parse_weights(annotations.get(WEIGHTS_ANNOTATION, ""), f"Service {service.namespace}/{service.name}",
+                          problems)
+    holds = (lambda ip: ":" in ip) if family == 6 else (lambda ip: ":" not in ip)
+    internal, external = frontends(state, holds)
+    tables = []
+
+    def targets_of(backends) -> tuple[Target, ...]:
+        targets = []
+        for backend in backends:
+            endpoint_id = ids((backend.ip, backend.port)) if holds(backend.ip) else None
+            if endpoint_id is not None:
+                weight = weight_of(rules, backend.ip, backend.node_name, backend.zone)
+                targets.append(Target(endpoint_id, backend.ip, backend.port, weight))
+        return tuple(sorted(targets, key=lambda t: (t.ip, t.port)))
+
+    for port, backends in state.port_backends():
+        selection = Selection.of(backends, node_name, zone)
+        local = service.internal_traffic_policy == TrafficPolicy.LOCAL
+        inside = targets_of(selection.local if local else selection.cluster)
+        outside = targets_of(selection.cluster) if external else inside
+        name = f"{service.namespace}/{service.name}:{port.name or port.port}"
+        common = dict(protocol=PROTOCOL_NUMBERS[port.protocol], port=port.port, algorithm=algorithm,
+                      affinity_timeout=service.session_affinity_timeout)
+        node_port = port.node_port if external is not None else None
+        if inside == outside:
+            tables.append(PortTable(name=name, addresses=internal + (external or ()), node_port=node_port,
+                                    targets=inside, **common))
+        else:
+            tables.append(PortTable(name=name, addresses=internal, node_port=None, targets=inside, **common))
+            tables.append(PortTable(name=f"{name}/external", addresses=external, node_port=node_port,
+                                    targets=outside, **common))
+    return tuple(tables), problems
+
+
+def frontends(state: ServiceState, holds: Callable[[str], bool]) -> tuple[tuple[bytes, ...], tuple[bytes, ...] | None]:
+    """(Service addresses, external addresses) whose new flows the forwarder decides, packed.
+
+    External addresses (and NodePorts) are None for externalTrafficPolicy:
+    Local, whose external traffic the kernel keeps to local endpoints itself.
+    """
+    service = state.service
+    internal = tuple(packed(ip) for ip in service.cluster_ips if holds(ip))
+    if service.external_traffic_policy == TrafficPolicy.LOCAL:
+        return internal, None
+    return internal, tuple(packed(ip) for ip in service.external_ips_all if holds(ip))
+
+
+def parse_weights(text: str, where: str, problems: list[str]) -> dict[str, int]:
+    """`10.0.0.1=3, node:n1=2, zone:a=1` -> {'10.0.0.1': 3, 'node:n1': 2, 'zone:a': 1}; bad items are reported and skipped."""
+    rules: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.rpartition("=")
+        key = key.strip()
+        try:
+            weight = int(value)
+            if not sep or not 0 <= weight <= MAX_WEIGHT:
+                raise ValueError
+            if key.startswith(("node:", "zone:")):
+                if not key[5:]:
+                    raise ValueError
+            else:
+                key = str(ipaddress.ip_address(key))
+        except ValueError:
+            problems.append(f"{where}: annotation {WEIGHTS_ANNOTATION}: {item[:80]!r} is not IP=N, node:NAME=N "
+                            f"or zone:NAME=N with N in 0..{MAX_WEIGHT}; ignored")
+            continue
+        rules[key] = weight
+    return rules
+
+
+def weight_of(rules: dict[str, int], ip: str, node: str, zone: str) -> int:
+    if not rules:
+        return 1
+    for key in (ip, f"node:{node}" if node else None, f"zone:{zone}" if zone else None):
+        if key is not None and key in rules:
+            return rules[key]
+    return 1

@@ -1,0 +1,143 @@
+"""Conntrack events (ctnetlink multicast), decoded with struct: which flows start and end.
+
+least-conn needs the flows the kernel really holds, at the rate new flows
+arrive; pyroute2's generic message classes cost far more per event than
+this walk over three attributes, so events are read on a socket of our own
+and decoded here. `decode_events` is pure; `EventSocket` owns the socket.
+
+A flow counts as started when conntrack confirms it (NEW) and as ended when
+it is destroyed, or as soon as TCP leaves ESTABLISHED for FIN_WAIT or later.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from typing import NamedTuple
+
+from ..queue.packet import Flow
+
+NETLINK_NETFILTER = 12
+NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY = 1, 2, 3
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE = 0, 2
+NLM_F_CREATE = 0x400
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_ID = 1, 2, 4, 12
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
+TCP_CONNTRACK_FIN_WAIT = 4
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_ATTR = struct.Struct("=HH")
+_BE16 = struct.Struct("!H")
+_BE32 = struct.Struct("!I")
+
+
+class CtEvent(NamedTuple):
+    kind: str  # "new", "end"
+    flow_id: int
+    flow: Flow | None  # original direction (new only)
+    endpoint: tuple[bytes, int] | None  # (reply source address, port): where the flow went (new only)
+
+
+def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
+    found = {}
+    while start + 4 <= end:
+        alen, atype = _ATTR.unpack_from(data, start)
+        if alen < 4 or start + alen > end:
+            break
+        found[atype & 0x3FFF] = (start + 4, start + alen)
+        start += (alen + 3) & ~3
+    return found
+
+
+def _tuple(data: bytes, span: tuple[int, int]) -> tuple[int, bytes, bytes, int, int, int] | None:
+    parts = _attrs(data, *span)
+    if CTA_TUPLE_IP not in parts or CTA_TUPLE_PROTO not in parts:
+        return None
+    ip = _attrs(data, *parts[CTA_TUPLE_IP])
+    proto = _attrs(data, *parts[CTA_TUPLE_PROTO])
+    if CTA_IP_V4_SRC in ip and CTA_IP_V4_DST in ip:
+        family, src, dst = 4, ip[CTA_IP_V4_SRC], ip[CTA_IP_V4_DST]
+    elif CTA_IP_V6_SRC in ip and CTA_IP_V6_DST in ip:
+        family, src, dst = 6, ip[CTA_IP_V6_SRC], ip[CTA_IP_V6_DST]
+    else:
+        return None
+    if CTA_PROTO_NUM not in proto:
+        return None
+    number = data[proto[CTA_PROTO_NUM][0]]
+    sport = _BE16.unpack_from(data, proto[CTA_PROTO_SRC_PORT][0])[0] if CTA_PROTO_SRC_PORT in proto else 0
+    dport = _BE16.unpack_from(data, proto[CTA_PROTO_DST_PORT][0])[0] if CTA_PROTO_DST_PORT in proto else 0
+    return family, bytes(data[src[0]:src[1]]), bytes(data[dst[0]:dst[1]]), number, sport, dport
+
+
+def decode_events(data: bytes, into: list[CtEvent]) -> None:
+    """Appends the events of one netlink datagram; malformed messages are skipped, never raised."""
+    offset, size = 0, len(data)
+    while offset + 20 <= size:
+        length, kind, flags, _, _ = _NLMSGHDR.unpack_from(data, offset)
+        if length < 20 or offset + length > size:
+            break
+        end = offset + length
+        if kind >> 8 == NFNL_SUBSYS_CTNETLINK and kind & 0xFF in (IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE):
+            attrs = _attrs(data, offset + 20, end)
+            if CTA_ID in attrs:
+                flow_id = _BE32.unpack_from(data, attrs[CTA_ID][0])[0]
+                if kind & 0xFF == IPCTNL_MSG_CT_DELETE:
+                    into.append(CtEvent("end", flow_id, None, None))
+                elif flags & NLM_F_CREATE:
+                    orig = _tuple(data, attrs[CTA_TUPLE_ORIG]) if CTA_TUPLE_ORIG in attrs else None
+                    reply = _tuple(data, attrs[CTA_TUPLE_REPLY]) if CTA_TUPLE_REPLY in attrs else None
+                    if orig is not None and reply is not None:
+                        family, saddr, daddr, number, sport, dport = orig
+                        into.append(CtEvent("new", flow_id, Flow(family, number, saddr, daddr, sport, dport),
+                                            (reply[1], reply[4])))
+                elif CTA_PROTOINFO in attrs:
+                    info = _attrs(data, *attrs[CTA_PROTOINFO])
+                    if CTA_PROTOINFO_TCP in info:
+                        tcp = _attrs(data, *info[CTA_PROTOINFO_TCP])
+                        if CTA_PROTOINFO_TCP_STATE in tcp and data[tcp[CTA_PROTOINFO_TCP_STATE][0]] >= TCP_CONNTRACK_FIN_WAIT:
+                            into.append(CtEvent("end", flow_id, None, None))
+        offset += (length + 3) & ~3
+
+
+class EventSocket:
+    """A non-blocking socket subscribed to conntrack's new, update and destroy events."""
+
+    def __init__(self, rcvbuf: int = 16 << 20):
+        groups = (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | (1 << (NFNLGRP_CONNTRACK_UPDATE - 1)) | (
+            1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.bind((0, groups))
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.lost = 0  # times the kernel dropped events for want of buffer space
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self, into: list[CtEvent], limit: int = 4096) -> None:
+        for _ in range(limit):
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno == errno.ENOBUFS:
+                    self.lost += 1
+                    continue
+                raise
+            decode_events(data, into)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,171 @@
+"""The forwarder: the I/O around the sans-IO balancer, on the daemon's asyncio (uvloop) loop.
+
+It owns the NFQUEUE socket and the conntrack event socket, both read from
+the event loop without blocking it: on each wake-up every waiting packet is
+read, decided in one call, and answered in one sendmsg. Maglev tables are
+built in a worker thread, away from the packet path. Everything the
+balancer asks for (verdicts, table builds, wake-ups, logs) is carried out
+here and nowhere else.
+
+If this process dies or stalls, nothing breaks: the queue rule carries
+--queue-bypass and the queue is fail-open, so new flows take the kernel's
+own pick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Mapping
+
+from ..lb import maglev
+from ..lb.balancer import (
+    Balancer, BuildTable, FlowEnded, FlowStarted, Log, NodeAddresses, PacketsQueued, ServicesChanged, TableBuilt,
+    Tick, Verdict, Verdicts, Wakeup,
+)
+from ..lb.policy import PortTable
+from ..netlink.ctevents import CtEvent, EventSocket
+from .nfqueue import QueueSocket
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3)
+
+
+class LatencyHistogram:
+    """Cumulative-bucket histogram filled per batch (Prometheus' client locks per observation)."""
+
+    def __init__(self, buckets=LATENCY_BUCKETS):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float, times: int = 1) -> None:
+        for i, bound in enumerate(self.buckets):
+            if seconds <= bound:
+                self.counts[i] += times
+                break
+        else:
+            self.counts[-1] += times
+        self.total += seconds * times
+        self.count += times
+
+
+class Forwarder:
+    def __init__(self, queues: tuple[int, ...], balancer: Balancer | None = None,
+                 clock: Callable[[], float] = time.monotonic, batch: int = 1024):
+        self.queues = queues
+        self.balancer = balancer or Balancer()
+        self.clock = clock
+        self.batch = batch
+        self.latency = LatencyHistogram()
+        self.packets = 0
+        self.batches = 0
+        self.table_builds = 0
+        self._socket: QueueSocket | None = None
+        self._events: EventSocket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        """Binds the queues (raises nfqueue.QueueError when it cannot) and starts reading."""
+        self._loop = asyncio.get_running_loop()
+        self._socket = QueueSocket(self.queues)
+        self._loop.add_reader(self._socket.fileno(), self._on_packets)
+        self._run(self.balancer.handle(Tick(self.clock())))
+        log.info("forwarder reading NFQUEUE %s", ",".join(map(str, self.queues)))
+
+    def close(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+        for sock in (self._socket, self._events):
+            if sock is not None and self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+        self._socket = self._events = None
+
+    # inputs from the daemon
+
+    def services_changed(self, tables: Mapping[object, tuple[PortTable, ...]]) -> None:
+        self._run(self.balancer.handle(ServicesChanged(tables, self.clock())))
+        if self._events is None and self._loop is not None and any(
+                p.table.algorithm == "least-conn" for p in self.balancer.ports.values()):
+            self._follow_conntrack()
+
+    def node_addresses(self, ips: tuple[bytes, ...]) -> None:
+        self._run(self.balancer.handle(NodeAddresses(ips)))
+
+    # I/O
+
+    def _on_packets(self) -> None:
+        started = time.perf_counter()
+        packets: list = []
+        self._socket.read(packets, self.batch)
+        if not packets:
+            return
+        commands = self.balancer.handle(PacketsQueued(packets, self.clock()))
+        self._run(commands)
+        self.packets += len(packets)
+        self.batches += 1
+        self.latency.observe(time.perf_counter() - started, len(packets))
+
+    def _follow_conntrack(self) -> None:
+        try:
+            self._events = EventSocket()
+        except OSError as error:
+            log.warning("least-conn: cannot follow conntrack events (%s); counts stay at decisions", error)
+            return
+        self._loop.add_reader(self._events.fileno(), self._on_conntrack)
+        log.info("least-conn: following conntrack events")
+
+    def _on_conntrack(self) -> None:
+        events: list[CtEvent] = []
+        self._events.read(events)
+        handle = self.balancer.handle
+        for event in events:
+            if event.kind == "new":
+                handle(FlowStarted(event.flow_id, event.flow, event.endpoint))
+            else:
+                handle(FlowEnded(event.flow_id))
+
+    def _run(self, commands: list) -> None:
+        for command in commands:
+            kind = type(command)
+            if kind is Verdicts:
+                if command.items:
+                    self._socket.send(command.items)
+            elif kind is Verdict:
+                self._socket.send([tuple(command)])
+            elif kind is BuildTable:
+                self._build(command)
+            elif kind is Wakeup:
+                if self._loop is not None:
+                    if self._tick is not None:
+                        self._tick.cancel()
+                    self._tick = self._loop.call_later(command.delay, self._on_tick)
+            elif kind is Log:
+                log.log(logging.getLevelName(command.level.upper()), "%s", command.message)
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        self._run(self.balancer.handle(Tick(self.clock())))
+
+    def _build(self, command: BuildTable) -> None:
+        if self._loop is None:  # no loop (tests of the wiring): build in place
+            table = maglev.build(command.names, command.weights, command.size)
+            self._run(self.balancer.handle(TableBuilt(command.port, command.generation, table)))
+            return
+        future = self._loop.run_in_executor(None, maglev.build, command.names, command.weights, command.size)
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled():
+                return
+            if f.exception() is not None:
+                log.error("Maglev table for %s failed: %s", command.port, f.exception())
+                return
+            self.table_builds += 1
+            self._run(self.balancer.handle(TableBuilt(command.port, command.generation, f.result())))
+
+        future.add_done_callback(done)
