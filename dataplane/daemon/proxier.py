@@ -7,6 +7,7 @@ sync leaves both the kernel and our memory of it as they were.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -14,11 +15,14 @@ from typing import Callable
 from ..config import NodeSettings
 from ..model import Protocol, Snapshot
 from ..nat import plan
-from ..nat.nftables import Nftables
+from ..nat.nftables import NftError, Nftables
 from ..nat.ruleset import Ruleset
 from ..nat.render import RulesetBuilder
 from ..nat.ruleset import Transaction
 from ..netlink.conntrack import StaleFlows
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,14 +52,29 @@ class Proxier:
         if self.extend is not None:
             rulesets = [self.extend(ruleset, snapshot) for ruleset in rulesets]
         rendered = time.perf_counter()
-        tx = Transaction()
         changes = []
-        for ruleset, state in zip(rulesets, self.programmed):
-            family_tx, change = plan.full(ruleset) if full else state.plan(ruleset)
-            tx.extend(family_tx.commands)
-            changes.append(change)
-        planned = time.perf_counter()
-        self.nft.apply(tx)
+        if full:
+            # Flush and refill in place, so that affinity sets keep their clients; should
+            # that fail (an object of ours changed shape), replace the tables whole.
+            existing = [self.nft.list_objects(r.family, r.table) for r in rulesets]
+            attempts = [existing, [None] * len(rulesets)] if None not in existing else [[None] * len(rulesets)]
+        else:
+            attempts = [None]
+        for attempt in attempts:
+            tx = Transaction()
+            changes = []
+            for index, (ruleset, state) in enumerate(zip(rulesets, self.programmed)):
+                family_tx, change = plan.full(ruleset, attempt[index]) if full else state.plan(ruleset)
+                tx.extend(family_tx.commands)
+                changes.append(change)
+            planned = time.perf_counter()
+            try:
+                self.nft.apply(tx)
+                break
+            except NftError as error:
+                if attempt is attempts[-1]:
+                    raise
+                log.warning("in-place full sync refused (%s); replacing the tables", error)
         applied = time.perf_counter()
         self.programmed = [change if full else state.commit(change) for state, change in zip(self.programmed, changes)]
         stale = stale_flows(self.synced, snapshot)

@@ -189,7 +189,19 @@ def _unallocated(settings: NodeSettings, family: Family) -> tuple[str, ...]:
     return (f"{nft} daddr {{ {', '.join(cidrs)} }} {nft} daddr != @{CLUSTER_IPS} drop",)
 
 
-def _pod_sources(settings: NodeSettings, family: Family) -> str | None:
+def masquerade_cluster_rules(settings: NodeSettings, family: Family) -> tuple[str, ...]:
+    """ClusterIP traffic is masqueraded when it comes from outside the Pod CIDRs (or always)."""
+    if settings.masquerade_all:
+        return (f"jump {MARK_FOR_MASQUERADE}",)
+    pods = pod_sources(settings, family)
+    if pods:
+        # Traffic from outside the cluster would answer off-node without this.
+        return (f"{pods.replace(' saddr ', ' saddr != ', 1)} jump {MARK_FOR_MASQUERADE}",)
+    return ()
+
+
+def pod_sources(settings: NodeSettings, family: Family) -> str | None:
+    """The match for traffic from Pods (the cluster CIDRs), or None when they are unknown."""
     cidrs = [c for c in settings.cluster_cidrs if family.holds(c)]
     return f"{family.nft} saddr {{ {', '.join(cidrs)} }}" if cidrs else None
 
@@ -230,14 +242,7 @@ def _keys(family: Family) -> tuple[str, str]:
 def _pick_declarations(n: int, settings: NodeSettings, family: Family) -> list[Declaration]:
     """Chains and maps shared by every Service port with n endpoints."""
     address_key, nodeport_key = _keys(family)
-    pods = _pod_sources(settings, family)
-    if settings.masquerade_all:
-        masquerade_cluster: tuple[str, ...] = (f"jump {MARK_FOR_MASQUERADE}",)
-    elif pods:
-        # Traffic from outside the cluster would answer off-node without this.
-        masquerade_cluster = (f"{pods.replace(' saddr ', ' saddr != ', 1)} jump {MARK_FOR_MASQUERADE}",)
-    else:
-        masquerade_cluster = ()
+    masquerade_cluster = masquerade_cluster_rules(settings, family)
     return [
         Container(endpoints_map(n), _slot_map_spec(family, by_address=True)),
         Container(nodeport_endpoints_map(n), _slot_map_spec(family, by_address=False)),
@@ -270,7 +275,7 @@ def _local_chain(m: int, n: int, settings: NodeSettings, family: Family, nodepor
     this node's endpoints and keeps its source address, or is dropped.
     """
     rules = []
-    pods = _pod_sources(settings, family)
+    pods = pod_sources(settings, family)
     if pods:
         # cluster-N masquerades only sources outside the Pod CIDRs: these are inside.
         rules.append(f"{pods} goto {nodeport_direct_chain(n) if nodeport else cluster_chain(n)}")

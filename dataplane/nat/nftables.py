@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import shutil
 import subprocess
 import threading
@@ -75,8 +76,10 @@ class NftCommand:
         self._argv = list(argv)
 
     def run(self, text: str, check_only: bool = False) -> tuple[int, str, str]:
-        args = self._argv + (["-c", "-f", "-"] if check_only else ["-f", "-"])
-        done = subprocess.run(args, input=text, capture_output=True, text=True)
+        return self.run_args(["-c", "-f", "-"] if check_only else ["-f", "-"], text)
+
+    def run_args(self, args: list[str], text: str | None = None) -> tuple[int, str, str]:
+        done = subprocess.run(self._argv + args, input=text, capture_output=True, text=True)
         return done.returncode, done.stdout, done.stderr
 
 
@@ -116,6 +119,21 @@ class Nftables:
 
     def check(self, tx: Transaction) -> None:
         self.run(str(tx), check_only=True)
+
+    def list_objects(self, family: str, table: str) -> list[tuple[str, str]] | None:
+        """(kind, name) of every chain, map and set in the table; [] when it does not
+        exist; None when nft cannot list (the caller then replaces the table whole)."""
+        if not isinstance(self._bulk, NftCommand):
+            return None
+        rc, out, err = self._bulk.run_args(["-j", "-t", "list", "table", family, table])
+        if rc != 0:
+            return [] if "No such file or directory" in err else None
+        found = []
+        for item in json.loads(out).get("nftables", []):
+            for kind in ("chain", "map", "set"):
+                if kind in item:
+                    found.append((kind, item[kind]["name"]))
+        return found
 
     def delete_table(self, family: str, table: str) -> None:
         """Idempotent: a missing table is already deleted."""

@@ -18,7 +18,7 @@ import logging
 from collections import defaultdict
 from typing import Hashable, Iterable
 
-from .ruleset import EMPTY, Chain, Element, Fragment, Ruleset, Transaction
+from .ruleset import EMPTY, Chain, Container, Declaration, Element, Fragment, Ruleset, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +63,36 @@ class Programmed:
         removed = [e for e in removed if e not in same]
         gone = [n for n, count in change.needed.items() if count == 0 and n in self.needed and n not in new.always]
         born = [n for n, count in change.needed.items() if count > 0 and n not in self.needed and n not in old.always]
+        owned_old = {d.name: d for o in owners for d in old.fragments.get(o, EMPTY).owned}
+        owned_new = {d.name: d for o in owners for d in new.fragments.get(o, EMPTY).owned}
+        retired = [d for name, d in owned_old.items() if owned_new.get(name) != d]  # gone, or changed
+        created = [d for name, d in owned_new.items() if owned_old.get(name) != d]
+        # A changed chain is flushed and refilled in place; anything else changed is replaced.
+        refilled = [d for d in created if isinstance(d, Chain) and d.name in owned_old]
+        replaced = [d for d in retired if d.name in owned_new and not isinstance(d, Chain)]
+        retired = [d for d in retired if d.name not in owned_new or d in replaced]
+        created = [d for d in created if d not in refilled]
+
         tx = Transaction()
         table = f"{new.family} {new.table}"
-        _declare(tx, new, born)
-        _fill_chains(tx, new, born)
+        old_chains = [old.declarations[n] for n in gone if isinstance(old.declarations[n], Chain)]
+        old_chains += [d for d in retired if isinstance(d, Chain)]
+        old_containers = [old.declarations[n] for n in gone if not isinstance(old.declarations[n], Chain)]
+        old_containers += [d for d in retired if not isinstance(d, Chain)]
+        # Replaced sets go first: their new version is declared below under the same name.
+        tx.extend(f"flush chain {table} {d.name}" for d in old_chains)
+        tx.extend(f"delete {d.kind} {table} {d.name}" for d in replaced)
+        born_declarations = [new.declarations[n] for n in sorted(born)] + created
+        _declare(tx, table, born_declarations)
+        _fill_chains(tx, table, born_declarations)
+        for chain in refilled:
+            tx.add(f"flush chain {table} {chain.name}")
+        _fill_chains(tx, table, refilled)
         _elements(tx, "delete", table, removed)
         _elements(tx, "add", table, added)
-        old_chains = [n for n in gone if isinstance(old.declarations[n], Chain)]
-        # Flush them all before deleting any: one may still jump to another.
-        tx.extend(f"flush chain {table} {name}" for name in old_chains)
-        tx.extend(f"delete chain {table} {name}" for name in old_chains)
-        for name in gone:
-            if name not in old_chains:
-                tx.add(f"delete {old.declarations[name].kind} {table} {name}")
+        # Flushed before any is deleted: one may still jump to another.
+        tx.extend(f"delete chain {table} {d.name}" for d in old_chains)
+        tx.extend(f"delete {d.kind} {table} {d.name}" for d in old_containers if d not in replaced)
         return tx, change
 
     def commit(self, change: "Change") -> "Programmed":
@@ -183,8 +200,15 @@ def _changed_owners(old: Ruleset, new: Ruleset) -> set[Hashable]:
     }
 
 
-def full(ruleset: Ruleset) -> tuple[Transaction, Programmed]:
-    """One transaction that replaces the table with exactly `ruleset`."""
+def full(ruleset: Ruleset, existing: Iterable[tuple[str, str]] | None = None) -> tuple[Transaction, Programmed]:
+    """One transaction that makes the table exactly `ruleset`.
+
+    Without `existing` it deletes and recreates the table: the complete,
+    self-contained script `dataplane render` prints. With `existing`, the
+    (kind, name) of every object the table holds now, it flushes and refills
+    instead, deleting only what is no longer wanted: session-affinity sets
+    keep their clients across resyncs and restarts.
+    """
     state = Programmed()
     change = Change(ruleset, base=state)
     added: list[Element] = []
@@ -192,28 +216,38 @@ def full(ruleset: Ruleset) -> tuple[Transaction, Programmed]:
         change.contribute(owner, ruleset.fragments[owner], added)
     state.commit(change)
     table = f"{ruleset.family} {ruleset.table}"
-    names = [n for n in ruleset.declarations if n in ruleset.always or n in state.needed]
-    tx = Transaction([f"add table {table}", f"delete table {table}", f"add table {table}"])
-    _declare(tx, ruleset, names)
-    _fill_chains(tx, ruleset, names)
+    # The skeleton in its own order, then the rest by name: the same text in every process.
+    wanted = [ruleset.declarations[n] for n in ruleset.declarations if n in ruleset.always]
+    wanted += [ruleset.declarations[n] for n in sorted(state.needed) if n not in ruleset.always]
+    wanted += [d for owner in sorted(ruleset.fragments, key=repr) for d in ruleset.fragments[owner].owned]
+    if existing is None:
+        tx = Transaction([f"add table {table}", f"delete table {table}", f"add table {table}"])
+        _declare(tx, table, wanted)
+    else:
+        tx = Transaction([f"add table {table}", f"flush table {table}"])  # every chain's rules
+        _declare(tx, table, wanted)
+        tx.extend(f"flush {d.kind} {table} {d.name}" for d in wanted if isinstance(d, Container) and not d.dynamic)
+    _fill_chains(tx, table, wanted)
     _elements(tx, "add", table, added)
+    if existing is not None:
+        names = {d.name for d in wanted}
+        stale = [(kind, name) for kind, name in existing if name not in names]
+        tx.extend(f"delete chain {table} {name}" for kind, name in stale if kind == "chain")
+        tx.extend(f"delete {kind} {table} {name}" for kind, name in stale if kind != "chain")
     return tx, state
 
 
-def _declare(tx: Transaction, ruleset: Ruleset, names: Iterable[str]) -> None:
+def _declare(tx: Transaction, table: str, declarations: list[Declaration]) -> None:
     # Maps and sets first, then chains, so that no rule names a missing object.
-    declarations = [ruleset.declarations[n] for n in names]
-    table_family, table = ruleset.family, ruleset.table
-    tx.extend(d.declaration(table_family, table) for d in declarations if not isinstance(d, Chain))
-    tx.extend(d.declaration(table_family, table) for d in declarations if isinstance(d, Chain))
+    family, name = table.split()
+    tx.extend(d.declaration(family, name) for d in declarations if not isinstance(d, Chain))
+    tx.extend(d.declaration(family, name) for d in declarations if isinstance(d, Chain))
 
 
-def _fill_chains(tx: Transaction, ruleset: Ruleset, names: Iterable[str]) -> None:
-    table = f"{ruleset.family} {ruleset.table}"
-    for name in names:
-        declaration = ruleset.declarations[name]
+def _fill_chains(tx: Transaction, table: str, declarations: list[Declaration]) -> None:
+    for declaration in declarations:
         if isinstance(declaration, Chain):
-            tx.extend(f"add rule {table} {name} {rule}" for rule in declaration.rules)
+            tx.extend(f"add rule {table} {declaration.name} {rule}" for rule in declaration.rules)
 
 
 def _elements(tx: Transaction, verb: str, table: str, elements: Iterable[Element], batch: int = 2000) -> None:

@@ -15,7 +15,8 @@ from ..config import NodeSettings
 from ..lb.endpoints import Selection
 from ..model import Backend, Service, ServicePort, ServiceState, Snapshot, TrafficPolicy
 from . import layout
-from .ruleset import EMPTY, Element, Fragment, Ruleset
+from .affinity import AffinityChains
+from .ruleset import EMPTY, Declaration, Element, Fragment, Ruleset
 
 NODE = "node"  # the owner of node-level elements (NodePort addresses)
 
@@ -112,6 +113,7 @@ class _FragmentBuilder:
         self.name = name
         self.elements: list[Element] = []
         self.needs: set[str] = set()
+        self.owned: list[Declaration] = []
 
     def add(self, container: str, *items: tuple[str, str], comment: str = "") -> None:
         self.elements.extend(Element(container, key, value, comment) for key, value in items)
@@ -122,7 +124,7 @@ class _FragmentBuilder:
         )
 
     def fragment(self) -> Fragment:
-        return Fragment(frozenset(self.elements), frozenset(self.needs))
+        return Fragment(frozenset(self.elements), frozenset(self.needs), tuple(self.owned))
 
 
 def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, backends: list[Backend],
@@ -144,9 +146,15 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
             out.add(layout.NO_ENDPOINT_NODEPORTS, (f"{proto} . {port.node_port}", reject), comment=comment)
         return
     n, m = len(chosen.cluster), len(chosen.local)
-    out.needs |= layout.pick_names(n)
-
     internal = chosen.local if service.internal_traffic_policy == TrafficPolicy.LOCAL else chosen.cluster
+    local_policy = service.external_traffic_policy == TrafficPolicy.LOCAL
+    # Only a Pod on this node can reach itself through this node's rules.
+    used = {e.ip for e in chosen.cluster + chosen.local if e.node_name in (settings.node_name, "")}
+    out.add(layout.HAIRPIN, *((f"{ip} . {ip}", "") for ip in sorted(used)))
+    if service.session_affinity_timeout:
+        _affinity(out, service, port, chosen, internal, local_policy, cluster_ips, external_ips, settings, family)
+        return
+    out.needs |= layout.pick_names(n)
     for ip in cluster_ips:
         key = f"{ip} . {proto} . {port.port}"
         if internal:
@@ -156,7 +164,6 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
             out.add(layout.NO_ENDPOINT_SERVICES, (key, "drop"), comment=comment)
         out.needs |= layout.pick_names(len(internal)) if internal else set()
 
-    local_policy = service.external_traffic_policy == TrafficPolicy.LOCAL
     for ip in external_ips:
         key = f"{ip} . {proto} . {port.port}"
         out.endpoints(layout.endpoints_map(n), key, chosen.cluster)
@@ -177,9 +184,27 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
         else:
             chain = layout.nodeport_chain(n)
         out.add(layout.SERVICE_NODEPORTS, (key, f"goto {chain}"), comment=comment)
-    # Only a Pod on this node can reach itself through this node's rules.
-    used = {e.ip for e in chosen.cluster + chosen.local + internal if e.node_name in (settings.node_name, "")}
-    out.add(layout.HAIRPIN, *((f"{ip} . {ip}", "") for ip in sorted(used)))
+
+
+def _affinity(out: _FragmentBuilder, service: Service, port: ServicePort, chosen: Selection,
+              internal: tuple[Backend, ...], local_policy: bool, cluster_ips: list[str], external_ips: list[str],
+              settings: NodeSettings, family: layout.Family) -> None:
+    """sessionAffinity: ClientIP: the Service port's own chains (see nat/affinity.py)."""
+    proto = port.protocol.lower()
+    comment = f"{out.name}:{port.name or port.port}"
+    chains = AffinityChains(service, port, settings, family)
+    out.owned.extend(chains.build(chosen.cluster, chosen.local, internal, local_policy))
+    for ip in cluster_ips:
+        key = f"{ip} . {proto} . {port.port}"
+        if internal:
+            out.add(layout.SERVICE_IPS, (key, f"goto {chains.cluster}"), comment=comment)
+        else:
+            out.add(layout.NO_ENDPOINT_SERVICES, (key, "drop"), comment=comment)
+    outside = chains.local if local_policy else chains.external
+    out.add(layout.SERVICE_IPS, *((f"{ip} . {proto} . {port.port}", f"goto {outside}") for ip in external_ips),
+            comment=comment)
+    if port.node_port:
+        out.add(layout.SERVICE_NODEPORTS, (f"{proto} . {port.node_port}", f"goto {outside}"), comment=comment)
 
 
 def _firewall(out: _FragmentBuilder, service: Service, port: ServicePort, proto: str, lb_ips: list[str],

@@ -53,6 +53,7 @@ class Container:
     name: str
     spec: str
     kind: str = "map"  # "map" or "set"
+    dynamic: bool = False  # filled by the packet path (affinity): a full sync keeps its elements
 
     def declaration(self, family: str, table: str) -> str:
         return f"add {self.kind} {family} {table} {self.name} {{ {self.spec} ; }}"
@@ -63,10 +64,13 @@ Declaration = Chain | Container
 
 @dataclass(frozen=True, slots=True)
 class Fragment:
-    """What one owner contributes: elements, and the declarations they need."""
+    """What one owner contributes: elements, the shared declarations they
+    need, and declarations of its own (its session-affinity chains and sets),
+    which live and die with it."""
 
     elements: frozenset[Element] = frozenset()
     needs: frozenset[str] = frozenset()
+    owned: tuple[Declaration, ...] = ()
 
 
 EMPTY = Fragment()

@@ -1,0 +1,106 @@
+"""sessionAffinity: ClientIP, in the kernel: a dynamic set of clients per endpoint.
+
+A Service port with affinity gets chains of its own (it cannot share the
+per-endpoint-count maps: the choice must be remembered per client):
+
+  <base>-cluster   [masquerade off-cluster sources]  goto <base>-pick-internal|all
+  <base>-external  masquerade                        goto <base>-pick-all
+  <base>-local     (externalTrafficPolicy: Local) Pods -> pick-all, the node
+                   -> external, others -> pick-local, or drop
+  <base>-pick-X    saddr in @<base>-clients-E ? goto <base>-endpoint-E  (each E)
+                   else numgen random over X's endpoints
+  <base>-endpoint-E  update @<base>-clients-E { saddr }  dnat to E
+
+The sets time out after timeoutSeconds, refreshed by every new connection;
+they are shared by every address of the Service (ClusterIP, NodePort,
+LoadBalancer, externalIPs), so a client keeps its endpoint across them.
+Affinity Services are few; their cost grows with their endpoints, as
+kube-proxy's does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from ..config import NodeSettings
+from ..model import Backend, Service, ServicePort
+from . import layout
+from .ruleset import Chain, Container, Declaration
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+class AffinityChains:
+    """The chains and sets of one Service port with ClientIP affinity, for one family."""
+
+    def __init__(self, service: Service, port: ServicePort, settings: NodeSettings, family: layout.Family):
+        proto = port.protocol.lower()
+        # Names come from validated DNS labels; the hash keeps them apart whatever their length.
+        ident = f"{service.namespace}/{service.name}/{proto}/{port.name or port.port}"
+        self.base = f"aff-{_short_hash(ident)}-{ident}"
+        self.proto = proto
+        self.settings = settings
+        self.family = family
+        self.timeout = service.session_affinity_timeout
+        self.declarations: list[Declaration] = []
+        self._endpoints: dict[str, str] = {}  # "ip . port" -> endpoint chain
+
+    @property
+    def cluster(self) -> str:
+        return f"{self.base}-cluster"
+
+    @property
+    def external(self) -> str:
+        return f"{self.base}-external"
+
+    @property
+    def local(self) -> str:
+        return f"{self.base}-local"
+
+    def build(self, cluster: tuple[Backend, ...], local: tuple[Backend, ...], internal: tuple[Backend, ...],
+              external_local: bool) -> list[Declaration]:
+        pick_all = self._pick("all", cluster)
+        if internal:
+            pick_internal = pick_all if internal == cluster else self._pick("internal", internal)
+            self.declarations.append(Chain(self.cluster, layout.masquerade_cluster_rules(self.settings, self.family)
+                                           + (f"goto {pick_internal}",)))
+        self.declarations.append(Chain(self.external, (f"jump {layout.MARK_FOR_MASQUERADE}", f"goto {pick_all}")))
+        if external_local:
+            rules = []
+            pods = layout.pod_sources(self.settings, self.family)
+            if pods:
+                rules.append(f"{pods} goto {pick_all}")
+            rules.append(f"fib saddr type local goto {self.external}")
+            rules.append(f"goto {self._pick('local', local)}" if local else "drop")
+            self.declarations.append(Chain(self.local, tuple(rules)))
+        return self.declarations
+
+    def _pick(self, which: str, endpoints: tuple[Backend, ...]) -> str:
+        chains = [self._endpoint(e) for e in endpoints]
+        nft = self.family.nft
+        rules = [f"{nft} saddr @{chain.replace('-endpoint-', '-clients-')} goto {chain}" for chain in chains]
+        targets = ", ".join(f"{i} : goto {chain}" for i, chain in enumerate(chains))
+        rules.append(f"numgen random mod {len(chains)} vmap {{ {targets} }}")
+        name = f"{self.base}-pick-{which}"
+        self.declarations.append(Chain(name, tuple(rules)))
+        return name
+
+    def _endpoint(self, endpoint: Backend) -> str:
+        target = f"{endpoint.ip} . {endpoint.port}"
+        if target in self._endpoints:
+            return self._endpoints[target]
+        suffix = _short_hash(target)
+        chain, clients = f"{self.base}-endpoint-{suffix}", f"{self.base}-clients-{suffix}"
+        nft = self.family.nft
+        address = endpoint.ip if self.family.version == 4 else f"[{endpoint.ip}]"
+        self.declarations.append(Container(
+            clients, f"type {self.family.addr_type} ; flags dynamic,timeout ; timeout {self.timeout}s",
+            kind="set", dynamic=True))
+        self.declarations.append(Chain(chain, (
+            f"update @{clients} {{ {nft} saddr }}",
+            f"meta l4proto {self.proto} dnat {nft} to {address}:{endpoint.port}",
+        )))
+        self._endpoints[target] = chain
+        return chain
