@@ -56,7 +56,7 @@ class DnsServer:
                  upstreams: list[Upstream] | None = None, upstream_timeout: float = UPSTREAM_TIMEOUT):
         if ttl < 0 or ttl > 86400:
             raise ValueError(f"--dns-ttl: {ttl} is not between 0 and 86400")
-        self.bind = parse_address(bind, what="--dns-bind-address")
+        self.bind = parse_address(bind, what="--dns-bind-address", min_port=0)
         self.domain = normalize_domain(domain)
         self.ttl = ttl
         self.upstream_timeout = upstream_timeout
@@ -87,15 +87,20 @@ class DnsServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._udp, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), local_addr=(self.bind.host, self.bind.port), reuse_port=False
-        )
-        host, port = self.address
-        try:
-            self._tcp = await asyncio.start_server(self._tcp_client, host, port, reuse_address=True)
-        except OSError:
-            self._udp.close()
-            raise
+        # Port 0: the kernel picks the UDP port, which TCP may already use elsewhere; pick again then.
+        for attempt in range(1 if self.bind.port else 20):
+            self._udp, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=(self.bind.host, self.bind.port), reuse_port=False
+            )
+            host, port = self.address
+            try:
+                self._tcp = await asyncio.start_server(self._tcp_client, host, port, reuse_address=True)
+                break
+            except OSError:
+                self._udp.close()
+                self._udp = None
+                if self.bind.port or attempt == 19:
+                    raise
         bound = Upstream(self.bind.host, port)
         requested = self._requested_upstreams
         candidates = list(requested) if requested is not None else system_upstreams()
@@ -149,12 +154,14 @@ class DnsServer:
 
     async def _apply(self, snapshot: Snapshot) -> None:
         started = time.perf_counter()
+        if self.zone is None and len(snapshot.services) <= INCREMENTAL_LIMIT:
+            self.zone = Zone(self.domain, self.ttl)
         zone = self.zone
         if zone is not None:
             changed, removed = zone.changes(snapshot)
             if len(changed) + len(removed) <= INCREMENTAL_LIMIT:
-                count = zone.apply(snapshot.services, changed, removed)
-                if count:
+                count = zone.apply(snapshot, changed, removed)
+                if count or self.responder.zone is not zone:
                     self.responder.set_zone(zone)
                     log.debug("DNS zone: %d services changed in %.1f ms", count,
                               (time.perf_counter() - started) * 1000)

@@ -25,8 +25,12 @@ class Upstream(NamedTuple):
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_address(text: str, default_port: int = DNS_PORT, what: str = "--dns-upstream") -> Upstream:
-    """`1.2.3.4`, `1.2.3.4:5353`, `::1`, `[::1]:5353` -> Upstream; raises ValueError naming `what`."""
+def parse_address(text: str, default_port: int = DNS_PORT, what: str = "--dns-upstream",
+                  min_port: int = 1) -> Upstream:
+    """`1.2.3.4`, `1.2.3.4:5353`, `::1`, `[::1]:5353` -> Upstream; raises ValueError naming `what`.
+
+    `min_port` 0 admits port 0 (a listening address where the kernel picks the port).
+    """
     text = text.strip()
     host, port = text, default_port
     if text.startswith("["):
@@ -41,7 +45,7 @@ def parse_address(text: str, default_port: int = DNS_PORT, what: str = "--dns-up
         host = str(ipaddress.ip_address(host))
     except ValueError:
         raise ValueError(f"{what}: {text!r} is not an IP address") from None
-    if not 1 <= port <= 65535:
+    if not min_port <= port <= 65535:
         raise ValueError(f"{what}: {text!r} has no valid port")
     return Upstream(host, port)
 

@@ -8,8 +8,9 @@ drop the datagram. dnspython does the wire format.
 Rules kept here, in order:
 - Fewer than 12 bytes, or a message with QR set (a response: answering it could
   start a loop between two servers): dropped.
-- Unparseable: FORMERR echoing the ID and opcode. Never an exception out of `handle`.
-- Not a QUERY: NOTIMP. Not exactly one question: FORMERR. Class other than IN,
+- Not a QUERY (NOTIFY, UPDATE...): NOTIMP. Unparseable: FORMERR. Both echo only
+  the header's ID, opcode and RD. Never an exception out of `handle`.
+- Not exactly one question: FORMERR. Class other than IN,
   zone transfers and meta types: REFUSED. EDNS version above 0: BADVERS (RFC 6891).
 - In the cluster zone: an authoritative answer (AA), NXDOMAIN or NODATA with the
   zone's SOA in the authority section; every TTL, and the negative TTL (SOA
@@ -45,18 +46,26 @@ import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.rdtypes.IN.SRV
 import dns.rcode
+import dns.renderer
 import dns.rrset
 
 from .zone import A, AAAA, CNAME, PTR, SOA, SRV, TXT, Answer, Record, Zone
 
 IN = dns.rdataclass.IN
+_POINTER_TO_QUESTION = b"\xc0\x0c"  # the question's name always starts right after the 12-byte header
+_OPT_SIZE = 11  # an OPT record without options
 UDP_PAYLOAD = 1232  # what we advertise and the most we send over UDP (DNS flag day 2020)
 CACHE_ENTRIES = 20_000
 _REFUSED_TYPES = frozenset({
     dns.rdatatype.AXFR, dns.rdatatype.IXFR, dns.rdatatype.OPT, dns.rdatatype.TSIG, dns.rdatatype.TKEY,
     dns.rdatatype.MAILA, dns.rdatatype.MAILB,
 })
-_RCODES = {"NOERROR": dns.rcode.NOERROR, "NXDOMAIN": dns.rcode.NXDOMAIN, "SERVFAIL": dns.rcode.SERVFAIL}
+# Plain ints: IntFlag arithmetic is slow enough to show in a profile of the answer path.
+_RCODES = {"NOERROR": 0, "NXDOMAIN": int(dns.rcode.NXDOMAIN), "SERVFAIL": int(dns.rcode.SERVFAIL)}
+_SERVFAIL = int(dns.rcode.SERVFAIL)
+_QR_AA = int(dns.flags.QR | dns.flags.AA)
+_RD_CD = int(dns.flags.RD | dns.flags.CD)
+_RA = int(dns.flags.RA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,20 +119,21 @@ class Responder:
         hit = self._cache.get(key)
         if hit is not None:
             return Reply(wire[:2] + hit)
+        flags = wire[2] << 8 | wire[3]
+        if flags & dns.flags.QR:
+            return None
+        if dns.opcode.from_flags(flags) != dns.opcode.QUERY:
+            return _header_only(wire, dns.rcode.NOTIMP)
         try:
             query = dns.message.from_wire(wire)
         except Exception:  # dnspython raises many types for hostile input; all mean the same here
-            return _formerr(wire)
+            return _header_only(wire, dns.rcode.FORMERR)
         try:
             return self._handle(query, tcp, key)
         except Exception:
             return self._error(query, dns.rcode.SERVFAIL, tcp)
 
     def _handle(self, query: dns.message.Message, tcp: bool, key: bytes) -> Reply | Forward | None:
-        if query.flags & dns.flags.QR:
-            return None
-        if query.opcode() != dns.opcode.QUERY:
-            return self._error(query, dns.rcode.NOTIMP, tcp)
         if len(query.question) != 1:
             return self._error(query, dns.rcode.FORMERR, tcp)
         if query.edns > 0:
@@ -144,28 +154,72 @@ class Responder:
             if self.forwarding:
                 return Forward(query, question.name, question.rdtype, tcp)
             return self._error(query, dns.rcode.REFUSED, tcp)
-        response = self.response(query, answer)
         if answer.chase is not None and self.forwarding:
-            return Forward(query, dns.name.from_text(answer.chase), question.rdtype, tcp, partial=response)
-        wire = self._render(response, query, tcp)
+            partial = dns.message.from_wire(self.answer_wire(query, answer, tcp=True, qname=qname))
+            return Forward(query, dns.name.from_text(answer.chase), question.rdtype, tcp, partial=partial)
+        wire = self.answer_wire(query, answer, tcp, qname)
         if len(self._cache) >= CACHE_ENTRIES:
             self._cache.clear()
         self._cache[key] = wire[2:]
         return Reply(wire)
 
-    def response(self, query: dns.message.Message, answer: Answer) -> dns.message.Message:
-        """The authoritative response message for `answer`."""
-        response = dns.message.make_response(query, recursion_available=self.forwarding,
-                                             our_payload=self.udp_payload)
-        response.flags |= dns.flags.AA
-        response.set_rcode(_RCODES.get(answer.rcode, dns.rcode.SERVFAIL))
-        qname = query.question[0].name
-        owner = qname.to_text().lower()
-        response.answer.extend(self._rrsets(answer.records, qname, owner))
-        response.additional.extend(self._rrsets(answer.additional, qname, owner))
-        if answer.soa is not None:
-            response.authority.append(self._soa_rrset(answer.soa))
-        return response
+    def answer_wire(self, query: dns.message.Message, answer: Answer, tcp: bool, qname: str | None = None) -> bytes:
+        """The authoritative response to `query` for `answer`, in wire format.
+
+        dnspython's renderer frames the message (header, question, EDNS, the size
+        limit and TC); our records go in as pre-encoded RRsets (`_Encoded`), because
+        dnspython's name compression builds a Name object per suffix of every name
+        and would be most of the cost of an answer. Owners equal to the question
+        point at it (offset 12); other names are written whole, which RFC 1035 allows.
+        """
+        question = query.question[0]
+        flags = (_QR_AA | (int(query.flags) & _RD_CD) | (_RA if self.forwarding else 0)
+                 | _RCODES.get(answer.rcode, _SERVFAIL))
+        renderer = dns.renderer.Renderer(query.id, flags, self._limit(query, tcp))
+        renderer.add_question(_Encoded(question.name.to_wire(), 0), question.rdtype, question.rdclass)
+        if query.edns >= 0:
+            renderer.reserve(_OPT_SIZE)
+        owner = (qname or question.name.to_text()).lower()
+        sections = [
+            (dns.renderer.ANSWER, answer.records),
+            (dns.renderer.AUTHORITY, (Record(answer.soa, SOA, answer.soa),) if answer.soa is not None else ()),
+            (dns.renderer.ADDITIONAL, answer.additional),
+        ]
+        try:
+            for section, records in sections:
+                for rrset in self._encode(records, owner):
+                    renderer.add_rrset(section, rrset)
+        except dns.exception.TooBig:
+            if renderer.section < dns.renderer.ADDITIONAL:
+                renderer.flags |= dns.flags.TC
+        renderer.release_reserved()
+        if query.edns >= 0:
+            renderer.add_edns(0, 0, self.udp_payload)
+        renderer.write_header()
+        return renderer.get_wire()
+
+    def _encode(self, records: tuple[Record, ...], owner: str) -> list["_Encoded"]:
+        """One pre-encoded RRset per (name, type), in order of first appearance."""
+        sets: dict[tuple[str, int], list[bytes]] = {}
+        for record in records:
+            if record.type == SOA:
+                data = _soa_wire(record.value, self._mname, self._rname, self.zone.serial if self.zone else 0, self.ttl)
+            else:
+                data = _rdata_wire(record.type, record.value)
+            sets.setdefault((record.name, record.type), []).append(data)
+        encoded = []
+        for (name, kind), rdatas in sets.items():
+            head = (_POINTER_TO_QUESTION if name == owner else _name_wire(name)) + struct.pack("!HHI", kind, IN, self.ttl)
+            unique = list(dict.fromkeys(rdatas))
+            encoded.append(_Encoded(b"".join(head + struct.pack("!H", len(d)) + d for d in unique), len(unique)))
+        return encoded
+
+    def _limit(self, query: dns.message.Message, tcp: bool) -> int:
+        if tcp:
+            return 65535
+        if query.edns >= 0:
+            return min(max(query.payload, 512), self.udp_payload)
+        return 512
 
     def relay(self, forward: Forward, upstream: dns.message.Message | None) -> bytes:
         """The client's response built from what upstream said (None: no upstream answered)."""
@@ -190,13 +244,7 @@ class Responder:
         return self._render(response, query, forward.tcp)
 
     def _render(self, response: dns.message.Message, query: dns.message.Message, tcp: bool) -> bytes:
-        if tcp:
-            limit = 65535
-        elif query.edns >= 0:
-            limit = min(max(query.payload, 512), self.udp_payload)
-        else:
-            limit = 512
-        return response.to_wire(max_size=limit, prefer_truncation=True)
+        return response.to_wire(max_size=self._limit(query, tcp), prefer_truncation=True)
 
     def _error(self, query: dns.message.Message, rcode: int, tcp: bool) -> Reply:
         response = dns.message.make_response(query, recursion_available=self.forwarding,
@@ -204,32 +252,39 @@ class Responder:
         response.set_rcode(rcode)
         return Reply(self._render(response, query, tcp))
 
-    def _rrsets(self, records: tuple[Record, ...], qname: dns.name.Name, owner: str) -> list[dns.rrset.RRset]:
-        sets: dict[tuple[str, int], dns.rrset.RRset] = {}
-        for record in records:
-            rrset = sets.get((record.name, record.type))
-            if rrset is None:
-                name = qname if record.name == owner else _name(record.name)
-                rrset = sets[(record.name, record.type)] = dns.rrset.RRset(name, IN, record.type)
-            if record.type == SOA:
-                rrset.add(self._soa(record.value), self.ttl)
-            else:
-                rrset.add(_rdata(record.type, record.value), self.ttl)
-        return list(sets.values())
 
-    def _soa_rrset(self, zone_name: str) -> dns.rrset.RRset:
-        rrset = dns.rrset.RRset(_name(zone_name), IN, SOA)
-        rrset.add(self._soa(zone_name), self.ttl)
-        return rrset
+class _Encoded:
+    """Wire bytes that dnspython's Renderer takes where it expects a name or an RRset."""
 
-    def _soa(self, zone_name: str) -> dns.rdata.Rdata:
-        serial = self.zone.serial if self.zone is not None else 0
-        return dns.rdtypes.ANY.SOA.SOA(IN, SOA, self._mname, self._rname, serial, 7200, 1800, 86400, self.ttl)
+    __slots__ = ("data", "count")
+
+    def __init__(self, data: bytes, count: int):
+        self.data = data
+        self.count = count
+
+    def to_wire(self, file, compress=None, origin=None, **kw) -> int:
+        file.write(self.data)
+        return self.count
 
 
 @functools.lru_cache(maxsize=65536)
 def _name(text: str) -> dns.name.Name:
     return dns.name.from_text(text)
+
+
+@functools.lru_cache(maxsize=65536)
+def _name_wire(text: str) -> bytes:
+    return _name(text).to_wire()
+
+
+@functools.lru_cache(maxsize=65536)
+def _rdata_wire(kind: int, value) -> bytes:
+    return _rdata(kind, value).to_wire()
+
+
+@functools.lru_cache(maxsize=64)
+def _soa_wire(zone_name: str, mname: dns.name.Name, rname: dns.name.Name, serial: int, ttl: int) -> bytes:
+    return dns.rdtypes.ANY.SOA.SOA(IN, SOA, mname, rname, serial, 7200, 1800, 86400, ttl).to_wire()
 
 
 @functools.lru_cache(maxsize=65536)
@@ -250,10 +305,8 @@ def _rdata(kind: int, value) -> dns.rdata.Rdata:
     raise ValueError(f"no rdata for type {kind}")
 
 
-def _formerr(wire: bytes) -> Reply | None:
-    """FORMERR for a query we cannot parse: its ID, opcode and RD, no sections. Responses are dropped."""
+def _header_only(wire: bytes, rcode: int) -> Reply:
+    """An answer to a query we cannot or will not parse: its ID, opcode and RD, no sections."""
     ident, flags = struct.unpack_from("!HH", wire)
-    if flags & dns.flags.QR:
-        return None
-    flags = dns.flags.QR | (flags & (0x7800 | dns.flags.RD)) | dns.rcode.FORMERR
+    flags = dns.flags.QR | (flags & (0x7800 | dns.flags.RD)) | rcode
     return Reply(struct.pack("!HHHHHH", ident, flags, 0, 0, 0, 0))

@@ -32,7 +32,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Mapping, NamedTuple
+from typing import Iterable, NamedTuple
 
 from dns.rdatatype import RdataType
 
@@ -181,6 +181,7 @@ class Zone:
         self.serial = int(time.time()) & 0xFFFFFFFF
         self._suffix = "." + self.domain
         self._states: dict[ServiceKey, ServiceState] = {}
+        self._snapshot: Snapshot | None = None  # the one applied last: its successor says what changed
         self._fragments: dict[ServiceKey, tuple[Record, ...]] = {}
         # Records by name. A Record object belongs to exactly one fragment, so identity tells whose it is.
         self._names: dict[str, list[Record]] = {}
@@ -204,8 +205,17 @@ class Zone:
         return len(self._states)
 
     def changes(self, snapshot: Snapshot) -> tuple[list[ServiceKey], list[ServiceKey]]:
-        """(changed or new, removed) Service keys between this zone and `snapshot`."""
+        """(changed or new, removed) Service keys between this zone and `snapshot`.
+
+        O(changed) when `snapshot` directly follows the one applied last (its lineage
+        names what changed); otherwise an identity scan of every Service.
+        """
         states, services = self._states, snapshot.services
+        previous = snapshot.previous() if snapshot.previous is not None else None
+        if previous is not None and previous is self._snapshot and snapshot.changed is not None:
+            changed = [key for key in snapshot.changed if key in services and states.get(key) is not services[key]]
+            removed = [key for key in snapshot.changed if key not in services and key in states]
+            return changed, removed
         changed = [key for key, state in services.items() if states.get(key) is not state]
         removed = [key for key in states if key not in services]
         return changed, removed
@@ -213,11 +223,12 @@ class Zone:
     def update(self, snapshot: Snapshot) -> int:
         """Makes the zone match `snapshot`; returns how many Services' records changed."""
         changed, removed = self.changes(snapshot)
-        return self.apply(snapshot.services, changed, removed)
+        return self.apply(snapshot, changed, removed)
 
-    def apply(self, services: Mapping[ServiceKey, ServiceState], changed: Iterable[ServiceKey],
-              removed: Iterable[ServiceKey]) -> int:
-        """Replaces the fragments of `changed` (taken from `services`) and drops those of `removed`."""
+    def apply(self, snapshot: Snapshot, changed: Iterable[ServiceKey], removed: Iterable[ServiceKey]) -> int:
+        """Replaces the fragments of `changed` (taken from `snapshot`) and drops those of `removed`."""
+        services = snapshot.services
+        self._snapshot = snapshot
         count = 0
         for key in removed:
             self._states.pop(key, None)
