@@ -148,8 +148,11 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
     n, m = len(chosen.cluster), len(chosen.local)
     internal = chosen.local if service.internal_traffic_policy == TrafficPolicy.LOCAL else chosen.cluster
     local_policy = service.external_traffic_policy == TrafficPolicy.LOCAL
-    # Only a Pod on this node can reach itself through this node's rules.
-    used = {e.ip for e in chosen.cluster + chosen.local if e.node_name in (settings.node_name, "")}
+    # A Pod reaching itself must be masqueraded, or it would answer itself. Only a Pod on
+    # this node sends its ClusterIP traffic through this node; but a Local policy lets
+    # Pods of other nodes in unmasqueraded through a NodePort, so those count too.
+    used = {e.ip for e in chosen.cluster + chosen.local
+            if local_policy or e.node_name in (settings.node_name, "")}
     out.add(layout.HAIRPIN, *((f"{ip} . {ip}", "") for ip in sorted(used)))
     if service.session_affinity_timeout:
         _affinity(out, service, port, chosen, internal, local_policy, cluster_ips, external_ips, settings, family)

@@ -1,0 +1,212 @@
+"""The packet-flow table: Service semantics as (source, destination) -> outcome.
+
+One table, checked twice: with real packets between network namespaces
+(tests/e2e/test_packet_flows.py) and by tracing the rendered ruleset
+(tests that trace it over an in-memory nftables). Each row names the
+behaviour it pins.
+
+Address plan
+    client   192.168.50.2   outside the cluster; default route via the node
+    node     192.168.50.1   (client side) and 10.244.1.1 (every Pod veth); runs dataplane,
+                            node name "node1", zone "zone-a"; cluster CIDR 10.244.0.0/16,
+                            Service CIDR 10.96.0.0/12
+    pods     pod1 10.244.1.11, pod2 10.244.1.12   on node1 (this node)
+             pod3 10.244.1.13, pod4 10.244.1.14   on node2 (their manifests say so; physically
+                                                  they hang off this node too, which lets the
+                                                  client reach them when a rule sends it there)
+             each echoes its name and the source it saw on TCP 80 and UDP 80
+    ClusterIPs 10.96.5.0/24, LoadBalancer 192.168.60.0/24, externalIPs 192.168.70.0/24,
+    NodePorts 302xx
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dataplane.lab.manifests import endpoint_slice, port, service
+
+NODE_NAME, NODE_ZONE = "node1", "zone-a"
+CLIENT, NODE_IP = "192.168.50.2", "192.168.50.1"
+POD_IPS = {"pod1": "10.244.1.11", "pod2": "10.244.1.12", "pod3": "10.244.1.13", "pod4": "10.244.1.14"}
+POD_NODE = {"pod1": "node1", "pod2": "node1", "pod3": "node2", "pod4": "node2"}
+CLUSTER_CIDR, SERVICE_CIDR = "10.244.0.0/16", "10.96.0.0/12"
+SOURCES = {"client": CLIENT, "node": NODE_IP, **POD_IPS}
+
+
+@dataclass(frozen=True, slots=True)
+class Reached:
+    """Every endpoint in `pods` answers, and only those.
+
+    masqueraded: True, the Pod sees a node address; False, it sees the real
+    source (a Pod reaching itself is always masqueraded: hairpin); None, not
+    checked (the node's own traffic carries a node address anyway).
+    """
+
+    pods: frozenset[str]
+    masqueraded: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Sticky:
+    """ClientIP affinity: every connection from one client lands on the same one of `pods`."""
+
+    pods: frozenset[str]
+
+
+REJECT = "REJECT"  # refused at once: ICMP port unreachable (TCP: ECONNREFUSED)
+DROP = "DROP"  # silently dropped: the client times out
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    behaviour: str
+    source: str  # "client", "node" or a pod name
+    destination: str  # an IP address
+    port: int
+    protocol: str  # TCP or UDP
+    expect: Reached | Sticky | str
+
+    @property
+    def id(self) -> str:
+        return self.behaviour
+
+
+def reached(*pods: str, masqueraded: bool | None) -> Reached:
+    return Reached(frozenset(pods), masqueraded)
+
+
+ALL = ("pod1", "pod2", "pod3", "pod4")
+BOTH_PORTS = [("TCP", 30000), ("UDP", 31000)]  # NodePort = base + the Service's number
+
+
+def _ports(number: int, node_ports: bool) -> list[dict]:
+    return [port(proto.lower(), 80, 80, proto, node_port=(base + number) if node_ports else None)
+            for proto, base in BOTH_PORTS]
+
+
+def _endpoints(name: str, pods, conditions: dict[str, dict] | None = None, hints: dict[str, str] | None = None):
+    slice_ = endpoint_slice(name, [POD_IPS[p] for p in pods], [("tcp", 80, "TCP"), ("udp", 80, "UDP")])
+    for endpoint, pod_name in zip(slice_["endpoints"], pods):
+        endpoint["nodeName"] = POD_NODE[pod_name]
+        if conditions and pod_name in conditions:
+            endpoint["conditions"] = conditions[pod_name]
+        if hints and pod_name in hints:
+            endpoint["hints"] = {"forZones": [{"name": hints[pod_name]}]}
+    return slice_
+
+
+def _svc(name: str, number: int, pods=ALL, *, kind: str = "ClusterIP", lb: bool = False, external: bool = False,
+         conditions=None, hints=None, **spec) -> list[dict]:
+    node_ports = kind in ("NodePort", "LoadBalancer")
+    documents = [service(name, f"10.96.5.{number}", _ports(number, node_ports), type=kind,
+                         ingress_ips=[f"192.168.60.{number}"] if lb else (),
+                         external_ips=[f"192.168.70.{number}"] if external else (), **spec)]
+    if pods is not None:
+        documents.append(_endpoints(name, pods, conditions, hints))
+    return documents
+
+
+TERMINATING = {"ready": False, "serving": True, "terminating": True}
+GONE = {"ready": False, "serving": False, "terminating": True}
+
+MANIFESTS = {
+    "all.yaml": _svc("all", 1),
+    "itp-local.yaml": _svc("itp-local", 2, kind="NodePort", internalTrafficPolicy="Local"),
+    "itp-none.yaml": _svc("itp-none", 3, ("pod3", "pod4"), internalTrafficPolicy="Local"),
+    "etp-local.yaml": _svc("etp-local", 4, ("pod1", "pod3"), kind="LoadBalancer", lb=True,
+                           externalTrafficPolicy="Local"),
+    "etp-none.yaml": _svc("etp-none", 5, ("pod3", "pod4"), kind="LoadBalancer", lb=True,
+                          externalTrafficPolicy="Local"),
+    "etp-cluster.yaml": _svc("etp-cluster", 6, kind="LoadBalancer", lb=True, external=True),
+    "none.yaml": _svc("none", 7, (), kind="NodePort"),
+    "terminating.yaml": _svc("terminating", 8, ("pod1", "pod2"), conditions={"pod1": TERMINATING, "pod2": GONE}),
+    "etp-local-term.yaml": _svc("etp-local-term", 9, ("pod1", "pod3"), kind="LoadBalancer", lb=True,
+                                externalTrafficPolicy="Local", conditions={"pod1": TERMINATING}),
+    "sticky.yaml": _svc("sticky", 10, sessionAffinity="ClientIP"),
+    "sticky-self.yaml": _svc("sticky-self", 11, ("pod1",), sessionAffinity="ClientIP"),
+    "ranges.yaml": _svc("ranges", 12, ("pod1", "pod2"), kind="LoadBalancer", lb=True,
+                        loadBalancerSourceRanges=[f"{CLIENT}/32"]),
+    "ranges-node.yaml": _svc("ranges-node", 13, ("pod1", "pod2"), kind="LoadBalancer", lb=True,
+                             loadBalancerSourceRanges=[f"{NODE_IP}/32"]),
+    "zoned.yaml": _svc("zoned", 14, ("pod1", "pod3"), hints={"pod1": "zone-a", "pod3": "zone-b"}),
+    "zoned-partial.yaml": _svc("zoned-partial", 15, ("pod1", "pod3"), hints={"pod1": "zone-a"}),
+    "self.yaml": _svc("self", 17, ("pod1",)),
+    "sticky-local.yaml": _svc("sticky-local", 16, ("pod1", "pod2", "pod3"), kind="LoadBalancer", lb=True,
+                              externalTrafficPolicy="Local", sessionAffinity="ClientIP"),
+}
+
+
+def cip(n: int) -> str:
+    return f"10.96.5.{n}"
+
+
+def lb(n: int) -> str:
+    return f"192.168.60.{n}"
+
+
+def np(n: int, protocol: str = "TCP") -> int:
+    return dict(BOTH_PORTS)[protocol] + n
+
+
+FLOWS = [
+    # ClusterIP, Cluster policy: every ready endpoint; masqueraded from outside the cluster CIDR only.
+    Flow("clusterip-tcp-from-outside-reaches-all-masqueraded", "client", cip(1), 80, "TCP", reached(*ALL, masqueraded=True)),
+    Flow("clusterip-udp-from-outside-reaches-all-masqueraded", "client", cip(1), 80, "UDP", reached(*ALL, masqueraded=True)),
+    Flow("clusterip-tcp-from-pod-reaches-all-unmasqueraded", "pod2", cip(1), 80, "TCP", reached(*ALL, masqueraded=False)),
+    Flow("clusterip-udp-from-pod-reaches-all-unmasqueraded", "pod2", cip(1), 80, "UDP", reached(*ALL, masqueraded=False)),
+    Flow("hairpin-pod-reaching-itself-through-its-service", "pod1", cip(17), 80, "TCP", reached("pod1", masqueraded=True)),
+    Flow("hairpin-udp", "pod1", cip(17), 80, "UDP", reached("pod1", masqueraded=True)),
+    Flow("clusterip-from-the-node-itself", "node", cip(1), 80, "TCP", reached(*ALL, masqueraded=None)),
+    # internalTrafficPolicy: Local.
+    Flow("itp-local-clusterip-reaches-only-local-endpoints", "client", cip(2), 80, "TCP", reached("pod1", "pod2", masqueraded=True)),
+    Flow("itp-local-from-pod-reaches-only-local-endpoints", "pod3", cip(2), 80, "UDP", reached("pod1", "pod2", masqueraded=False)),
+    Flow("itp-local-nodeport-is-unaffected-by-itp", "client", NODE_IP, np(2), "TCP", reached(*ALL, masqueraded=True)),
+    Flow("itp-local-without-local-endpoint-drops-tcp", "client", cip(3), 80, "TCP", DROP),
+    Flow("itp-local-without-local-endpoint-drops-udp-from-pod", "pod1", cip(3), 80, "UDP", DROP),
+    # externalTrafficPolicy: Local.
+    Flow("etp-local-lb-reaches-local-endpoint-keeping-source", "client", lb(4), 80, "TCP", reached("pod1", masqueraded=False)),
+    Flow("etp-local-lb-udp-keeps-source", "client", lb(4), 80, "UDP", reached("pod1", masqueraded=False)),
+    Flow("etp-local-nodeport-reaches-local-endpoint-keeping-source", "client", NODE_IP, np(4), "TCP", reached("pod1", masqueraded=False)),
+    Flow("etp-local-lb-from-pod-short-circuits-to-all", "pod2", lb(4), 80, "TCP", reached("pod1", "pod3", masqueraded=False)),
+    Flow("etp-local-lb-from-node-reaches-all-masqueraded", "node", lb(4), 80, "TCP", reached("pod1", "pod3", masqueraded=None)),
+    Flow("etp-local-clusterip-is-cluster-wide", "client", cip(4), 80, "TCP", reached("pod1", "pod3", masqueraded=True)),
+    Flow("etp-local-without-local-endpoint-drops-lb", "client", lb(5), 80, "TCP", DROP),
+    Flow("etp-local-without-local-endpoint-drops-nodeport-udp", "client", NODE_IP, np(5, "UDP"), "UDP", DROP),
+    Flow("etp-local-without-local-endpoint-pods-still-reach-remote", "pod1", lb(5), 80, "TCP", reached("pod3", "pod4", masqueraded=False)),
+    Flow("etp-local-without-local-endpoint-node-still-reaches-remote", "node", NODE_IP, np(5), "TCP", reached("pod3", "pod4", masqueraded=None)),
+    Flow("etp-local-without-local-endpoint-clusterip-works", "pod2", cip(5), 80, "TCP", reached("pod3", "pod4", masqueraded=False)),
+    Flow("etp-local-only-terminating-local-endpoint-serves", "client", lb(9), 80, "TCP", reached("pod1", masqueraded=False)),
+    # externalTrafficPolicy: Cluster: external traffic always masqueraded.
+    Flow("etp-cluster-lb-reaches-all-masqueraded", "client", lb(6), 80, "TCP", reached(*ALL, masqueraded=True)),
+    Flow("etp-cluster-nodeport-udp-reaches-all-masqueraded", "client", NODE_IP, np(6, "UDP"), "UDP", reached(*ALL, masqueraded=True)),
+    Flow("etp-cluster-external-ip-reaches-all-masqueraded", "client", "192.168.70.6", 80, "TCP", reached(*ALL, masqueraded=True)),
+    Flow("etp-cluster-lb-from-pod-is-masqueraded", "pod1", lb(6), 80, "TCP", reached(*ALL, masqueraded=True)),
+    # No endpoints at all: refused at once.
+    Flow("no-endpoints-clusterip-tcp-rejects", "client", cip(7), 80, "TCP", REJECT),
+    Flow("no-endpoints-clusterip-udp-rejects", "client", cip(7), 80, "UDP", REJECT),
+    Flow("no-endpoints-nodeport-rejects", "client", NODE_IP, np(7), "TCP", REJECT),
+    Flow("no-endpoints-from-pod-rejects", "pod1", cip(7), 80, "TCP", REJECT),
+    Flow("no-endpoints-from-node-rejects", "node", cip(7), 80, "UDP", REJECT),
+    # Terminating endpoints.
+    Flow("no-ready-endpoint-falls-back-to-serving-terminating", "client", cip(8), 80, "TCP", reached("pod1", masqueraded=True)),
+    # Session affinity.
+    Flow("affinity-keeps-a-client-on-one-endpoint", "client", cip(10), 80, "TCP", Sticky(frozenset(ALL))),
+    Flow("affinity-keeps-a-pod-on-one-endpoint-udp", "pod2", cip(10), 80, "UDP", Sticky(frozenset(ALL))),
+    Flow("affinity-hairpin-is-masqueraded", "pod1", cip(11), 80, "TCP", reached("pod1", masqueraded=True)),
+    Flow("affinity-with-etp-local-stays-local", "client", lb(16), 80, "TCP", Sticky(frozenset({"pod1", "pod2"}))),
+    # loadBalancerSourceRanges: LoadBalancer IPs only.
+    Flow("source-range-admits-listed-client", "client", lb(12), 80, "TCP", reached("pod1", "pod2", masqueraded=True)),
+    Flow("source-range-drops-pods-outside-it", "pod1", lb(12), 80, "TCP", DROP),
+    Flow("source-range-does-not-apply-to-nodeports", "pod1", NODE_IP, np(12), "TCP", reached("pod1", "pod2", masqueraded=True)),
+    Flow("source-range-drops-client-outside-it", "client", lb(13), 80, "TCP", DROP),
+    Flow("source-range-holding-node-ip-admits-the-node", "node", lb(13), 80, "TCP", reached("pod1", "pod2", masqueraded=None)),
+    # Addresses and ports nobody serves.
+    Flow("undefined-port-on-clusterip-rejects-tcp", "client", cip(1), 81, "TCP", REJECT),
+    Flow("undefined-port-on-clusterip-rejects-udp-from-pod", "pod1", cip(1), 81, "UDP", REJECT),
+    Flow("unallocated-service-address-drops", "client", "10.96.5.200", 80, "TCP", DROP),
+    # Topology-aware routing (this node is in zone-a).
+    Flow("zone-hints-keep-traffic-in-zone", "client", cip(14), 80, "TCP", reached("pod1", masqueraded=True)),
+    Flow("zone-hints-ignored-unless-every-endpoint-has-one", "client", cip(15), 80, "TCP", reached("pod1", "pod3", masqueraded=True)),
+]
+
+DAEMON_FLAGS = ["--service-cidr", SERVICE_CIDR, "--node-zone", NODE_ZONE]
