@@ -14,6 +14,7 @@ packages=(
     nftables libnftables1 iptables conntrack iproute2 procps curl
     libnetfilter-queue-dev python3 python3-venv python3-dev gcc
     dnsutils dnsperf
+    systemd  # systemd-analyze, which verifies deploy/systemd/dataplane.service
 )
 missing=()
 for package in "${packages[@]}"; do
