@@ -138,6 +138,10 @@ install_file() {  # install_file SOURCE TARGET: copies when different; sets chan
 }
 install_file "$SRC/deploy/systemd/dataplane.service" "$UNIT"
 mkdir -p "$MANIFESTS"
+if ! compgen -G "$SRC/examples/*.yaml" >/dev/null; then
+    echo "provision.sh: no demo manifests in $SRC/examples/" >&2
+    exit 1
+fi
 for manifest in "$SRC"/examples/*.yaml; do
     install_file "$manifest" "$MANIFESTS/$(basename "$manifest")"
 done
