@@ -105,7 +105,7 @@ def port_tables(
         selection = Selection.of(backends, node_name, zone)
         local = service.internal_traffic_policy == TrafficPolicy.LOCAL
         inside = targets_of(selection.local if local else selection.cluster)
-        outside = targets_of(selection.cluster) if external else inside
+        outside = targets_of(selection.cluster) if external is not None else inside
         name = f"{service.namespace}/{service.name}:{port.name or port.port}"
         common = dict(protocol=PROTOCOL_NUMBERS[port.protocol], port=port.port, algorithm=algorithm,
                       affinity_timeout=service.session_affinity_timeout)

@@ -1,0 +1,221 @@
+"""Userspace mode's rules: every kernel pick gets its mark-driven twin, ids are stable, syncs stay incremental.
+
+Address plan: Pods 10.244.0.0/16, ClusterIPs 10.96.0.0/12, node 192.168.50.1 (node-a).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dataplane.config import NodeSettings
+from dataplane.lb.policy import parse_weights, port_tables, weight_of
+from dataplane.model import parse_objects
+from dataplane.nat import layout, plan
+from dataplane.nat.render import RulesetBuilder
+from dataplane.nat.ruleset import Chain
+from dataplane.nat.userspace import (
+    ENDPOINT_IDS, FAIL_OPEN, USERSPACE_NODEPORTS, USERSPACE_SERVICES, EndpointIds, QueueSpec, UserspaceRules,
+    mark_for,
+)
+from dataplane.nat.xtables import Xtables
+from dataplane.sync.store import Store
+
+SETTINGS = NodeSettings(node_name="node-a", cluster_cidrs=("10.244.0.0/16",))
+
+
+def service(name, ip, port=80, protocol="TCP", node_port=None, annotations=None, **spec):
+    body = {"clusterIP": ip, "ports": [{"name": "p", "port": port, "protocol": protocol,
+                                        **({"nodePort": node_port} if node_port else {})}], **spec}
+    if node_port:
+        body["type"] = "NodePort"
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default", "annotations": annotations or {}}, "spec": body}
+
+
+def endpoint_slice(name, *ips, port=80, protocol="TCP", node="node-a"):
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{name}-x", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": [{"name": "p", "port": port, "protocol": protocol}],
+            "endpoints": [{"addresses": [ip], "nodeName": node} for ip in ips]}
+
+
+class Cluster:
+    def __init__(self, clock=lambda: 0.0):
+        self.store = Store()
+        self.builder = RulesetBuilder(SETTINGS)
+        self.ids = EndpointIds(quarantine=60, clock=self.now)
+        self.time = 0.0
+        self.rules = UserspaceRules(SETTINGS, layout.Family(4), QueueSpec(count=2), self.ids)
+        self.state = plan.Programmed()
+        self.ruleset = None
+
+    def now(self) -> float:
+        return self.time
+
+    def put(self, origin, *objects):
+        parsed, errors = parse_objects(objects, origin)
+        assert not errors, errors
+        self.store.replace(origin, parsed)
+        return self.sync()
+
+    def remove(self, origin):
+        self.store.replace(origin, None)
+        return self.sync()
+
+    def sync(self) -> str:
+        snapshot = self.store.snapshot()
+        self.ruleset = self.rules.extend(self.builder.build(snapshot, ["192.168.50.1"]), snapshot)
+        transaction, change = self.state.plan(self.ruleset)
+        self.state = self.state.commit(change)
+        return str(transaction)
+
+
+def test_every_numgen_pick_gets_a_mark_twin_and_a_fail_open_count():
+    cluster = Cluster()
+    cluster.put("a", service("a", "10.96.0.1", node_port=30080), endpoint_slice("a", "10.244.1.1", "10.244.1.2"))
+    chains = [d for d in cluster.ruleset.declarations.values() if isinstance(d, Chain)]
+    picks = [c for c in chains if any(" numgen " in r for r in c.rules)]
+    assert picks, "the layout has numgen picks"
+    for chain in picks:
+        for index, rule in enumerate(chain.rules):
+            if " numgen " in rule and " dnat " in rule:
+                assert f"map @{ENDPOINT_IDS}" in chain.rules[index - 2], chain
+                assert f'counter name "{FAIL_OPEN}"' in chain.rules[index - 1], chain
+
+
+def test_queue_classification_names_service_addresses_and_nodeports():
+    cluster = Cluster()
+    text = cluster.put("a", service("a", "10.96.0.1", node_port=30080, externalIPs=["192.168.70.10"]),
+                       endpoint_slice("a", "10.244.1.1"))
+    assert f"add element ip dataplane {USERSPACE_SERVICES} {{\n\t10.96.0.1 . tcp . 80,\n\t192.168.70.10 . tcp . 80\n}}" in text
+    assert f"add element ip dataplane {USERSPACE_NODEPORTS} {{\n\ttcp . 30080\n}}" in text
+    assert f"0x{mark_for(1):08x} : 10.244.1.1 . 80" in text
+
+
+def test_external_traffic_policy_local_keeps_external_flows_in_the_kernel():
+    cluster = Cluster()
+    text = cluster.put("a", service("a", "10.96.0.1", node_port=30080, externalIPs=["192.168.70.10"],
+                                    externalTrafficPolicy="Local"), endpoint_slice("a", "10.244.1.1"))
+    assert "10.96.0.1 . tcp . 80" in text
+    assert "192.168.70.10 . tcp . 80" not in text.split(USERSPACE_SERVICES, 1)[1].split("}", 1)[0]
+    assert f"{USERSPACE_NODEPORTS} {{" not in text.split("add element", 1)[1]
+
+
+def test_endpoint_ids_are_stable_across_syncs_and_shared_between_services():
+    cluster = Cluster()
+    cluster.put("a", service("a", "10.96.0.1"), endpoint_slice("a", "10.244.1.1", "10.244.1.2"))
+    first = dict(cluster.ids.ids)
+    cluster.put("b", service("b", "10.96.0.2"), endpoint_slice("b", "10.244.1.2", "10.244.1.3"))
+    assert {k: cluster.ids.ids[k] for k in first} == first
+    assert len(cluster.ids.ids) == 3
+
+
+def test_a_change_touches_only_its_own_elements():
+    cluster = Cluster()
+    for i in range(20):
+        cluster.put(f"s{i}", service(f"s{i}", f"10.96.0.{i + 1}"), endpoint_slice(f"s{i}", f"10.244.2.{i + 1}"))
+    text = cluster.put("s3", service("s3", "10.96.0.4"), endpoint_slice("s3", "10.244.2.4", "10.244.9.9"))
+    assert "10.244.9.9 . 80" in text
+    assert "10.96.0.5" not in text and "10.244.2.5" not in text
+    assert "delete table" not in text
+    assert all(line.endswith("-2") for line in text.splitlines() if line.startswith("add chain"))
+
+
+def test_ids_of_departed_endpoints_are_quarantined_then_reused_oldest_first():
+    ids = EndpointIds(quarantine=60, clock=lambda: now[0])
+    now = [0.0]
+    ids.update([("10.0.0.1", 80), ("10.0.0.2", 80)])
+    ids.update([("10.0.0.2", 80)])  # .1 leaves at t=0: id 1 quarantined
+    now[0] = 30.0
+    added, _ = ids.update([("10.0.0.2", 80), ("10.0.0.3", 80)])
+    assert added == {("10.0.0.3", 80): 3}  # not 1: still in quarantine
+    now[0] = 61.0
+    added, _ = ids.update([("10.0.0.2", 80), ("10.0.0.3", 80), ("10.0.0.4", 80)])
+    assert added == {("10.0.0.4", 80): 1}
+
+
+def test_ids_run_out_only_when_every_one_is_taken():
+    ids = EndpointIds(quarantine=60, clock=lambda: 0.0, limit=2)
+    ids.update([("a", 1), ("b", 1)])
+    ids.update([("a", 1)])
+    added, _ = ids.update([("a", 1), ("c", 1)])
+    assert added == {("c", 1): 2}  # reused before its quarantine ended: nothing else was left
+    with pytest.raises(OverflowError):
+        ids.update([("a", 1), ("c", 1), ("d", 1)])
+
+
+def test_the_queue_rule_text():
+    assert Xtables(4).script(QueueSpec(count=2)).splitlines()[3] == (
+        "-A DATAPLANE-QUEUE -m mark --mark 0x2000/0x2000 -j NFQUEUE --queue-balance 0:1 --queue-bypass")
+    assert "--queue-num 0 " in Xtables(4).script(QueueSpec(count=1))
+
+
+def test_nft_queue_statement_where_the_kernel_has_it():
+    rules = UserspaceRules(SETTINGS, layout.Family(4), QueueSpec(count=4, in_nft=True))
+    classify = rules._own["userspace-classify"]
+    assert all(rule.endswith("queue num 0-3 bypass") for rule in classify.rules)
+
+
+# -- policy: annotations and tables ---------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected, problems", [
+    ("", {}, 0),
+    ("10.244.1.1=3", {"10.244.1.1": 3}, 0),
+    ("10.244.1.1=3, node:n1=2 ,zone:a=0", {"10.244.1.1": 3, "node:n1": 2, "zone:a": 0}, 0),
+    ("10.244.1.1=-1", {}, 1),
+    ("10.244.1.1=1001", {}, 1),
+    ("pod1=2", {}, 1),
+    ("node:=2,zone:b=x", {}, 2),
+    ("10.244.1.1", {}, 1),
+])
+def test_weights_annotation(text, expected, problems):
+    found: list = []
+    assert parse_weights(text, "Service default/a", found) == expected
+    assert len(found) == problems
+    assert all("Service default/a" in p and "dataplane.io/weights" in p for p in found)
+
+
+def test_weight_precedence_ip_then_node_then_zone():
+    rules = {"10.0.0.1": 5, "node:n1": 3, "zone:z": 2}
+    assert weight_of(rules, "10.0.0.1", "n1", "z") == 5
+    assert weight_of(rules, "10.0.0.2", "n1", "z") == 3
+    assert weight_of(rules, "10.0.0.2", "n2", "z") == 2
+    assert weight_of(rules, "10.0.0.2", "n2", "y") == 1
+
+
+def tables_for(*objects, algorithm="random"):
+    store = Store()
+    parsed, errors = parse_objects(objects, "x")
+    assert not errors
+    store.replace("x", parsed)
+    (state,) = store.snapshot().services.values()
+    ids = {}
+    return port_tables(state, lambda e: ids.setdefault(e, len(ids) + 1), algorithm, 4, "node-a")
+
+
+def test_algorithm_annotation_and_a_bad_one_named():
+    tables, problems = tables_for(service("a", "10.96.0.1", annotations={"dataplane.io/lb-algorithm": "maglev"}),
+                                  endpoint_slice("a", "10.244.1.1"))
+    assert tables[0].algorithm == "maglev" and not problems
+    tables, problems = tables_for(service("a", "10.96.0.1", annotations={"dataplane.io/lb-algorithm": "fastest"}),
+                                  endpoint_slice("a", "10.244.1.1"), algorithm="least-conn")
+    assert tables[0].algorithm == "least-conn"
+    assert problems and "default/a" in problems[0] and "dataplane.io/lb-algorithm" in problems[0]
+
+
+def test_internal_traffic_policy_local_splits_internal_and_external_tables():
+    tables, _ = tables_for(
+        service("a", "10.96.0.1", node_port=30080, internalTrafficPolicy="Local"),
+        {**endpoint_slice("a", "10.244.1.1"), "endpoints": [
+            {"addresses": ["10.244.1.1"], "nodeName": "node-a"}, {"addresses": ["10.244.2.1"], "nodeName": "node-b"}]})
+    internal, external = tables
+    assert [t.ip for t in internal.targets] == ["10.244.1.1"] and internal.node_port is None
+    assert [t.ip for t in external.targets] == ["10.244.1.1", "10.244.2.1"] and external.node_port == 30080
+
+
+def test_session_affinity_reaches_the_table():
+    tables, _ = tables_for(service("a", "10.96.0.1", sessionAffinity="ClientIP",
+                                   sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}}),
+                           endpoint_slice("a", "10.244.1.1"))
+    assert tables[0].affinity_timeout == 30
