@@ -225,8 +225,13 @@ def full(ruleset: Ruleset, existing: Iterable[tuple[str, str]] | None = None) ->
         _declare(tx, table, wanted)
     else:
         tx = Transaction([f"add table {table}", f"flush table {table}"])  # every chain's rules
+        # Maps and sets are rebuilt whole, except the dynamic ones (affinity state). They are
+        # deleted and declared again rather than flushed: nft 1.0.6 cannot add a rule that
+        # reads a `typeof` map it has to read back from the kernel (see layout.declare).
+        present = {name for kind, name in existing if kind != "chain"}
+        tx.extend(f"delete {d.kind} {table} {d.name}" for d in wanted
+                  if isinstance(d, Container) and not d.dynamic and d.name in present)
         _declare(tx, table, wanted)
-        tx.extend(f"flush {d.kind} {table} {d.name}" for d in wanted if isinstance(d, Container) and not d.dynamic)
     _fill_chains(tx, table, wanted)
     _elements(tx, "add", table, added)
     if existing is not None:

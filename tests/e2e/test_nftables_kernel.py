@@ -148,3 +148,43 @@ def test_other_tables_survive_syncs(nft: Nftables) -> None:
         state = state.commit(change)
     nft.apply(plan.full(builder.build(store.snapshot(), ["192.168.50.1"]))[0])
     assert table_state(nft, "inet", "other") == other
+
+
+def test_in_place_full_sync_keeps_affinity_and_converges(nft: Nftables) -> None:
+    store, builder = Store(), RulesetBuilder(SETTINGS)
+    sticky = {
+        "kind": "Service", "metadata": {"name": "sticky", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.99", "sessionAffinity": "ClientIP",
+                 "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]},
+    }
+    world = _random_world(random.Random(3), 6) + [sticky, {
+        "kind": "EndpointSlice",
+        "metadata": {"name": "sticky-x", "namespace": "default", "labels": {"kubernetes.io/service-name": "sticky"}},
+        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.244.1.7"], "nodeName": "node-a"}],
+    }]
+    parsed, _ = parse_objects(world)
+    store.replace("f", parsed)
+    nft.apply(plan.full(builder.build(store.snapshot(), ["192.168.50.1"]))[0])
+    clients = next(name for kind, name in nft_objects(nft) if "clients" in name)
+    nft.run(f'add element ip dataplane {clients} {{ 192.168.50.2 }}\n')
+    parsed, _ = parse_objects(_random_world(random.Random(4), 6) + world[-2:])
+    store.replace("f", parsed)
+    snapshot = store.snapshot()
+    nft.apply(plan.full(builder.build(snapshot, ["192.168.50.1"]), nft_objects(nft))[0])
+    assert "192.168.50.2" in nft.run(f'list set ip dataplane {clients}\n')
+    in_place = table_state(nft)
+    nft.apply(plan.full(RulesetBuilder(SETTINGS).build(snapshot, ["192.168.50.1"]))[0])
+    replaced = table_state(nft)
+
+    def without_clients(state: list[str]) -> list[str]:
+        return [entry for entry in state if clients not in entry]
+
+    assert without_clients(in_place) == without_clients(replaced)
+    assert len(in_place) == len(replaced)
+
+
+def nft_objects(nft: Nftables) -> list[tuple[str, str]]:
+    listing = json.loads(_list_json(nft, "ip", "dataplane"))
+    return [(kind, item[kind]["name"]) for item in listing["nftables"] for kind in ("chain", "map", "set")
+            if kind in item]
