@@ -552,7 +552,9 @@ class KubeSource:
             self._wake.set()
 
     def listed(self) -> None:
-        if not self.synced.is_set() and all(r.listed.is_set() for r in self._reflectors[:2]):
+        # The Node does not gate: a missing Node (or no RBAC for it) must not keep Services unprogrammed.
+        required = [r for r in self._reflectors if r.resource in (SERVICES, ENDPOINT_SLICES)]
+        if not self.synced.is_set() and all(r.listed.is_set() for r in required):
             self.synced.set()
             self._wake.set()
 

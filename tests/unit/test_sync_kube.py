@@ -433,3 +433,22 @@ def test_every_request_is_a_list_or_watch_of_the_declared_resources(api):
     seen = {(path, "watch" if q.get("watch") else "list") for method, path, q in api.requests if method == "GET"}
     assert {method for method, _, _ in api.requests} == {"GET"}
     assert seen == allowed
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "--source", "kube"], ApiSettings()),
+    (["run", "--source", "kube", "--master", "http://10.0.0.1:8080"], ApiSettings(master="http://10.0.0.1:8080")),
+    (["run", "--source", "kube", "--kubeconfig", "/k"], ApiSettings(kubeconfig="/k")),
+    (["run", "--source", "/etc/m"], None),
+])
+def test_api_flags(argv, expected):
+    from dataplane.cli import _parser, api_settings
+
+    assert api_settings(_parser().parse_args(argv)) == expected
+
+
+def test_api_flags_without_source_kube_are_an_error():
+    from dataplane.cli import _parser, api_settings
+
+    with pytest.raises(ValueError, match="--source kube"):
+        api_settings(_parser().parse_args(["run", "--master", "http://x"]))
