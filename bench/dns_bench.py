@@ -246,7 +246,8 @@ def markdown(results: dict) -> str:
         f"{zone['loop_stall_loop_ms']} ms on it; with the long-lived heap frozen (gc.freeze) "
         f"{zone['loop_stall_thread_ms_gc_frozen']} ms off the loop vs {zone['loop_stall_loop_ms_gc_frozen']} ms on it.",
         "",
-        f"Server: ready in {perf['server_ready_s']} s (reads the manifests, builds the zone), RSS {perf['server_rss_mb']} MB.",
+        f"Server: ready in {perf['server_ready_s']} s (reads the manifests, builds the zone), "
+        f"RSS {perf['server_rss_mb']} MB.",
         "",
         "| mix | transport | saturated qps | paced at | p50 (ms) | p99 (ms) | max (ms) | lost |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

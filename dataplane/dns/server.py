@@ -86,21 +86,11 @@ class DnsServer:
         return host, port
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        # Port 0: the kernel picks the UDP port, which TCP may already use elsewhere; pick again then.
-        for attempt in range(1 if self.bind.port else 20):
-            self._udp, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self), local_addr=(self.bind.host, self.bind.port), reuse_port=False
-            )
-            host, port = self.address
-            try:
-                self._tcp = await asyncio.start_server(self._tcp_client, host, port, reuse_address=True)
-                break
-            except OSError:
-                self._udp.close()
-                self._udp = None
-                if self.bind.port or attempt == 19:
-                    raise
+        """Binds UDP and TCP and starts serving; raises OSError naming the address when it cannot."""
+        try:
+            host, port = await self._bind()
+        except OSError as error:
+            raise OSError(f"DNS cannot listen on {self.bind}: {error}") from error
         bound = Upstream(self.bind.host, port)
         requested = self._requested_upstreams
         candidates = list(requested) if requested is not None else system_upstreams()
@@ -111,6 +101,24 @@ class DnsServer:
         self._updater = asyncio.create_task(self._update_loop())
         log.info("DNS serving %s on %s (udp, tcp), ttl %d s, upstreams: %s", self.domain, Upstream(host, port),
                  self.ttl, ", ".join(map(str, self.upstreams)) or "none (other names are REFUSED)")
+
+    async def _bind(self) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        # Port 0: the kernel picks the UDP port, which TCP may already use elsewhere; pick again then.
+        for attempt in range(1 if self.bind.port else 20):
+            self._udp, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=(self.bind.host, self.bind.port), reuse_port=False
+            )
+            host, port = self.address
+            try:
+                self._tcp = await asyncio.start_server(self._tcp_client, host, port, reuse_address=True)
+                return host, port
+            except OSError:
+                self._udp.close()
+                self._udp = None
+                if self.bind.port or attempt == 19:
+                    raise
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         if self._updater is not None:

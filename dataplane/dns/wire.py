@@ -29,7 +29,6 @@ import functools
 import struct
 from dataclasses import dataclass
 
-import dns.edns
 import dns.exception
 import dns.flags
 import dns.message
@@ -47,13 +46,13 @@ import dns.rdtypes.IN.AAAA
 import dns.rdtypes.IN.SRV
 import dns.rcode
 import dns.renderer
-import dns.rrset
 
 from .zone import A, AAAA, CNAME, PTR, SOA, SRV, TXT, Answer, Record, Zone
 
 IN = dns.rdataclass.IN
 _POINTER_TO_QUESTION = b"\xc0\x0c"  # the question's name always starts right after the 12-byte header
 _OPT_SIZE = 11  # an OPT record without options
+_RR_HEAD = struct.Struct("!HHI")  # type, class, TTL
 UDP_PAYLOAD = 1232  # what we advertise and the most we send over UDP (DNS flag day 2020)
 CACHE_ENTRIES = 20_000
 _REFUSED_TYPES = frozenset({
@@ -203,13 +202,14 @@ class Responder:
         sets: dict[tuple[str, int], list[bytes]] = {}
         for record in records:
             if record.type == SOA:
-                data = _soa_wire(record.value, self._mname, self._rname, self.zone.serial if self.zone else 0, self.ttl)
+                serial = self.zone.serial if self.zone is not None else 0
+                data = _soa_wire(record.value, self._mname, self._rname, serial, self.ttl)
             else:
                 data = _rdata_wire(record.type, record.value)
             sets.setdefault((record.name, record.type), []).append(data)
         encoded = []
         for (name, kind), rdatas in sets.items():
-            head = (_POINTER_TO_QUESTION if name == owner else _name_wire(name)) + struct.pack("!HHI", kind, IN, self.ttl)
+            head = (_POINTER_TO_QUESTION if name == owner else _name_wire(name)) + _RR_HEAD.pack(kind, IN, self.ttl)
             unique = list(dict.fromkeys(rdatas))
             encoded.append(_Encoded(b"".join(head + struct.pack("!H", len(d)) + d for d in unique), len(unique)))
         return encoded

@@ -91,7 +91,7 @@ def normalize_domain(domain: str) -> str:
     text = domain.strip().rstrip(".").lower()
     labels = text.split(".")
     if not text or len(text) > 200 or not all(_LABEL.fullmatch(label) for label in labels):
-        raise ValueError(f"cluster domain {domain!r} is not a DNS name")
+        raise ValueError(f"--cluster-domain: {domain!r} is not a DNS name")
     return text + "."
 
 

@@ -128,7 +128,8 @@ def test_tcp_connection_carries_several_queries():
         server = await started(cluster)
         try:
             reader, writer = await asyncio.open_connection(*server.address)
-            queries = [dns.message.make_query(f"{name}.default.svc.cluster.local.", "A") for name in ("web", "x", "web")]
+            names = ("web", "x", "web")
+            queries = [dns.message.make_query(f"{name}.default.svc.cluster.local.", "A") for name in names]
             writer.write(b"".join(q.to_wire(prepend_length=True) for q in queries))  # pipelined
             await writer.drain()
             answers = []

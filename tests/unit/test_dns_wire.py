@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import struct
 
-import dns.edns
 import dns.flags
 import dns.message
 import dns.opcode
 import dns.rcode
 import dns.rdataclass
+import dns.rrset
 import pytest
 
 from dataplane.dns.wire import Forward, Reply, Responder
