@@ -227,20 +227,27 @@ def request(protocol: str, ns, ip: str, port: int, timeout: float = 1.0) -> Outc
     raise ValueError(f"unsupported protocol {protocol!r}")
 
 
-def sample(send: Callable[[], Outcome], want: Iterable[str] = (), tries: int = 100, at_least: int = 0) -> list[Outcome]:
+def sample(send: Callable[[], Outcome], want: Iterable[str] = (), tries: int = 100, at_least: int = 0,
+           give_up_after: int | None = None) -> list[Outcome]:
     """Calls `send` until every pod in `want` has answered and `at_least` calls were made, at most `tries` times.
 
-    With `want` empty it makes exactly `tries` calls. Returns every outcome, in order.
+    With `want` empty it makes exactly `tries` calls. `give_up_after` failures end
+    it early (a broken path costs a few timeouts, not `tries`). Returns every outcome, in order.
     """
     want = set(want)
     seen: set[str] = set()
     outcomes = []
+    failures = 0
     for _ in range(tries):
         outcome = send()
         outcomes.append(outcome)
         if outcome.pod:
             seen.add(outcome.pod)
+        else:
+            failures += 1
         if want and want <= seen and len(outcomes) >= at_least:
+            break
+        if give_up_after is not None and failures >= give_up_after:
             break
     return outcomes
 

@@ -72,7 +72,8 @@ def daemon(lab, manifests, tmp_path):
 
 
 def all_pods_answer(lab, address: str) -> bool:
-    return set(tally(sample(lambda: tcp_request(lab.client, address, 80), ALL))) == ALL
+    outcomes = sample(lambda: tcp_request(lab.client, address, 80, timeout=0.5), ALL, give_up_after=3)
+    return set(tally(outcomes)) == ALL
 
 
 def other_table(lab) -> str:

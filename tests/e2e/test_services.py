@@ -127,10 +127,11 @@ def manifests(tmp_path_factory):
     return manifests
 
 
-@pytest.fixture(scope="module")
-def daemon(lab, manifests, tmp_path_factory):
+@pytest.fixture(scope="module", params=["kernel", "userspace"])
+def daemon(request, lab, manifests, tmp_path_factory):
+    """Every scenario runs once per proxy mode: userspace mode must pass them unchanged (issue 3)."""
     log = tmp_path_factory.mktemp("daemon") / "dataplane.log"
-    with Daemon.for_source(lab.node, manifests.path, log, extra=["-v"]) as daemon:
+    with Daemon.for_source(lab.node, manifests.path, log, extra=["-v", "--proxy-mode", request.param]) as daemon:
         yield daemon
 
 
@@ -179,7 +180,7 @@ def test_packet_flow(lab, daemon, flow: Flow):
     ns = source_ns(lab, flow.source)
     source_ip = CLIENT_IP if flow.source == "client" else POD_IPS[flow.source]
     outcomes = sample(lambda: request(flow.protocol, ns, flow.address, flow.port), flow.endpoints,
-                      tries=100, at_least=20)
+                      tries=100, at_least=20, give_up_after=3)
     assert set(tally(outcomes)) == flow.endpoints, f"answers: {tally(outcomes)}"
     for outcome in outcomes:
         reply = outcome.reply
@@ -190,7 +191,8 @@ def test_packet_flow(lab, daemon, flow: Flow):
 
 
 def test_named_target_port_resolves_per_pod(lab, daemon):
-    outcomes = sample(lambda: tcp_request(lab.client, "10.96.0.41", 80), {"pod1", "pod2"}, at_least=20)
+    outcomes = sample(lambda: tcp_request(lab.client, "10.96.0.41", 80), {"pod1", "pod2"}, at_least=20,
+                      give_up_after=3)
     assert {(o.reply.pod, o.reply.local[1]) for o in outcomes} == {("pod1", 8080), ("pod2", 80)}
 
 
@@ -219,7 +221,8 @@ def test_service_without_endpoints_refuses_at_once(lab, daemon, protocol, addres
 def serving(ns, address: str, port_: int, protocol: str = "TCP", pods=ALL, what: str = "") -> None:
     """Waits until every one of `pods` answers at address:port (the change reached the kernel)."""
     def all_answer():
-        return set(tally(sample(lambda: request(protocol, ns, address, port_, timeout=0.3), pods, tries=30))) == pods
+        outcomes = sample(lambda: request(protocol, ns, address, port_, timeout=0.3), pods, tries=30, give_up_after=3)
+        return set(tally(outcomes)) == pods
     wait_until(all_answer, timeout=10, what=what or f"{sorted(pods)} serve {address}:{port_}/{protocol}")
 
 
@@ -296,7 +299,7 @@ def test_broken_manifest_leaves_the_rest_serving(lab, daemon, manifests):
         assert daemon.running
         assert daemon.health() == 200
         for address in ("10.96.0.71", "10.96.0.70"):  # fragile keeps its last good content
-            outcomes = sample(lambda: tcp_request(lab.client, address, 80), ALL)
+            outcomes = sample(lambda: tcp_request(lab.client, address, 80), ALL, give_up_after=3)
             assert set(tally(outcomes)) == ALL, f"{address}: {tally(outcomes)}"
     finally:
         for filename in ("fragile.yaml", "sturdy.yaml", "latecomer.yaml"):

@@ -59,6 +59,11 @@ def test_sample_stops_once_all_wanted_answered_and_enough_were_made():
     assert len(sample(lambda: outcome(next(answers)), {"a", "b", "c"}, at_least=7)) == 7
 
 
+def test_sample_gives_up_after_enough_failures():
+    answers = iter(["a", None, "a", None, "a"])
+    assert len(sample(lambda: outcome(next(answers)), {"a", "b"}, give_up_after=2)) == 4
+
+
 def test_sample_without_wants_makes_every_try_and_tally_counts_failures():
     answers = iter(["a", None, "a"])
     outcomes = sample(lambda: outcome(next(answers)), tries=3)
