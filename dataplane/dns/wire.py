@@ -267,17 +267,18 @@ class _Encoded:
         return self.count
 
 
-@functools.lru_cache(maxsize=65536)
+# Encodings are cached, bounded: about 100 bytes an entry, so a few MB at most.
+@functools.lru_cache(maxsize=1024)
 def _name(text: str) -> dns.name.Name:
     return dns.name.from_text(text)
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=16384)
 def _name_wire(text: str) -> bytes:
     return _name(text).to_wire()
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=32768)
 def _rdata_wire(kind: int, value) -> bytes:
     return _rdata(kind, value).to_wire()
 
@@ -287,7 +288,6 @@ def _soa_wire(zone_name: str, mname: dns.name.Name, rname: dns.name.Name, serial
     return dns.rdtypes.ANY.SOA.SOA(IN, SOA, mname, rname, serial, 7200, 1800, 86400, ttl).to_wire()
 
 
-@functools.lru_cache(maxsize=65536)
 def _rdata(kind: int, value) -> dns.rdata.Rdata:
     if kind == A:
         return dns.rdtypes.IN.A.A(IN, A, value)

@@ -78,10 +78,6 @@ class Answer:
     chase: str | None = None
     outside: bool = False
 
-    @property
-    def nodata(self) -> bool:
-        return self.rcode == "NOERROR" and not self.records and not self.outside
-
 
 OUTSIDE = Answer(outside=True)
 
