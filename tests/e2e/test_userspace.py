@@ -1,0 +1,230 @@
+"""Userspace mode end to end: what only the forwarder can show, with real packets in namespaces.
+
+(Every kernel-mode scenario also runs in userspace mode: test_services.py and
+test_packet_flows.py parametrize their daemon by proxy mode.)
+
+Address plan
+    client      192.168.50.2, default route via the node (192.168.50.1)
+    pods        pod1 10.244.1.11, pod2 10.244.1.12, pod3 10.244.1.13; echo on TCP 80, UDP 80
+    ClusterIPs  10.96.0.10 maglev      http 80/TCP, dns 53/UDP -> 80, flood 9/UDP (nothing listens)
+                10.96.0.20 least-conn  http 80/TCP
+                10.96.0.30 random      http 80/TCP (fail-open)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+import pytest
+
+from dataplane.lab import (
+    Daemon, Lab, ManifestDir, TcpSession, UdpSession, environment_problem, http_get, tally, tcp_request, wait_until,
+)
+from dataplane.lab.daemon import dataplane_executable
+from dataplane.lab.manifests import endpoint_slice, port, service
+
+PROBLEM = environment_problem()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(PROBLEM is not None, reason=f"namespace tests: {PROBLEM}")]
+
+POD_IPS = {"pod1": "10.244.1.11", "pod2": "10.244.1.12", "pod3": "10.244.1.13"}
+ALL = frozenset(POD_IPS)
+
+
+def web(name: str, cluster_ip: str, algorithm: str, pods=ALL) -> list[dict]:
+    svc = service(name, cluster_ip, [port("http", 80), port("dns", 53, 80, "UDP"), port("flood", 9, 9, "UDP")])
+    svc["metadata"]["annotations"] = {"dataplane.io/lb-algorithm": algorithm}
+    return [svc, endpoint_slice(name, [POD_IPS[p] for p in sorted(pods)],
+                                [("http", 80, "TCP"), ("dns", 80, "UDP"), ("flood", 9, "UDP")])]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab.build() as lab:
+        lab.start_echo(tcp=[80], udp=[80])
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory):
+    manifests = ManifestDir(tmp_path_factory.mktemp("manifests"))
+    manifests.write("maglev.yaml", web("maglev", "10.96.0.10", "maglev"))
+    manifests.write("leastconn.yaml", web("leastconn", "10.96.0.20", "least-conn"))
+    manifests.write("random.yaml", web("random", "10.96.0.30", "random"))
+    return manifests
+
+
+@pytest.fixture(scope="module")
+def daemon(lab, manifests, tmp_path_factory):
+    log = tmp_path_factory.mktemp("daemon") / "dataplane.log"
+    with Daemon.for_source(lab.node, manifests.path, log, extra=["-v", "--proxy-mode", "userspace"]) as daemon:
+        yield daemon
+
+
+def status(lab: Lab) -> dict:
+    code, body = http_get(lab.node, "127.0.0.1", 10249, "/status")
+    assert code == 200
+    return json.loads(body)
+
+
+def service_status(lab: Lab, name: str) -> dict:
+    return next(s for s in status(lab)["services"] if s["service"] == name)
+
+
+def fail_open_count(lab: Lab) -> int:
+    text = lab.node.run("nft", "list", "counter", "ip", "dataplane", "fail-open").stdout
+    return int(text.split("packets", 1)[1].split()[0])
+
+
+def forget_flows(lab: Lab, cluster_ip: str) -> None:
+    """Deletes the conntrack entries of flows to `cluster_ip`, so their next packet is a new flow."""
+    lab.node.run("conntrack", "-D", "--orig-dst", cluster_ip, check=False)
+
+
+def test_only_a_flows_first_packet_is_queued(lab, daemon):
+    before = status(lab)["packets_queued"]
+    with TcpSession(lab.client, "10.96.0.30", 80) as session:
+        assert session.connect() is None
+        replies = [session.request(f"line {i}") for i in range(50)]
+    assert all(r.ok for r in replies) and len({r.pod for r in replies}) == 1
+    with UdpSession(lab.client, "10.96.0.30", 53) as session:
+        replies = [session.request(f"datagram {i}") for i in range(50)]
+    assert all(r.ok for r in replies) and len({r.pod for r in replies}) == 1
+    # One SYN, one first datagram: 100 established-flow packets each way stayed in the kernel.
+    assert status(lab)["packets_queued"] - before == 2
+
+
+def test_maglev_keeps_a_five_tuple_on_its_endpoint_across_an_unrelated_change(lab, daemon, manifests):
+    ports = range(31000, 31060)
+
+    def placements() -> dict[int, str]:
+        found = {}
+        for source_port in ports:
+            with UdpSession(lab.client, "10.96.0.10", 53, timeout=1.0, source=("192.168.50.2", source_port)) as s:
+                outcome = s.request()
+                assert outcome.ok, outcome
+                found[source_port] = outcome.pod
+        return found
+
+    before = placements()
+    assert set(before.values()) == ALL
+    forget_flows(lab, "10.96.0.10")
+    assert placements() == before  # same 5-tuple, same endpoint: a decision, not chance
+
+    manifests.write("maglev.yaml", web("maglev", "10.96.0.10", "maglev", pods=ALL - {"pod3"}))
+    try:
+        wait_until(lambda: len(service_status(lab, "default/maglev:dns")["endpoints"]) == 2, timeout=5,
+                   what="the forwarder sees pod3 leave")
+        time.sleep(0.3)  # the new table is built off the packet path (tens of ms)
+        forget_flows(lab, "10.96.0.10")
+        after = placements()
+        stayed = [after[p] == pod for p, pod in before.items() if pod != "pod3"]
+        assert sum(stayed) / len(stayed) >= 0.95, f"{stayed.count(False)} of {len(stayed)} flows moved"
+        assert "pod3" not in after.values()
+    finally:
+        manifests.write("maglev.yaml", web("maglev", "10.96.0.10", "maglev"))
+
+
+def test_least_conn_learns_flows_from_conntrack(lab, daemon):
+    name = "default/leastconn:http"
+    sessions = []
+    try:
+        for _ in range(3):
+            session = TcpSession(lab.client, "10.96.0.20", 80)
+            assert session.connect() is None
+            sessions.append((session, session.request().pod))
+        assert {pod for _, pod in sessions} == ALL  # one each: decisions count until conntrack confirms them
+        time.sleep(2.5)  # past the pending window: from here on only conntrack's word counts
+
+        def active() -> dict[str, int]:
+            return {e["endpoint"].split(":")[0]: e["active"] for e in service_status(lab, name)["endpoints"]}
+
+        assert active() == {ip: 1 for ip in POD_IPS.values()}
+        leaving, pod = sessions.pop(0)
+        leaving.close()
+        wait_until(lambda: active()[POD_IPS[pod]] == 0, timeout=5, what=f"conntrack reports the flow to {pod} ended")
+        for _ in range(2):
+            extra = TcpSession(lab.client, "10.96.0.20", 80)
+            assert extra.connect() is None
+            sessions.append((extra, extra.request().pod))
+        assert sessions[-2][1] == pod  # the only endpoint with no flow
+        assert sessions[-1][1] != pod or len({p for _, p in sessions}) == 3
+    finally:
+        for session, _ in sessions:
+            session.close()
+
+
+FLOOD = r"""
+import socket, struct, sys, time
+rate, seconds, dst, dport = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+src, daddr = socket.inet_aton("192.168.50.2"), socket.inet_aton(dst)
+sent, start = 0, time.monotonic()
+while True:
+    now = time.monotonic() - start
+    if now >= seconds:
+        break
+    due = int(now * rate)
+    while sent < due:
+        sport = 1024 + sent % 60000
+        udp = struct.pack("!HHHH", sport, dport, 8, 0)  # checksum 0: none, valid for UDP over IPv4
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, sent & 0xFFFF, 0, 64, 17, 0, src, daddr)
+        s.sendto(ip + udp, (dst, 0))
+        sent += 1
+    time.sleep(0.0005)
+print(sent)
+"""
+
+
+def test_a_flood_of_new_flows_does_not_stall_established_ones(lab, daemon):
+    before = status(lab)["packets_queued"]
+    latencies, failures = [], []
+    with TcpSession(lab.client, "10.96.0.30", 80, timeout=2.0) as session:
+        assert session.connect() is None
+        flood = lab.client.python("-c", FLOOD, "20000", "3", "10.96.0.10", "9", stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            outcome = session.request()
+            (latencies if outcome.ok else failures).append(outcome.elapsed if outcome.ok else str(outcome))
+            time.sleep(0.01)
+        sent = int(flood.communicate(timeout=30)[0])
+    queued = status(lab)["packets_queued"] - before
+    # 60,000 conntrack entries would slow whatever walks the table next (a restart's stale-flow cleanup).
+    lab.node.run("conntrack", "-D", "-p", "udp", "--orig-dst", "10.96.0.10", "--dport", "9", check=False)
+    assert sent > 30000 and queued > 0.9 * sent, f"sent {sent}, queued {queued}"
+    assert not failures, failures[:3]
+    latencies.sort()
+    assert latencies[int(len(latencies) * 0.99)] < 0.05, f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms"
+
+
+def test_status_command_prints_each_service(lab, daemon):
+    done = lab.node.run(dataplane_executable(), "status")
+    assert "default/maglev:http  maglev" in done.stdout
+    assert "10.244.1.11:80" in done.stdout
+
+
+def test_fail_open_when_the_forwarder_is_killed(lab, daemon):
+    before = fail_open_count(lab)
+    daemon.process.kill()  # SIGKILL: no goodbye, the queue socket just vanishes
+    daemon.process.wait()
+    try:
+        outcomes = [tcp_request(lab.client, "10.96.0.30", 80, timeout=1.0) for _ in range(30)]
+        assert set(tally(outcomes)) == ALL, tally(outcomes)  # every new flow: the kernel's own pick
+        assert fail_open_count(lab) - before >= 30
+    finally:
+        daemon.start()
+    outcomes = [tcp_request(lab.client, "10.96.0.30", 80) for _ in range(10)]
+    assert all(o.ok for o in outcomes)
+
+
+def test_cleanup_removes_the_queue_rules(lab, daemon):
+    daemon.stop()
+    try:
+        assert "DATAPLANE-QUEUE" in lab.node.run("iptables-save", "-t", "mangle").stdout
+        lab.node.run(dataplane_executable(), "cleanup")
+        assert "DATAPLANE-QUEUE" not in lab.node.run("iptables-save", "-t", "mangle").stdout
+        assert "dataplane" not in lab.node.ruleset()
+    finally:
+        daemon.start()
