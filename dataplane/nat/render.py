@@ -167,26 +167,20 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
             out.add(layout.NO_ENDPOINT_SERVICES, (key, "drop"), comment=comment)
         out.needs |= layout.pick_names(len(internal)) if internal else set()
 
-    for ip in external_ips:
-        key = f"{ip} . {proto} . {port.port}"
-        out.endpoints(layout.endpoints_map(n), key, chosen.cluster)
-        if local_policy:
-            chain = layout.local_chain(m, n)
-            out.needs |= {chain} | (layout.local_pick_names(m) if m else set())
-            out.endpoints(layout.local_endpoints_map(m), key, chosen.local)
-        else:
-            chain = layout.external_chain(n)
-        out.add(layout.SERVICE_IPS, (key, f"goto {chain}"), comment=comment)
+    # From outside: external addresses, keyed by address, and the NodePort, keyed by port alone.
+    outside = [(f"{ip} . {proto} . {port.port}", False) for ip in external_ips]
     if port.node_port:
-        key = f"{proto} . {port.node_port}"
-        out.endpoints(layout.nodeport_endpoints_map(n), key, chosen.cluster)
+        outside.append((f"{proto} . {port.node_port}", True))
+    for key, nodeport in outside:
+        out.endpoints(layout.nodeport_endpoints_map(n) if nodeport else layout.endpoints_map(n), key, chosen.cluster)
         if local_policy:
-            chain = layout.nodeport_local_chain(m, n)
+            chain = (layout.nodeport_local_chain if nodeport else layout.local_chain)(m, n)
             out.needs |= {chain} | (layout.local_pick_names(m) if m else set())
-            out.endpoints(layout.nodeport_local_endpoints_map(m), key, chosen.local)
+            local_map = layout.nodeport_local_endpoints_map(m) if nodeport else layout.local_endpoints_map(m)
+            out.endpoints(local_map, key, chosen.local)
         else:
-            chain = layout.nodeport_chain(n)
-        out.add(layout.SERVICE_NODEPORTS, (key, f"goto {chain}"), comment=comment)
+            chain = layout.nodeport_chain(n) if nodeport else layout.external_chain(n)
+        out.add(layout.SERVICE_NODEPORTS if nodeport else layout.SERVICE_IPS, (key, f"goto {chain}"), comment=comment)
 
 
 def _affinity(out: _FragmentBuilder, service: Service, port: ServicePort, chosen: Selection,
