@@ -6,7 +6,10 @@ YAML file per Service, start `dataplane run` on it and read its log.
 - full sync: the daemon's own figure for render + plan + apply;
 - change latency: rewrite one Service's file (one endpoint moves) -> the
   daemon logs the partial sync as applied; wall clock, file write to log;
-- peak RSS of the daemon.
+- peak RSS of the daemon;
+- the yardstick: kube-proxy's iptables layout for the same cluster
+  (`iptables_reference.py`), timed through iptables-nft-restore in a
+  namespace of its own.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .manifests import service_yaml, write_cluster
+from . import iptables_reference
+from .manifests import service_yaml, synthetic_cluster, write_cluster
 
 _SYNC_LINE = re.compile(r'msg="(full|partial) sync: (\d+) commands in ([\d.]+) ms')
 
@@ -142,3 +146,17 @@ def measure(services: int, endpoints: int = 10, changes: int = 100, progress=pri
             return result
         finally:
             daemon.stop()
+
+
+def iptables_restore_seconds(services: int, endpoints: int = 10, cluster_cidr: str = "10.128.0.0/9") -> float:
+    """Seconds iptables-nft-restore takes to load kube-proxy's layout of the same cluster, in a fresh namespace."""
+    from dataplane.lab.netns import Netns, delete_netns
+
+    text = iptables_reference.render(synthetic_cluster(services, endpoints), cluster_cidr)
+    name = f"dpbench-ipt-{os.getpid()}"
+    delete_netns(name)
+    ns = Netns.create(name)
+    try:
+        return iptables_reference.load(ns, text)
+    finally:
+        ns.delete()
