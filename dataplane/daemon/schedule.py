@@ -24,10 +24,12 @@ class Schedule:
     last_full: float = float("-inf")
     pending_since: float | None = None  # oldest change not yet synced
     failed: bool = True  # nothing is programmed yet: the first sync is full
+    last_request: float = float("-inf")
 
     def request(self, now: float) -> None:
         if self.pending_since is None:
             self.pending_since = now
+        self.last_request = now
 
     def next_sync(self, now: float) -> tuple[float, bool]:
         """(seconds to wait before syncing, whether that sync must be full)."""
@@ -48,7 +50,8 @@ class Schedule:
         if ok and full:
             self.last_full = started
         if ok and self.pending_since == pending_at_start:
-            self.pending_since = None
+            # A change requested after the sync took its snapshot is not in it: still owed.
+            self.pending_since = self.last_request if self.last_request > started else None
 
 
 class SyncLoop:

@@ -55,6 +55,16 @@ def test_change_arriving_during_a_sync_stays_pending() -> None:
     assert plan.pending_since == 100.2
 
 
+def test_change_arriving_during_a_sync_that_carried_an_older_one_stays_pending() -> None:
+    plan = schedule()
+    plan.ran(started=90.0, full=True, ok=True, pending_at_start=None)
+    plan.request(now=100.0)
+    started_with = plan.pending_since
+    plan.request(now=100.3)  # while the sync that started at 100.1 runs
+    plan.ran(started=100.1, full=False, ok=True, pending_at_start=started_with)
+    assert plan.pending_since == 100.3
+
+
 def test_loop_coalesces_a_burst_and_survives_a_crashing_sync() -> None:
     clock = [0.0]
     calls: list[bool] = []
