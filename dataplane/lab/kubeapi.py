@@ -353,6 +353,7 @@ class KubeApi:
             deadline = time.monotonic() + timeout
             next_bookmark = time.monotonic() + self.bookmark_interval
             while True:
+                watch.wake.clear()  # before looking: what is recorded while we send wakes the next round
                 if watch.ending == "expire":
                     await _send(response, "ERROR", status(
                         410, "Expired", f"too old resource version: {cursor} ({self._compacted})"))
@@ -362,11 +363,14 @@ class KubeApi:
                 if request.transport is None or request.transport.is_closing():
                     break  # the client went away
                 if not watch.silent:
+                    upto = self._version  # sending yields: later events wait for the next round
                     start = bisect.bisect_right(self._log, cursor, key=lambda entry: entry[0])
                     for version, event_kind, event, obj in self._log[start:]:
+                        if version > upto:
+                            break
                         if event_kind == kind.kind and selector(obj):
                             await _send(response, event, obj)
-                    cursor = max(cursor, self._version)
+                    cursor = max(cursor, upto)
                 now = time.monotonic()
                 if now >= deadline:
                     if bookmarks and not watch.silent:
@@ -375,7 +379,6 @@ class KubeApi:
                 if bookmarks and not watch.silent and now >= next_bookmark:
                     await _send(response, "BOOKMARK", _bookmark(kind, cursor))
                     next_bookmark = now + self.bookmark_interval
-                watch.wake.clear()
                 wait = min(deadline - now, 1.0)  # at least once a second: has the client gone?
                 if bookmarks:
                     wait = min(wait, max(0.0, next_bookmark - now))
