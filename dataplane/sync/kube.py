@@ -20,6 +20,18 @@ Invariants
   byte: no event, no bookmark) is abandoned and reopened.
 - Objects the API server would reject are logged with their namespace/name
   and skipped; everything else keeps being served.
+
+Why kubernetes_asyncio: its generated calls carry every list/watch parameter
+the protocol has (allowWatchBookmarks, timeoutSeconds, limit/continue,
+fieldSelector), `_preload_content=False` hands back the raw response so
+objects go straight to our own tolerant parsers (no model objects; a typed
+decoder would fail a whole page on one odd object), aiohttp gives a per-read
+timeout that detects dead watches, and its kubeconfig and in-cluster loaders
+(token rotation included) are the official client's. lightkube is lighter
+(about 7 MB of imports against 40) but its watch cannot ask for bookmarks.
+We drive the watch loop ourselves rather than through its `Watch` helper,
+which retries a 410 with the same stale version and reads lines with a
+128 KiB limit.
 """
 
 from __future__ import annotations
