@@ -452,3 +452,11 @@ def test_api_flags_without_source_kube_are_an_error():
 
     with pytest.raises(ValueError, match="--source kube"):
         api_settings(_parser().parse_args(["run", "--master", "http://x"]))
+
+
+def test_the_defaults_meet_the_issues_deadlines():
+    settings = ApiSettings()
+    worst_first_retry = Backoff(settings.backoff_first, settings.backoff_cap, rand=lambda: 0.0).next()
+    assert worst_first_retry <= 1.0  # a cut watch: first retry within about 1 s
+    assert settings.backoff_cap <= 10.0  # live within 20 s of the API server coming back
+    assert settings.idle_timeout + worst_first_retry < 60.0  # a silent connection reopened within 60 s
