@@ -23,6 +23,9 @@ NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY = 1, 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE = 0, 2
 NLM_F_CREATE = 0x400
+NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
+NLMSG_DONE = 3
+IPCTNL_MSG_CT_GET = 1
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_ID = 1, 2, 4, 12
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
@@ -74,34 +77,64 @@ def _tuple(data: bytes, span: tuple[int, int]) -> tuple[int, bytes, bytes, int, 
     return family, bytes(data[src[0]:src[1]]), bytes(data[dst[0]:dst[1]]), number, sport, dport
 
 
-def decode_events(data: bytes, into: list[CtEvent]) -> None:
-    """Appends the events of one netlink datagram; malformed messages are skipped, never raised."""
+def decode_events(data: bytes, into: list[CtEvent], dump: bool = False) -> bool:
+    """Appends the events of one netlink datagram; malformed messages are skipped, never raised.
+
+    `dump`: the datagram answers a table dump, where every entry is a flow
+    that exists (TCP ones past ESTABLISHED excepted). Returns True at the
+    dump's end (NLMSG_DONE).
+    """
     offset, size = 0, len(data)
-    while offset + 20 <= size:
+    while offset + 16 <= size:
         length, kind, flags, _, _ = _NLMSGHDR.unpack_from(data, offset)
-        if length < 20 or offset + length > size:
+        if length < 16 or offset + length > size:
             break
         end = offset + length
-        if kind >> 8 == NFNL_SUBSYS_CTNETLINK and kind & 0xFF in (IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE):
+        if kind == NLMSG_DONE:
+            return True
+        if kind >> 8 == NFNL_SUBSYS_CTNETLINK and kind & 0xFF in (IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE) \
+                and length >= 20:
             attrs = _attrs(data, offset + 20, end)
             if CTA_ID in attrs:
                 flow_id = _BE32.unpack_from(data, attrs[CTA_ID][0])[0]
                 if kind & 0xFF == IPCTNL_MSG_CT_DELETE:
                     into.append(CtEvent("end", flow_id, None, None))
-                elif flags & NLM_F_CREATE:
+                elif flags & NLM_F_CREATE or (dump and not _closing(data, attrs)):
                     orig = _tuple(data, attrs[CTA_TUPLE_ORIG]) if CTA_TUPLE_ORIG in attrs else None
                     reply = _tuple(data, attrs[CTA_TUPLE_REPLY]) if CTA_TUPLE_REPLY in attrs else None
                     if orig is not None and reply is not None:
                         family, saddr, daddr, number, sport, dport = orig
                         into.append(CtEvent("new", flow_id, Flow(family, number, saddr, daddr, sport, dport),
                                             (reply[1], reply[4])))
-                elif CTA_PROTOINFO in attrs:
-                    info = _attrs(data, *attrs[CTA_PROTOINFO])
-                    if CTA_PROTOINFO_TCP in info:
-                        tcp = _attrs(data, *info[CTA_PROTOINFO_TCP])
-                        if CTA_PROTOINFO_TCP_STATE in tcp and data[tcp[CTA_PROTOINFO_TCP_STATE][0]] >= TCP_CONNTRACK_FIN_WAIT:
-                            into.append(CtEvent("end", flow_id, None, None))
+                elif not dump and _closing(data, attrs):
+                    into.append(CtEvent("end", flow_id, None, None))
         offset += (length + 3) & ~3
+    return False
+
+
+def _closing(data: bytes, attrs: dict[int, tuple[int, int]]) -> bool:
+    """True for a TCP flow in FIN_WAIT or later."""
+    if CTA_PROTOINFO not in attrs:
+        return False
+    info = _attrs(data, *attrs[CTA_PROTOINFO])
+    if CTA_PROTOINFO_TCP not in info:
+        return False
+    tcp = _attrs(data, *info[CTA_PROTOINFO_TCP])
+    return CTA_PROTOINFO_TCP_STATE in tcp and data[tcp[CTA_PROTOINFO_TCP_STATE][0]] >= TCP_CONNTRACK_FIN_WAIT
+
+
+def dump_flows(family: int = socket.AF_UNSPEC) -> list[CtEvent]:
+    """Every flow in the conntrack table now, as "new" events (one blocking dump; raises OSError)."""
+    request = _NLMSGHDR.pack(20, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+    request += struct.pack("=BBH", family, 0, 0)
+    found: list[CtEvent] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        sock.settimeout(5)
+        sock.bind((0, 0))
+        sock.send(request)
+        while not decode_events(sock.recv(1 << 20), found, dump=True):
+            pass
+    return found
 
 
 class EventSocket:

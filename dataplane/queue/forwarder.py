@@ -25,7 +25,8 @@ from ..lb.balancer import (
     Tick, Verdict, Verdicts, Wakeup,
 )
 from ..lb.policy import PortTable
-from ..netlink.ctevents import CtEvent, EventSocket
+from ..nat.userspace import KEEP_MASK
+from ..netlink.ctevents import CtEvent, EventSocket, dump_flows
 from .nfqueue import QueueSocket
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,11 @@ class Forwarder:
         self._socket.read(packets, self.batch)
         if not packets:
             return
-        commands = self.balancer.handle(PacketsQueued(packets, self.clock()))
+        try:
+            commands = self.balancer.handle(PacketsQueued(packets, self.clock()))
+        except Exception:  # a bug must not strand packets in the queue: let them all go on, undecided
+            log.exception("balancer failed on a batch of %d packets; they take the kernel's pick", len(packets))
+            commands = [Verdicts([(p.queue, p.packet_id, p.mark & KEEP_MASK) for p in packets])]
         self._run(commands)
         self.packets += len(packets)
         self.batches += 1
@@ -118,7 +123,15 @@ class Forwarder:
             log.warning("least-conn: cannot follow conntrack events (%s); counts stay at decisions", error)
             return
         self._loop.add_reader(self._events.fileno(), self._on_conntrack)
-        log.info("least-conn: following conntrack events")
+        # Flows that began before we listened count too: read the table once, after subscribing.
+        try:
+            existing = dump_flows()
+        except OSError as error:
+            log.warning("least-conn: cannot read the conntrack table (%s); older flows are not counted", error)
+            existing = []
+        for event in existing:
+            self.balancer.handle(FlowStarted(event.flow_id, event.flow, event.endpoint))
+        log.info("least-conn: following conntrack events (%d flows already there)", len(existing))
 
     def _on_conntrack(self) -> None:
         events: list[CtEvent] = []

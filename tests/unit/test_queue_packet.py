@@ -185,3 +185,15 @@ def test_conntrack_events_new_update_destroy():
         ctevents.CtEvent("end", 77, None, None),
         ctevents.CtEvent("end", 77, None, None),
     ]
+
+
+def test_a_table_dump_lists_live_flows_and_ends_at_done():
+    orig = nested(ctevents.CTA_TUPLE_ORIG, ct_tuple("192.168.50.2", "10.96.0.10", 6, 40000, 80))
+    reply = nested(ctevents.CTA_TUPLE_REPLY, ct_tuple("10.244.1.12", "192.168.50.1", 6, 80, 40000))
+    live = ct_message(0, 0, 1, orig, reply, nested(ctevents.CTA_PROTOINFO, nested(1, attr(1, bytes([3])))))
+    closing = ct_message(0, 0, 2, orig, reply, nested(ctevents.CTA_PROTOINFO, nested(1, attr(1, bytes([7])))))
+    done = struct.pack("=IHHIIi", 20, ctevents.NLMSG_DONE, 2, 1, 0, 0)
+    events: list = []
+    assert ctevents.decode_events(live + closing, events, dump=True) is False
+    assert ctevents.decode_events(done, events, dump=True) is True
+    assert [(e.kind, e.flow_id) for e in events] == [("new", 1)]
