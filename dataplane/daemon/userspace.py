@@ -26,6 +26,7 @@ from ..nat.ruleset import Ruleset
 from ..nat.userspace import FAIL_OPEN, QueueSpec, UserspaceRules, probe_nft_queue
 from ..nat.xtables import Xtables
 from ..queue.forwarder import Forwarder
+from ..queue.workers import WorkerPool
 from ..queue.nfqueue import queue_stats
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ class UserspaceMode:
                       for family, version in FAMILIES.items()}
         self.algorithm = algorithm
         self.settings = settings
-        self.forwarder = Forwarder(tuple(range(self.queue.first, self.queue.last + 1)), Balancer(maglev_size))
+        numbers = tuple(range(self.queue.first, self.queue.last + 1))
+        # One queue: decided on the daemon's own loop. More: a process per queue, to use every core.
+        self.forwarder = Forwarder(numbers, Balancer(maglev_size)) if queues == 1 else WorkerPool(numbers, maglev_size)
         self._seen: Snapshot | None = None
         self._fail_open = _CounterReader(nft)
         log.info("userspace mode: %d queue(s) via %s, default algorithm %s", queues,
@@ -102,16 +105,17 @@ class UserspaceMode:
     # observation
 
     def status(self) -> tuple[int, str, bytes]:
-        balancer = self.forwarder.balancer
+        snapshot = self.forwarder.snapshot()
         body = {
             "mode": "userspace",
             "queues": list(self.forwarder.queues),
             "queue_mechanism": "nft" if self.queue.in_nft else "iptables",
             "default_algorithm": self.algorithm,
-            "packets_queued": self.forwarder.packets,
-            "undecided": balancer.undecided,
+            "packets_queued": snapshot["packets"],
+            "packets_per_queue": snapshot["per_queue"],
+            "undecided": snapshot["undecided"],
             "fail_open": self._fail_open.read(),
-            "services": balancer.status(),
+            "services": snapshot["services"],
         }
         return 200, "application/json", (json.dumps(body, indent=1) + "\n").encode()
 
@@ -146,53 +150,55 @@ class _Collector:
         self.mode = mode
 
     def collect(self):
-        forwarder = self.mode.forwarder
-        balancer = forwarder.balancer
+        snapshot = self.mode.forwarder.snapshot()
         decided = CounterMetricFamily("dataplane_userspace_flows_decided", "New flows the forwarder decided",
                                       labels=["service", "endpoint"])
         active = GaugeMetricFamily("dataplane_userspace_flows_active",
                                    "Flows live in conntrack per endpoint (least-conn Services)",
                                    labels=["service", "endpoint"])
-        for port in balancer.ports.values():
-            for target in port.table.targets:
-                decided.add_metric([port.table.name, target.name], port.decided.get(target.id, 0))
-                if port.table.algorithm == "least-conn":
-                    active.add_metric([port.table.name, target.name], port.active.get(target.id, 0))
+        for port in snapshot["services"]:
+            for endpoint in port["endpoints"]:
+                decided.add_metric([port["service"], endpoint["endpoint"]], endpoint["decided"])
+                if port["algorithm"] == "least-conn":
+                    active.add_metric([port["service"], endpoint["endpoint"]], endpoint["active"])
         yield decided
         yield active
-        latency = forwarder.latency
-        buckets, running = [], 0
-        for bound, count in zip(latency.buckets, latency.counts):
-            running += count
-            buckets.append((repr(bound), running))
-        buckets.append(("+Inf", latency.count))
-        yield HistogramMetricFamily("dataplane_userspace_decision_latency_seconds",
-                                    "From reading a batch of queued packets to their verdicts sent",
-                                    buckets=buckets, sum_value=latency.total)
+        latency = snapshot["latency"]
+        if latency is not None:
+            buckets, running = [], 0
+            for bound, count in zip(latency["buckets"], latency["counts"]):
+                running += count
+                buckets.append((repr(bound), running))
+            buckets.append(("+Inf", latency["count"]))
+            yield HistogramMetricFamily("dataplane_userspace_decision_latency_seconds",
+                                        "From reading a batch of queued packets to their verdicts sent",
+                                        buckets=buckets, sum_value=latency["total"])
         yield CounterMetricFamily("dataplane_userspace_packets_queued", "Packets the forwarder read",
-                                  value=forwarder.packets)
+                                  value=snapshot["packets"])
         yield CounterMetricFamily("dataplane_userspace_undecided",
                                   "Queued packets let through without a decision (unreadable, no Service)",
-                                  value=balancer.undecided)
+                                  value=snapshot["undecided"])
         yield CounterMetricFamily("dataplane_userspace_fail_open",
                                   "New flows that reached the kernel's pick without a decision",
                                   value=self.mode._fail_open.read())
         drops = CounterMetricFamily("dataplane_userspace_queue_drops", "Packets the kernel dropped from a queue",
                                     labels=["queue"])
         for queue, stats in queue_stats().items():
-            if queue in forwarder.queues:
+            if queue in self.mode.forwarder.queues:
                 drops.add_metric([str(queue)], stats["queue_dropped"] + stats["user_dropped"])
         yield drops
         yield GaugeMetricFamily("dataplane_userspace_affinity_entries", "ClientIP affinity entries held",
-                                value=balancer.affinity_entries())
+                                value=snapshot["affinity_entries"])
         yield CounterMetricFamily("dataplane_userspace_maglev_builds", "Maglev tables built",
-                                  value=forwarder.table_builds)
+                                  value=snapshot["table_builds"])
 
 
 def format_status(body: dict, out: Callable[[str], None] = print) -> None:
     """`dataplane status` as text: per Service port, its algorithm and endpoints with their flows."""
+    per_queue = body.get("packets_per_queue") or {}
+    per_queue = f" ({', '.join(f'queue {q}: {n}' for q, n in sorted(per_queue.items()))})" if len(per_queue) > 1 else ""
     out(f"mode {body.get('mode')}: queues {body.get('queues')} via {body.get('queue_mechanism')}, "
-        f"default algorithm {body.get('default_algorithm')}; packets queued {body.get('packets_queued')}, "
+        f"default algorithm {body.get('default_algorithm')}; packets queued {body.get('packets_queued')}{per_queue}, "
         f"undecided {body.get('undecided')}, fail-open {body.get('fail_open')}")
     for service in body.get("services", []):
         affinity = service.get("affinity_timeout")

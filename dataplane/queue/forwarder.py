@@ -98,6 +98,18 @@ class Forwarder:
     def node_addresses(self, ips: tuple[bytes, ...]) -> None:
         self._run(self.balancer.handle(NodeAddresses(ips)))
 
+    def snapshot(self) -> dict:
+        """Counts and per-port state for /status and /metrics (plain data: it crosses processes, see workers.py)."""
+        balancer, latency = self.balancer, self.latency
+        return {
+            "packets": self.packets, "undecided": balancer.undecided, "table_builds": self.table_builds,
+            "affinity_entries": balancer.affinity_entries(),
+            "latency": {"buckets": list(latency.buckets), "counts": list(latency.counts), "total": latency.total,
+                        "count": latency.count},
+            "services": balancer.status(),
+            "per_queue": {str(q): self.packets for q in self.queues} if len(self.queues) == 1 else {},
+        }
+
     # I/O
 
     def _on_packets(self) -> None:

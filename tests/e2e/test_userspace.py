@@ -14,9 +14,12 @@ Address plan
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -229,4 +232,65 @@ def test_cleanup_removes_the_queue_rules(lab, daemon):
         assert "DATAPLANE-QUEUE" not in lab.node.run("iptables-save", "-t", "mangle").stdout
         assert "dataplane" not in lab.node.ruleset()
     finally:
+        daemon.start()
+
+
+SPREAD = r"""
+import socket, struct, sys
+count, dst, dport, base = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for n in range(count):
+    src = bytes((192, 168, 50, 10 + n % 200))  # many sources: the kernel hashes them over the queues
+    udp = struct.pack("!HHHH", base + n, dport, 8, 0)
+    s.sendto(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, n, 0, 64, 17, 0, src, socket.inet_aton(dst)) + udp, (dst, 0))
+"""
+
+
+def worker_pids(daemon_pid: int) -> dict[int, int]:
+    """queue -> pid of the daemon's forwarder workers."""
+    found = {}
+    for task in Path(f"/proc/{daemon_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"dataplane.queue.workers" in argv:
+                found[int(argv[argv.index(b"dataplane.queue.workers") + 1])] = int(child)
+    return found
+
+
+def test_several_queues_decide_in_worker_processes_and_one_dying_fails_open(lab, daemon, manifests, tmp_path):
+    daemon.stop()
+    multi = Daemon.for_source(lab.node, manifests.path, tmp_path / "multi.log",
+                              extra=["-v", "--proxy-mode", "userspace", "--queues", "2"])
+    try:
+        multi.start()
+        spread = lambda base: lab.client.python("-c", SPREAD, "400", "10.96.0.10", "9", str(base)).wait(30)
+
+        def settled(queued: int) -> dict:  # workers report once a second
+            wait_until(lambda: status(lab)["packets_queued"] >= queued, timeout=5, what=f"{queued} packets decided")
+            return status(lab)
+
+        spread(20000)
+        first = settled(400)
+        assert set(first["packets_per_queue"]) == {"0", "1"}
+        assert all(n > 0 for n in first["packets_per_queue"].values()), first["packets_per_queue"]
+        assert first["undecided"] == 0
+
+        workers = worker_pids(multi.process.pid)
+        assert set(workers) == {0, 1}
+        os.kill(workers[1], signal.SIGKILL)
+        time.sleep(0.2)
+        before = fail_open_count(lab)
+        spread(21000)
+        assert fail_open_count(lab) > before  # queue 1's share went to the kernel's pick
+        assert set(tally(tcp_request(lab.client, "10.96.0.30", 80) for _ in range(20))) == ALL
+
+        wait_until(lambda: 1 in worker_pids(multi.process.pid) and worker_pids(multi.process.pid)[1] != workers[1],
+                   timeout=10, what="the daemon starts queue 1's worker again")
+        time.sleep(0.5)
+        before = fail_open_count(lab)
+        spread(22000)
+        time.sleep(0.3)
+        assert fail_open_count(lab) == before
+    finally:
+        multi.stop()
         daemon.start()
