@@ -6,8 +6,9 @@ Measures, in a lab of namespaces (client -> node running `dataplane run` -> 3 Po
    mode, in alternating rounds so that drift hits both alike;
 2. packets of established flows: request/response on one TCP connection and
    one UDP socket, both modes (they never reach userspace);
-3. forwarder capacity: UDP flows, each from a new source port, sent with a
-   raw socket at rising rates for a few seconds each; a rate is held when
+3. forwarder capacity: UDP flows, each from a new source address and port,
+   sent with sendmmsg on a raw socket (bench/flood.c, compiled with gcc; a
+   Python sender without it) at rising rates for a few seconds each; a rate is held when
    every flow was decided (queued = sent) with no fail-open and no queue drop;
 4. Maglev: building the 65,537-slot table for 1,000 endpoints.
 
@@ -23,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,9 +130,23 @@ def status(lab: Lab) -> dict:
     return json.loads(http_get(lab.node, "127.0.0.1", 10249, "/status")[1])
 
 
+def compile_flood() -> str | None:
+    """bench/flood.c built into a temporary directory (sendmmsg: far above Python's rate), or None without gcc."""
+    target = Path(tempfile.mkdtemp(prefix="bench-flood-")) / "flood"
+    done = subprocess.run(["gcc", "-O2", "-o", str(target), str(Path(__file__).with_name("flood.c"))],
+                          capture_output=True, text=True)
+    return str(target) if done.returncode == 0 else None
+
+
+FLOOD_BINARY: str | None = None
+
+
 def flood(lab: Lab, rate: int, seconds: float, base: int) -> tuple[int, float]:
-    child = lab.client.python("-c", FLOOD, str(rate), str(seconds), CLUSTER_IP, str(FLOOD_PORT), str(base),
-                              stdout=subprocess.PIPE, text=True)
+    args = (str(rate), str(seconds), CLUSTER_IP, str(FLOOD_PORT), str(base))
+    if FLOOD_BINARY:
+        child = lab.client.popen(FLOOD_BINARY, *args, stdout=subprocess.PIPE, text=True)
+    else:
+        child = lab.client.python("-c", FLOOD, *args, stdout=subprocess.PIPE, text=True)
     sent, took = child.communicate(timeout=seconds + 60)[0].split()
     return int(sent), float(took)
 
@@ -142,7 +158,7 @@ def capacity(lab: Lab, rates: list[int], seconds: float, progress) -> list[dict]
         before = status(lab)
         sent, took = flood(lab, rate, seconds, base)
         base += sent
-        time.sleep(0.5)
+        time.sleep(1.5)  # workers (--queues > 1) report once a second
         after = status(lab)
         queued = after["packets_queued"] - before["packets_queued"]
         fail_open = after["fail_open"] - before["fail_open"]
@@ -161,6 +177,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None, help="alternating kernel/userspace rounds")
     parser.add_argument("--rates", default=None, help="flood rates to try, new flows/s, comma-separated")
     parser.add_argument("--queues", type=int, default=1)
+    parser.add_argument("--only", choices=("latency", "capacity"), default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -172,13 +189,17 @@ def main() -> int:
     rates = [int(r) for r in (args.rates or ("20000,50000" if args.quick else
                                              "20000,40000,50000,60000,70000,80000,100000,120000")).split(",")]
     started = time.monotonic()
+    global FLOOD_BINARY
+    FLOOD_BINARY = compile_flood()
+    results_generator = "bench/flood.c (sendmmsg)" if FLOOD_BINARY else "Python raw socket"
 
     def progress(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     samples = {mode: {k: [] for k in per_round} for mode in ("kernel", "userspace")}
     results: dict = {"command": " ".join(["python -m bench.userspace", *sys.argv[1:]]),
-                     "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "queues": args.queues}
+                     "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "queues": args.queues,
+                     "generator": results_generator, "loadavg_start": open("/proc/loadavg").read().split()[:3]}
     with Lab.build() as lab:
         lab.start_echo(tcp=[80], udp=[80])
         manifests = ManifestDir(Path(f"/tmp/bench-userspace-{os.getpid()}"))
@@ -191,7 +212,7 @@ def main() -> int:
         log = Path(args.out) / "userspace-daemon.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.unlink(missing_ok=True)
-        for round_ in range(rounds):
+        for round_ in range(rounds if args.only != "capacity" else 0):
             for mode in ("kernel", "userspace") if round_ % 2 == 0 else ("userspace", "kernel"):
                 extra = ["--proxy-mode", mode, "--queues", str(args.queues)]
                 with Daemon.for_source(lab.node, manifests.path, log, extra=extra):
@@ -204,14 +225,16 @@ def main() -> int:
                 lab.node.run("conntrack", "-F", check=False)
                 progress(f"round {round_ + 1}/{rounds} {mode}: connect p50 "
                          f"{statistics.median(samples[mode]['connect']) * 1e6:.0f} us")
-        results["latency"] = {mode: {k: summary(v) for k, v in kinds.items()} for mode, kinds in samples.items()}
-        results["ratio_p50"] = {k: round(results["latency"]["userspace"][k]["p50_us"]
-                                         / results["latency"]["kernel"][k]["p50_us"], 3) for k in per_round}
+        if args.only != "capacity":
+            results["latency"] = {mode: {k: summary(v) for k, v in kinds.items()} for mode, kinds in samples.items()}
+            results["ratio_p50"] = {k: round(results["latency"]["userspace"][k]["p50_us"]
+                                             / results["latency"]["kernel"][k]["p50_us"], 3) for k in per_round}
         with Daemon.for_source(lab.node, manifests.path, log,
                                extra=["--proxy-mode", "userspace", "--queues", str(args.queues)]):
             time.sleep(0.3)
             progress("forwarder capacity")
-            results["capacity"] = capacity(lab, rates, 2.0 if args.quick else 3.0, progress)
+            results["capacity"] = [] if args.only == "latency" else capacity(lab, rates, 2.0 if args.quick else 3.0,
+                                                                              progress)
         held = [r["achieved_rate"] for r in results["capacity"] if r["held"]]
         results["max_rate_held"] = max(held) if held else 0
         manifests.remove("web.yaml")
@@ -230,17 +253,18 @@ def main() -> int:
 
 
 def markdown(r: dict) -> str:
-    lat = r["latency"]
+    lat = r.get("latency")
     names = {"connect": "TCP connect (new flow)", "udp_first": "UDP first packet round trip (new flow)",
              "tcp_rr": "TCP round trip, established", "udp_rr": "UDP round trip, established"}
     lines = [f"Command: `{r['command']}` ({r['date']}, {r['cpus']} CPUs, {r['queues']} queue(s))", "",
              "| path | kernel p50 (us) | kernel p99 | userspace p50 (us) | userspace p99 | p50 ratio |",
              "|---|---:|---:|---:|---:|---:|"]
-    for key, name in names.items():
+    for key, name in names.items() if lat else ():
         k, u = lat["kernel"][key], lat["userspace"][key]
         lines.append(f"| {name} | {k['p50_us']} | {k['p99_us']} | {u['p50_us']} | {u['p99_us']} | "
                      f"{r['ratio_p50'][key]}x |")
-    lines += ["", "| new flows/s (target) | achieved | decided | fail-open | held |", "|---:|---:|---:|---:|---|"]
+    lines += ["", f"Flood generator: {r['generator']}, in the client namespace on the same 2 cores; "
+              f"load average at start {' '.join(r['loadavg_start'])}.", "", "| new flows/s (target) | achieved | decided | fail-open | held |", "|---:|---:|---:|---:|---|"]
     for c in r["capacity"]:
         lines.append(f"| {c['target_rate']} | {c['achieved_rate']} | {c['decided']} | {c['fail_open']} | "
                      f"{'yes' if c['held'] else 'no'} |")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import socket
 from typing import Callable
@@ -65,7 +66,17 @@ class UserspaceMode:
     # the event loop
 
     async def start(self) -> None:
-        """Installs the queue rule where nft has no `queue`, then binds the queues."""
+        """Installs the queue rule where nft has no `queue`, then binds the queues.
+
+        With one queue the packet path runs in this process: it takes nice -10,
+        as the worker processes of --queues N do (workers.py), so that new flows
+        do not wait behind batch work on a busy node.
+        """
+        if self.queue.count == 1:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, -10)
+            except OSError:
+                pass
         if not self.queue.in_nft:
             for family in (4, 6):
                 xt = Xtables(family)

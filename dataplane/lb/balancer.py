@@ -37,7 +37,7 @@ from typing import Iterable, Mapping, NamedTuple
 from ..nat.userspace import KEEP_MASK, mark_for
 from ..queue.packet import Flow, parse
 from . import maglev
-from .policy import PortTable, Target
+from .policy import PortTable, Target, packed
 
 PENDING_FOR = 2.0  # seconds a decided flow counts for least-conn before conntrack confirms it
 _PORTS = struct.Struct("!HH").pack
@@ -431,7 +431,5 @@ _packed_cache: dict[str, bytes] = {}
 def _packed(ip: str) -> bytes:
     value = _packed_cache.get(ip)
     if value is None:
-        from .policy import packed
-
         value = _packed_cache[ip] = packed(ip)
     return value

@@ -35,7 +35,7 @@ from typing import Callable, Hashable, Iterable, Mapping
 
 from ..config import NodeSettings
 from ..lb.endpoints import Selection
-from ..lb.policy import frontends
+from ..lb.policy import frontends, packed
 from ..model import ServiceKey, ServiceState, Snapshot
 from .layout import L4_PROTOCOLS, NODEPORT_IPS, Family
 from .ruleset import Chain, Container, Declaration, Element, Fragment, Ruleset
@@ -186,7 +186,7 @@ def service_fragment(state: ServiceState, family: Family) -> Fragment:
         return Fragment()
     internal, external = frontends(state, family.holds)
     addresses = [ip for ip in (*service.cluster_ips, *service.external_ips_all)
-                 if family.holds(ip) and _packed(ip) in internal + (external or ())]
+                 if family.holds(ip) and packed(ip) in internal + (external or ())]
     elements = []
     for port, backends in state.port_backends():
         if not any(family.holds(b.ip) for b in backends):
@@ -196,12 +196,6 @@ def service_fragment(state: ServiceState, family: Family) -> Fragment:
         if port.node_port and external is not None:
             elements.append(Element(USERSPACE_NODEPORTS, f"{proto} . {port.node_port}"))
     return Fragment(frozenset(elements))
-
-
-def _packed(ip: str) -> bytes:
-    from ..lb.policy import packed
-
-    return packed(ip)
 
 
 def endpoints_in_use(state: ServiceState, family: Family, node_name: str = "", zone: str = "") -> set[tuple[str, int]]:

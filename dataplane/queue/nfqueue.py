@@ -139,7 +139,7 @@ class QueueSocket:
     EBUSY when another process holds it, EPERM without CAP_NET_ADMIN.
     """
 
-    def __init__(self, queues: Iterable[int], copy_range: int = 128, maxlen: int = 4096, rcvbuf: int = 8 << 20):
+    def __init__(self, queues: Iterable[int], copy_range: int = 128, maxlen: int = 16384, rcvbuf: int = 32 << 20):
         self.queues = tuple(queues)
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:

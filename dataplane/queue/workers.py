@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
 import queue
 import signal
@@ -309,6 +310,11 @@ def main(argv: list[str]) -> int:
     import uvloop
 
     queue_number, control_fd, report_fd, maglev_size = (int(a) for a in argv)
+    try:
+        # A packet-path process, as ovs-vswitchd is: new flows wait while it waits (Debian runs that at nice -10).
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
+    except OSError:
+        pass
     logging.basicConfig(level=logging.INFO, format=f"queue-{queue_number}: %(levelname)s %(name)s %(message)s")
     control = socket.socket(fileno=control_fd)
     report = socket.socket(fileno=report_fd)
