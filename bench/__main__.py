@@ -114,13 +114,18 @@ def main() -> int:
     parser.add_argument("--paths", default=",".join(latency.PATHS), help="latency paths, comma-separated")
     parser.add_argument("--rounds", type=int, help="interleaved latency rounds")
     parser.add_argument("--changes", type=int, help="endpoint changes to time per control-plane size")
-    parser.add_argument("--only", choices=("latency", "control-plane"), help="run one part only")
+    parser.add_argument("--only", choices=("latency", "control-plane", "userspace"),
+                        help="run one part only; userspace: python -m bench.userspace (forwarder capacity too)")
     parser.add_argument("--split-cpus", action="store_true",
                         help="pin client and server to different CPUs (default: the same one; see bench/README.md)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
     parser.add_argument("--report-only", metavar="RESULTS_JSON",
                         help="measure nothing: redraw results.md and the plots from a results.json into --out")
     args = parser.parse_args()
+    if args.only == "userspace":
+        from . import userspace
+
+        return userspace.main(["--out", args.out, *(["--quick"] if args.quick else [])])
     if args.report_only:
         return write_reports(json.loads(Path(args.report_only).read_text()), Path(args.out))
     if os.geteuid() != 0:

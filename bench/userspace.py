@@ -171,7 +171,7 @@ def capacity(lab: Lab, rates: list[int], seconds: float, progress) -> list[dict]
     return results
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.userspace")
     parser.add_argument("--quick", action="store_true", help="fewer samples: a smoke test")
     parser.add_argument("--rounds", type=int, default=None, help="alternating kernel/userspace rounds")
@@ -179,7 +179,7 @@ def main() -> int:
     parser.add_argument("--queues", type=int, default=1)
     parser.add_argument("--only", choices=("latency", "capacity"), default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("python -m bench.userspace: needs root (it builds network namespaces)", file=sys.stderr)
         return 3
@@ -197,7 +197,7 @@ def main() -> int:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     samples = {mode: {k: [] for k in per_round} for mode in ("kernel", "userspace")}
-    results: dict = {"command": " ".join(["python -m bench.userspace", *sys.argv[1:]]),
+    results: dict = {"command": " ".join(["python -m bench.userspace", *(sys.argv[1:] if argv is None else argv)]),
                      "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "queues": args.queues,
                      "generator": results_generator, "loadavg_start": open("/proc/loadavg").read().split()[:3]}
     with Lab.build() as lab:
