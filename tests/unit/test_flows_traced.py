@@ -1,0 +1,240 @@
+"""The packet-flow table (tests/flows.py), traced through the rendered ruleset in the in-memory nftables.
+
+The same rows run with real packets in tests/e2e/test_packet_flows.py; here
+every row is checked exhaustively instead of by sampling: the tracer follows
+every `numgen` branch, so "reaches all four Pods" means exactly those four
+and nothing else, each with the right masquerade.
+
+Address plan: tests/flows.py (client 192.168.50.2, node 192.168.50.1 and
+10.244.1.1, Pods 10.244.1.11-14, ClusterIPs 10.96.5.0/24, LoadBalancer
+192.168.60.0/24, externalIPs 192.168.70.0/24, NodePorts 302xx/312xx; the
+IPv6 rows, where the table has them, fd00:50::/64, fd00:244:1::/64, fd00:96::/108).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import cache
+
+import pytest
+
+from dataplane.config import NodeSettings
+from dataplane.model import parse_objects
+from dataplane.nat import layout, plan
+from dataplane.nat.fake import FakeNftables
+from dataplane.nat.render import render
+from dataplane.nat.trace import DNAT, Outcome, Packet, Path, Tracer
+from dataplane.nat.userspace import QueueSpec, UserspaceRules
+from dataplane.sync.store import Store
+from tests import flows
+from tests.flows import (
+    CLUSTER_CIDR,
+    DROP,
+    FLOWS,
+    MANIFESTS,
+    NODE_IP,
+    NODE_NAME,
+    NODE_ZONE,
+    POD_IPS,
+    REJECT,
+    SERVICE_CIDR,
+    SOURCES,
+    Flow,
+    Reached,
+    Sticky,
+    cip,
+    lb,
+    np,
+)
+
+# The IPv6 rows, once the table has them (tests/flows.py: FLOWS6, MANIFESTS6): the node is then dual-stack.
+FLOWS6: list[Flow] = getattr(flows, "FLOWS6", [])
+MANIFESTS6: dict[str, list[dict]] = getattr(flows, "MANIFESTS6", {})
+V6 = {"cluster": getattr(flows, "CLUSTER_CIDR6", ""), "service": getattr(flows, "SERVICE_CIDR6", ""),
+      "node": getattr(flows, "NODE_IP6", ""), "pods": getattr(flows, "POD_IPS6", {})}
+V6_NODE_IPS = (V6["node"], "fd00:244:1::1") if FLOWS6 else ()  # client side, and every Pod veth
+
+SETTINGS = NodeSettings(node_name=NODE_NAME, cluster_cidrs=tuple(filter(None, (CLUSTER_CIDR, V6["cluster"]))),
+                        service_cidrs=tuple(filter(None, (SERVICE_CIDR, V6["service"]))), node_zone=NODE_ZONE)
+NODE_IPS = (NODE_IP, "10.244.1.1") + V6_NODE_IPS
+ECHO_PORT = 80  # every Pod echoes on TCP and UDP 80
+POD_BY_IP = {ip: pod for ips in (POD_IPS, V6["pods"]) for pod, ip in ips.items()}
+
+
+@cache
+def rendered(userspace: bool = False) -> str:
+    """plan.full() of the table's manifests, both families: the text `nft -f -` would receive.
+    With `userspace`, userspace mode's additions too (no nft `queue`: iptables queues)."""
+    store = Store()
+    for origin, documents in {**MANIFESTS, **MANIFESTS6}.items():
+        objects, errors = parse_objects(documents, origin)
+        assert not errors, errors
+        store.replace(origin, objects)
+    snapshot = store.snapshot()
+    text = ""
+    for family in (4, 6) if FLOWS6 else (4,):
+        ruleset = render(snapshot, SETTINGS, NODE_IPS, family)
+        if userspace:
+            ruleset = UserspaceRules(SETTINGS, layout.Family(family), QueueSpec()).extend(ruleset, snapshot)
+        text += str(plan.full(ruleset)[0])
+    return text
+
+
+def tracer_for(text: str) -> Tracer:
+    nft = FakeNftables()
+    nft.run(text)
+    return Tracer(nft)
+
+
+@pytest.fixture(scope="module")
+def tracer() -> Tracer:
+    return tracer_for(rendered())
+
+
+def packet(flow: Flow, sport: int = 40000) -> Packet:
+    source = flow.source
+    saddr = flows.source_ip(flow) if hasattr(flows, "source_ip") else SOURCES[source]
+    return Packet(saddr, flow.destination, flow.protocol.lower(), flow.port, sport, from_node=source == "node")
+
+
+def problems(tracer: Tracer, flow: Flow) -> list[str]:
+    """What is wrong with `flow` in the traced ruleset; [] when the row holds."""
+    paths = tracer.trace(packet(flow))
+    expect = flow.expect
+    if expect in (REJECT, DROP):
+        wrong = [p for p in paths if p.outcome != Outcome(expect)]
+        return [f"expected {expect}, got {p.outcome}:\n{p.explain()}" for p in wrong] or (
+            [] if paths else [f"expected {expect}, got no outcome"])
+    assert isinstance(expect, (Reached, Sticky))
+    found = _reached(flow, paths, expect.masqueraded if isinstance(expect, Reached) else None)
+    if isinstance(found, list):
+        return found
+    if found != expect.pods:
+        return [f"expected {sorted(expect.pods)}, reached {sorted(found)}"]
+    if isinstance(expect, Sticky):
+        return _sticky(tracer, flow, paths)
+    return []
+
+
+def _reached(flow: Flow, paths: list[Path], masqueraded: bool | None) -> set[str] | list[str]:
+    """The Pods reached, or the problems: a path that reached no Pod, or the wrong masquerade."""
+    reached, wrong = set(), []
+    for path in paths:
+        outcome = path.outcome
+        pod = POD_BY_IP.get(outcome.address) if outcome.verdict == DNAT else None
+        if pod is None or outcome.port != ECHO_PORT:
+            wrong.append(f"{outcome} is no Pod's echo port:\n{path.explain()}")
+            continue
+        reached.add(pod)
+        want = True if pod == flow.source else masqueraded  # a Pod reaching itself: hairpin
+        if want is not None and outcome.masqueraded != want:
+            wrong.append(f"{pod}: masqueraded should be {want}:\n{path.explain()}")
+    return wrong or reached
+
+
+def _sticky(tracer: Tracer, flow: Flow, first_paths: list[Path]) -> list[str]:
+    """A second connection from the same client, after the first one's set updates, must land alike."""
+    wrong = []
+    for first in first_paths:
+        if not first.learned:
+            wrong.append(f"the connection to {first.outcome.endpoint} taught no affinity set:\n{first.explain()}")
+        second = tracer.trace(packet(flow, sport=40001), after=[first])
+        elsewhere = {p.outcome.endpoint for p in second} - {first.outcome.endpoint}
+        if elsewhere:
+            wrong.append(f"after {first.outcome.endpoint}, a second connection may reach {sorted(elsewhere)}")
+    return wrong
+
+
+@pytest.mark.parametrize("flow", FLOWS + FLOWS6, ids=[f.id for f in FLOWS + FLOWS6])
+def test_packet_flow(tracer: Tracer, flow: Flow) -> None:
+    assert problems(tracer, flow) == []
+
+
+def test_userspace_mode_without_a_decision_fails_open_to_every_row() -> None:
+    """Userspace mode's ruleset, a packet the forwarder never saw (no id in its mark): the kernel path, row by row."""
+    userspace = tracer_for(rendered(userspace=True))
+    assert "userspace-classify" in rendered(userspace=True)
+    assert {f.id: problems(userspace, f) for f in FLOWS + FLOWS6 if problems(userspace, f)} == {}
+
+
+def test_the_table_covers_every_expectation_kind() -> None:
+    kinds = {type(f.expect).__name__ if not isinstance(f.expect, str) else f.expect for f in FLOWS}
+    assert kinds == {"Reached", "Sticky", REJECT, DROP}
+    assert len(FLOWS) >= 40
+
+
+# Each mutation breaks one rule the way a rendering bug would; the named row must notice.
+def _no_affinity_updates(text: str) -> str:
+    changed = re.sub(r"update @\S+ \{ ip saddr \}", "counter", text)
+    assert changed != text
+    return changed
+
+
+def _replace(old: str, new: str) -> Callable[[str], str]:
+    def mutate(text: str) -> str:
+        assert old in text, old
+        return text.replace(old, new)
+
+    return mutate
+
+
+MUTATIONS = [
+    ("hairpin-pod-reaching-itself-through-its-service",
+     _replace("@hairpin masquerade fully-random", "@hairpin counter")),
+    ("clusterip-tcp-from-outside-reaches-all-masqueraded",
+     _replace("ip saddr != { 10.244.0.0/16 } jump", "ip saddr { 10.244.0.0/16 } jump")),
+    ("clusterip-tcp-from-pod-reaches-all-unmasqueraded",
+     _replace("ip saddr != { 10.244.0.0/16 } jump", "ip saddr { 10.244.0.0/16 } jump")),
+    ("clusterip-tcp-from-outside-reaches-all-masqueraded",
+     _replace("numgen random mod 4 map @endpoints-4", "numgen random mod 3 map @endpoints-4")),
+    ("affinity-keeps-a-client-on-one-endpoint", _no_affinity_updates),
+    ("no-endpoints-clusterip-tcp-rejects", _replace("reject-packet reject\n", "reject-packet drop\n")),
+    ("etp-local-lb-reaches-local-endpoint-keeping-source",
+     _replace("local-1-of-2 fib saddr type local goto", "local-1-of-2 goto")),
+    ("source-range-drops-client-outside-it", _replace("@firewall-ips drop", "@firewall-ips accept")),
+    ("unallocated-service-address-drops", _replace("ip daddr != @cluster-ips drop", "ip daddr != @cluster-ips accept")),
+    ("itp-local-without-local-endpoint-drops-tcp", _replace("10.96.5.3 . tcp . 80 comment", "10.96.5.99 . tcp . 80 comment")),
+]
+
+
+@pytest.mark.parametrize("behaviour, mutate", MUTATIONS, ids=[f"{m[0]}-{i}" for i, m in enumerate(MUTATIONS)])
+def test_a_broken_ruleset_fails_its_row(behaviour: str, mutate: Callable[[str], str]) -> None:
+    (flow,) = [f for f in FLOWS if f.behaviour == behaviour]
+    assert problems(tracer_for(rendered()), flow) == []
+    assert problems(tracer_for(mutate(rendered())), flow) != []
+
+
+def test_affinity_is_shared_by_every_address_of_a_service(tracer: Tracer) -> None:
+    """A client that reached sticky-local through its LoadBalancer IP keeps its Pod on the NodePort."""
+    client = SOURCES["client"]
+    for first in tracer.trace(Packet(client, lb(16), "tcp", 80)):
+        again = tracer.outcomes(Packet(client, NODE_IP, "tcp", np(16), 40001), after=[first])
+        assert {o.endpoint for o in again} == {first.outcome.endpoint}
+
+
+def test_affinity_does_not_leak_to_other_clients_or_ports(tracer: Tracer) -> None:
+    (first, *_) = tracer.trace(Packet(SOURCES["client"], cip(10), "tcp", 80))
+    other_client = tracer.outcomes(Packet(SOURCES["pod3"], cip(10), "tcp", 80), after=[first])
+    other_port = tracer.outcomes(Packet(SOURCES["client"], cip(10), "udp", 80), after=[first])
+    assert len({o.endpoint for o in other_client}) == 4
+    assert len({o.endpoint for o in other_port}) == 4
+
+
+def test_affinity_expires_after_its_timeout(tracer: Tracer) -> None:
+    """sticky's sets keep a client 10800 s (the default timeoutSeconds), refreshed by each connection."""
+    (first, *_) = tracer.trace(Packet(SOURCES["client"], cip(10), "tcp", 80), now=0.0)
+    still = tracer.outcomes(Packet(SOURCES["client"], cip(10), "tcp", 80, 40001), after=[first], now=10799.0)
+    gone = tracer.outcomes(Packet(SOURCES["client"], cip(10), "tcp", 80, 40001), after=[first], now=10801.0)
+    assert {o.endpoint for o in still} == {first.outcome.endpoint}
+    assert len({o.endpoint for o in gone}) == 4
+
+
+def test_a_range_holding_a_node_address_admits_the_node_from_any_of_its_addresses() -> None:
+    """The table's row sends from 192.168.50.1, inside the range, so the allow-list alone admits it;
+    from its other address (10.244.1.1) only the `fib saddr type local` rule lets the node in."""
+    from_pod_side = Packet("10.244.1.1", lb(13), "tcp", 80, from_node=True)
+    pods = {POD_IPS["pod1"], POD_IPS["pod2"]}
+    assert {o.address for o in tracer_for(rendered()).outcomes(from_pod_side)} == pods
+    broken = _replace("fib saddr type local ip daddr", "fib saddr type unicast ip daddr")(rendered())
+    assert {str(o) for o in tracer_for(broken).outcomes(from_pod_side)} == {DROP}
