@@ -310,6 +310,7 @@ class _Reflector:
         self.version = ""  # the last resourceVersion seen
         self.listed = asyncio.Event()  # the first list is in the store
         self.backoff = Backoff(source.settings.backoff_first, source.settings.backoff_cap)
+        self.phase = "list"  # what is being tried, for the log
 
     async def run(self) -> None:
         must_list = True
@@ -317,8 +318,10 @@ class _Reflector:
         while True:
             try:
                 if must_list:
+                    self.phase = "list"
                     await self._list()
                     must_list = False
+                self.phase = "watch"
                 await self._watch()
             except ApiError as error:
                 if error.gone:
@@ -339,8 +342,7 @@ class _Reflector:
         delay = self.backoff.next()
         self.source.metrics.errors.labels(self.resource.kind).inc()
         what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        log.warning("%s %s: %s; retrying in %.1f s", self.resource.kind,
-                    "watch" if self.listed.is_set() else "list", what, delay)
+        log.warning("%s %s: %s; retrying in %.1f s", self.resource.kind, self.phase, what, delay)
         await asyncio.sleep(delay)
 
     async def _list(self) -> None:
