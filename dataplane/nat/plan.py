@@ -67,10 +67,11 @@ class Programmed:
         owned_new = {d.name: d for o in owners for d in new.fragments.get(o, EMPTY).owned}
         retired = [d for name, d in owned_old.items() if owned_new.get(name) != d]  # gone, or changed
         created = [d for name, d in owned_new.items() if owned_old.get(name) != d]
-        # A changed chain is flushed and refilled in place; anything else changed is replaced.
+        # Changed in place: a chain is flushed and refilled; a set (an affinity timeout) is
+        # declared again, which the kernel applies keeping its elements. Deleting it
+        # would be refused while a rule still reads it.
         refilled = [d for d in created if isinstance(d, Chain) and d.name in owned_old]
-        replaced = [d for d in retired if d.name in owned_new and not isinstance(d, Chain)]
-        retired = [d for d in retired if d.name not in owned_new or d in replaced]
+        retired = [d for d in retired if d.name not in owned_new]
         created = [d for d in created if d not in refilled]
 
         tx = Transaction()
@@ -79,9 +80,7 @@ class Programmed:
         old_chains += [d for d in retired if isinstance(d, Chain)]
         old_containers = [old.declarations[n] for n in gone if not isinstance(old.declarations[n], Chain)]
         old_containers += [d for d in retired if not isinstance(d, Chain)]
-        # Replaced sets go first: their new version is declared below under the same name.
         tx.extend(f"flush chain {table} {d.name}" for d in old_chains)
-        tx.extend(f"delete {d.kind} {table} {d.name}" for d in replaced)
         born_declarations = [new.declarations[n] for n in sorted(born)] + created
         _declare(tx, table, born_declarations)
         _fill_chains(tx, table, born_declarations)
@@ -92,7 +91,7 @@ class Programmed:
         _elements(tx, "add", table, added)
         # Flushed before any is deleted: one may still jump to another.
         tx.extend(f"delete chain {table} {d.name}" for d in old_chains)
-        tx.extend(f"delete {d.kind} {table} {d.name}" for d in old_containers if d not in replaced)
+        tx.extend(f"delete {d.kind} {table} {d.name}" for d in old_containers)
         return tx, change
 
     def commit(self, change: "Change") -> "Programmed":

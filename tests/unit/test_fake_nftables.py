@@ -363,8 +363,6 @@ def test_incremental_syncs_converge_to_a_full_one_step_by_step() -> None:
     assert not any(name.startswith(("aff-", "cluster-", "local-")) for name in table.chains)
 
 
-@pytest.mark.xfail(strict=True, raises=NftError, reason="plan.py deletes an affinity set its chains still use: "
-                   "the kernel refuses it (EBUSY), so the incremental sync fails and a full one must recover")
 def test_a_new_affinity_timeout_converges_incrementally() -> None:
     node = _Node()
     node.sync({"sticky.yaml": MANIFESTS["sticky.yaml"]})
