@@ -460,3 +460,12 @@ def test_the_defaults_meet_the_issues_deadlines():
     assert worst_first_retry <= 1.0  # a cut watch: first retry within about 1 s
     assert settings.backoff_cap <= 10.0  # live within 20 s of the API server coming back
     assert settings.idle_timeout + worst_first_retry < 60.0  # a silent connection reopened within 60 s
+
+
+def test_the_manifest_daemon_does_not_pay_for_the_api_client():
+    import subprocess
+    import sys
+
+    code = "import sys, dataplane.cli, dataplane.daemon.app; print('kubernetes_asyncio' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"  # about 40 MB of models, only for --source kube
