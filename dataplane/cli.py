@@ -18,6 +18,7 @@ from .nat import layout
 EXIT_USAGE = 2
 EXIT_NOT_ROOT = 3
 EXIT_NO_NFTABLES = 4
+EXIT_RUNTIME = 5
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         log.error("%s", error)
         return EXIT_USAGE
+    except OSError as error:  # e.g. a bind address already in use
+        log.error("cannot start: %s", error)
+        return EXIT_RUNTIME
 
 
 def api_settings(args: argparse.Namespace):
