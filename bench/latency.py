@@ -122,6 +122,7 @@ class LatencyBench:
         self.unavailable: dict[str, str] = {}  # path -> why it was not measured
         self.binary: Path | None = None
         self._labs: list[Lab] = []
+        self._ports: dict[str, int] = {}  # target key -> next udp-crr source port
 
     def __enter__(self) -> "LatencyBench":
         return self
@@ -187,7 +188,8 @@ class LatencyBench:
         lab.node.ip_batch([f"route add {ip}/32 dev {pod.veth} scope link" for ip in extra])
         # The client opens thousands of short connections per round; let it reuse
         # TIME_WAIT ports (its own namespace only) rather than run out of them.
-        lab.client.sysctl(net__ipv4__tcp_tw_reuse=1, net__ipv4__ip_local_port_range="1024 65000")
+        lab.client.sysctl(net__ipv4__tcp_tw_reuse=1,
+                          net__ipv4__ip_local_port_range=f"{loadgen.PORT_LOW} {loadgen.PORT_HIGH}")
         loadgen.start_server(pod.ns, self.binary, SERVER_PORT, self.settings.server_cpu)
         return lab
 
@@ -233,8 +235,15 @@ class LatencyBench:
     # ---- measuring ----
 
     def _measure(self, target: Target, mode: str, count: int, seconds: float) -> loadgen.Run:
+        first = None
+        if mode == "udp-crr":
+            # Fresh source ports, in order, so that every datagram is a new flow for the node's conntrack:
+            # 64,000 ports last the whole run; a wrap comes long after the 30 s UDP conntrack timeout.
+            first = self._ports.get(target.key, loadgen.PORT_LOW)
+            span = loadgen.PORT_HIGH - loadgen.PORT_LOW + 1
+            self._ports[target.key] = loadgen.PORT_LOW + (first - loadgen.PORT_LOW + count) % span
         return loadgen.measure(target.lab.client, self.binary, mode, target.destination, target.port, count,
-                               seconds, self.settings.client_cpu)
+                               seconds, self.settings.client_cpu, first)
 
     def run(self) -> dict:
         """Warms every target up, runs the rounds; returns the raw per-round runs keyed by target then mode."""

@@ -10,7 +10,7 @@
  *       so a DNATed flow to any of the Pod's addresses maps back through
  *       conntrack. Prints "ready" once bound; runs until killed.
  *
- *   loadgen MODE IP PORT COUNT SECONDS
+ *   loadgen MODE IP PORT COUNT SECONDS [FIRST_SOURCE_PORT]
  *       MODE is one of
  *         tcp-rr    one TCP connection, COUNT request/response round trips
  *         udp-rr    one connected UDP socket, COUNT round trips
@@ -22,6 +22,13 @@
  *       line per errno seen, "errno E COUNT". Each request waits at most 1 s.
  *       Exit status 0 unless the arguments were bad or the rr flow could not
  *       be opened.
+ *       With FIRST_SOURCE_PORT, udp-crr binds its sockets to that port and the
+ *       ones after it (wrapping from 65000 to 1024), skipping ports in use.
+ *       The caller moves it on between runs so that no port is reused while
+ *       the node may still hold a conntrack entry for it: a datagram that
+ *       matches an existing entry skips NAT, and that is not a first packet.
+ *       TCP needs no such care: a SYN that meets an old entry in TIME_WAIT
+ *       starts a new one, and a new NAT decision.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -144,11 +151,32 @@ static int exchange(int fd) {
     return 0;
 }
 
+#define PORT_LOW 1024
+#define PORT_HIGH 65000
+
+static int next_port; /* 0: the kernel picks source ports */
+
+static int bind_next(int fd) {
+    for (int tries = 0; tries < 100; tries++) {
+        struct sockaddr_in from = {.sin_family = AF_INET, .sin_port = htons(next_port)};
+        next_port = next_port >= PORT_HIGH ? PORT_LOW : next_port + 1;
+        if (bind(fd, (struct sockaddr *)&from, sizeof from) == 0) return 0;
+        if (errno != EADDRINUSE) return -1;
+    }
+    return -1;
+}
+
 static int open_flow(int type, const struct sockaddr_in *to) {
     int fd = socket(AF_INET, type, 0);
     if (fd < 0) return -1;
     int one = 1;
     timeouts(fd);
+    if (type == SOCK_DGRAM && next_port && bind_next(fd)) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
     if (type == SOCK_STREAM) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     if (connect(fd, (const struct sockaddr *)to, sizeof *to)) {
         int saved = errno;
@@ -161,9 +189,17 @@ static int open_flow(int type, const struct sockaddr_in *to) {
 
 int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "server")) return serve(atoi(argv[2]));
-    if (argc != 6) {
-        fprintf(stderr, "usage: loadgen server PORT | loadgen tcp-rr|udp-rr|tcp-crr|udp-crr IP PORT COUNT SECONDS\n");
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: loadgen server PORT | "
+                        "loadgen tcp-rr|udp-rr|tcp-crr|udp-crr IP PORT COUNT SECONDS [FIRST_SOURCE_PORT]\n");
         return 2;
+    }
+    if (argc == 7) {
+        next_port = atoi(argv[6]);
+        if (next_port < PORT_LOW || next_port > PORT_HIGH) {
+            fprintf(stderr, "loadgen: FIRST_SOURCE_PORT must be within %d-%d\n", PORT_LOW, PORT_HIGH);
+            return 2;
+        }
     }
     const char *mode = argv[1];
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};

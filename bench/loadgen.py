@@ -78,12 +78,20 @@ def parse(text: str) -> Run:
     return Run(samples, failed, errors)
 
 
+PORT_LOW, PORT_HIGH = 1024, 65000  # as in loadgen.c; the client namespace's ephemeral range too
+
+
 def measure(ns, binary: Path, mode: str, ip: str, port: int, count: int, seconds: float,
-            cpu: int | None) -> Run:
-    """Runs the client in `ns`: at most `count` requests and `seconds` s. Raises LoadgenError if it fails to run."""
+            cpu: int | None, first_source_port: int | None = None) -> Run:
+    """Runs the client in `ns`: at most `count` requests and `seconds` s. Raises LoadgenError if it fails to run.
+
+    `first_source_port` (udp-crr): the source ports to use start there (see loadgen.c).
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
     argv = _pinned(cpu, [str(binary), mode, ip, str(port), str(count), str(seconds)])
+    if first_source_port is not None:
+        argv.append(str(first_source_port))
     done = ns.run(*argv, check=False, timeout=seconds + 30)
     if done.returncode != 0:
         raise LoadgenError(f"loadgen {mode} {ip}:{port} exited {done.returncode}: {done.stderr.strip()}")
