@@ -188,7 +188,7 @@ class Daemon:
                 deleted = await asyncio.to_thread(conntrack.clear, list(result.stale))
                 self.metrics.conntrack_deleted.inc(deleted)
                 log.info("deleted %d stale conntrack entries for %d endpoints", deleted, len(result.stale))
-            except OSError as error:
+            except Exception as error:  # the rules are live; a cleanup failure must not fail the sync
                 log.warning("conntrack cleanup failed: %s", error)
         return True
 

@@ -9,6 +9,7 @@ packet is balanced anew.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
@@ -41,30 +42,39 @@ class StaleFlows:
 def clear(stale: list[StaleFlows]) -> int:
     """Deletes the matching entries; returns how many. Never raises for a vanished entry."""
     deleted = 0
-    if not stale:
-        return 0
-    with Conntrack() as conntrack:
-        for flows in stale:
-            for entry in list(_matching(conntrack, flows)):
-                try:
-                    conntrack.entry("del", tuple_orig=entry.tuple_orig)
-                    deleted += 1
-                except OSError as error:  # gone meanwhile
-                    log.debug("conntrack entry already gone: %s", error)
+    for family in (socket.AF_INET, socket.AF_INET6):
+        flows = [f for f in stale if not f.ip or (":" in f.ip) == (family == socket.AF_INET6)]
+        if not flows:
+            continue
+        with Conntrack(nfgen_family=family) as conntrack:
+            for flow in flows:
+                for entry in list(_matching(conntrack, family, flow)):
+                    try:
+                        conntrack.entry("del", tuple_orig=entry.tuple_orig)
+                        deleted += 1
+                    except OSError as error:  # gone meanwhile
+                        log.debug("conntrack entry already gone: %s", error)
     return deleted
 
 
-def _matching(conntrack: Conntrack, flows: StaleFlows):
+def _same(a: str | None, b: str) -> bool:
+    return a is not None and ipaddress.ip_address(a) == ipaddress.ip_address(b)
+
+
+def _matching(conntrack: Conntrack, family: int, flows: StaleFlows):
+    # The kernel filters by protocol and port; addresses are compared here, because
+    # pyroute2 0.9.7 cannot filter IPv6 addresses (EINVAL, or nothing matches).
     proto = _PROTOCOLS[flows.protocol]
-    families = [socket.AF_INET6 if ":" in flows.ip else socket.AF_INET] if flows.ip else [socket.AF_INET, socket.AF_INET6]
-    for family in families:
-        if flows.kind == "endpoint":
-            reply = NFCTAttrTuple(family=family, saddr=flows.ip, proto=proto, sport=flows.port)
-            for entry in conntrack.dump_entries(tuple_reply=reply):
-                if entry.tuple_orig.daddr != flows.ip:  # NATed to the endpoint, not a direct client
-                    yield entry
-        else:
-            orig = NFCTAttrTuple(family=family, daddr=flows.ip or None, proto=proto, dport=flows.port)
-            for entry in conntrack.dump_entries(tuple_orig=orig):
-                if (entry.tuple_reply.saddr, entry.tuple_reply.sport) == (entry.tuple_orig.daddr, entry.tuple_orig.dport):
-                    yield entry  # never translated
+    if flows.kind == "endpoint":
+        reply = NFCTAttrTuple(family=family, proto=proto, sport=flows.port)
+        for entry in conntrack.dump_entries(tuple_reply=reply):
+            # Answered by the endpoint, and NATed to it: not a client talking to the Pod directly.
+            if _same(entry.tuple_reply.saddr, flows.ip) and not _same(entry.tuple_orig.daddr, flows.ip):
+                yield entry
+    else:
+        orig = NFCTAttrTuple(family=family, proto=proto, dport=flows.port)
+        for entry in conntrack.dump_entries(tuple_orig=orig):
+            if flows.ip and not _same(entry.tuple_orig.daddr, flows.ip):
+                continue
+            if (entry.tuple_reply.saddr, entry.tuple_reply.sport) == (entry.tuple_orig.daddr, entry.tuple_orig.dport):
+                yield entry  # never translated
