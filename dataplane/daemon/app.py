@@ -66,17 +66,20 @@ class Health:
         self.last_updated: float | None = None
         self.failing = False
         self.pending_since: float | None = None
+        self.last_queued = float("-inf")
 
     def queued(self) -> None:
+        self.last_queued = self.clock()
         if self.pending_since is None:
-            self.pending_since = self.clock()
+            self.pending_since = self.last_queued
 
-    def synced(self, ok: bool, pending_at_start: float | None) -> None:
+    def synced(self, ok: bool, started: float | None) -> None:
+        """A sync that took its snapshot at `started` ended; a change queued later is still owed."""
         self.failing = not ok
         if ok:
             self.last_updated = self.clock()
-            if self.pending_since == pending_at_start:
-                self.pending_since = None
+            owed = started is not None and self.last_queued > started
+            self.pending_since = self.last_queued if owed else None
 
     def report(self) -> tuple[int, str, bytes]:
         now = self.clock()
@@ -146,14 +149,14 @@ class Daemon:
 
     async def _sync(self, full: bool) -> bool:
         snapshot = self.store.snapshot()
-        pending_wall, pending_mono = self.health.pending_since, self.loop.schedule.pending_since
+        started_wall, pending_mono = self.health.clock(), self.loop.schedule.pending_since
         started = time.perf_counter()
         try:
             result = await asyncio.to_thread(self.proxier.sync, snapshot, self.node_ips, full)
         except NftError as error:
             self.metrics.sync_failures.inc()
             log.error("sync failed, rules left as they were: %s", error)
-            self.health.synced(False, pending_wall)
+            self.health.synced(False, started_wall)
             return False
         elapsed = time.perf_counter() - started
         self.metrics.sync_duration.observe(elapsed)
@@ -165,7 +168,7 @@ class Daemon:
         self.metrics.endpoints.set(result.endpoints)
         self.metrics.invalid_objects.set(sum(len(p) for p in self.source.errors.values()))
         first = self.health.last_updated is None
-        self.health.synced(True, pending_wall)
+        self.health.synced(True, started_wall)
         if first:
             # Everything loaded so far lives as long as the daemon: keep the collector from
             # walking it again and again (it stalled the loop 150 ms per pass at 10k Services).

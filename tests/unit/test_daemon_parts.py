@@ -100,3 +100,17 @@ def test_udp_service_gaining_endpoints_clears_untranslated_flows() -> None:
         StaleFlows("UDP", "203.0.113.1", 53, "frontend"),
         StaleFlows("UDP", "", 30053, "frontend"),
     }
+
+
+def test_health_keeps_a_change_queued_during_a_sync_pending() -> None:
+    clock = Clock()
+    health = Health(stale_after=30, clock=clock)
+    health.synced(True, None)
+    health.queued()
+    started = clock.now = clock.now + 1  # the sync takes its snapshot
+    clock.now += 0.5
+    health.queued()  # a newer change arrives while it runs
+    health.synced(True, started)
+    assert health.pending_since == clock.now
+    clock.now += 31
+    assert health.report()[0] == 503
