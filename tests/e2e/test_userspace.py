@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from dataplane.lab import (
-    Daemon, Lab, ManifestDir, TcpSession, UdpSession, environment_problem, http_get, tally, tcp_request, wait_until,
+    AddressPlan, Daemon, Lab, ManifestDir, TcpSession, UdpSession, environment_problem, http_get, tally, tcp_request,
+    udp_request, wait_until,
 )
 from dataplane.lab.daemon import dataplane_executable
 from dataplane.lab.manifests import endpoint_slice, port, service
@@ -294,3 +295,25 @@ def test_several_queues_decide_in_worker_processes_and_one_dying_fails_open(lab,
     finally:
         multi.stop()
         daemon.start()
+
+
+def test_ipv6_flows_are_decided_too(tmp_path):
+    if "dual_stack" not in AddressPlan.__dataclass_fields__:
+        pytest.skip("this lab has no IPv6 plan yet")
+    with Lab.build(AddressPlan(dual_stack=True)) as lab6:
+        lab6.start_echo(tcp=[80], udp=[80])
+        manifests = ManifestDir(tmp_path / "manifests")
+        svc = service("web6", "fd00:96::10", [port("http", 80), port("dns", 53, 80, "UDP")])
+        svc["spec"]["ipFamilies"] = ["IPv6"]
+        slice_ = endpoint_slice("web6", [p.ip6 for p in lab6.pods], [("http", 80, "TCP"), ("dns", 80, "UDP")])
+        slice_["addressType"] = "IPv6"
+        manifests.write("web6.yaml", [svc, slice_])
+        extra = ["--proxy-mode", "userspace", "--lb-algorithm", "round-robin"]
+        with Daemon.for_source(lab6.node, manifests.path, tmp_path / "v6.log", extra=extra,
+                               cluster_cidr="10.244.0.0/16,fd00:244::/32"):
+            tcp = [tcp_request(lab6.client, "fd00:96::10", 80).pod for _ in range(6)]
+            udp = [udp_request(lab6.client, "fd00:96::10", 53).pod for _ in range(6)]
+            decided = status(lab6)
+        # round-robin's strict rotation shows the forwarder decided every flow, not the kernel's random pick
+        assert tcp == ["pod1", "pod2", "pod3"] * 2 and udp == ["pod1", "pod2", "pod3"] * 2
+        assert decided["packets_queued"] == 12 and decided["undecided"] == 0 and decided["fail_open"] == 0
