@@ -46,19 +46,23 @@ def service(name: str, cluster_ip: str | None, ports: Sequence[Manifest], *, typ
 
 def endpoint_slice(service_name: str, addresses: Iterable[str], ports: Sequence[tuple[str, int, str]], *,
                    namespace: str = "default", name: str | None = None, node: str = "node1",
-                   not_ready: Iterable[str] = ()) -> Manifest:
+                   not_ready: Iterable[str] = (), address_type: str | None = None) -> Manifest:
     """A discovery.k8s.io/v1 EndpointSlice for `service_name`.
 
     `ports` are (name, port, protocol), named like the Service ports they serve.
-    Addresses in `not_ready` are listed with ready: false.
+    Addresses in `not_ready` are listed with ready: false. `address_type` is
+    IPv4 or IPv6 (a slice holds one family); by default, the first address's.
     """
     not_ready = set(not_ready)
+    addresses = list(addresses)
+    if address_type is None:
+        address_type = "IPv6" if addresses and ":" in addresses[0] else "IPv4"
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {"name": name or f"{service_name}-abc12", "namespace": namespace,
                      "labels": {"kubernetes.io/service-name": service_name}},
-        "addressType": "IPv4",
+        "addressType": address_type,
         "endpoints": [
             {"addresses": [ip], "nodeName": node,
              "conditions": {"ready": ip not in not_ready, "serving": ip not in not_ready, "terminating": False}}

@@ -2,7 +2,8 @@
 
 No data plane here: traffic goes straight to Pod IPs, routed by the node.
 Address plan: the lab's default (dataplane/lab/topology.py): client 192.168.50.2,
-node 192.168.50.1 / 10.244.1.1, pods 10.244.1.11-13.
+node 192.168.50.1 / 10.244.1.1, pods 10.244.1.11-13; dual-stack labs add
+client fd00:50::2, node fd00:50::1 / fd00:244:1::1, pods fd00:244:1::11-12.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def root_state() -> dict[str, str]:
         "addresses": read("ip", "-o", "address", "show"),
         "routes": read("ip", "route", "show", "table", "all"),
         "ip_forward": read("sysctl", "-n", "net.ipv4.ip_forward"),
+        "ipv6": read("sysctl", "-n", "net.ipv6.conf.all.forwarding", "net.ipv6.conf.default.accept_dad",
+                     "net.ipv6.icmp.ratelimit"),
         "ruleset": read("nft", "list", "ruleset"),
     }
 
@@ -51,9 +54,10 @@ def dead_pid() -> int:
     return child.pid
 
 
-def test_building_and_closing_a_lab_leaves_the_root_namespace_as_it_was():
+@pytest.mark.parametrize("dual_stack", [False, True], ids=["ipv4", "dual-stack"])
+def test_building_and_closing_a_lab_leaves_the_root_namespace_as_it_was(dual_stack):
     before = root_state()
-    with Lab.build(AddressPlan(pods=2)) as lab:
+    with Lab.build(AddressPlan(pods=2, dual_stack=dual_stack)) as lab:
         assert root_state() == before
         assert lab.node.run("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
         names = [ns.name for ns in lab.namespaces]
@@ -206,3 +210,63 @@ def test_daemon_ignoring_sigterm_is_killed_and_reported(lab, tmp_path):
     with pytest.raises(DaemonError, match="did not exit"):
         daemon.stop(timeout=0.3)
     assert daemon.health() is None
+
+
+# Dual-stack labs: the IPv6 half, built beside the IPv4 one.
+@pytest.fixture(scope="module")
+def dual_lab():
+    with Lab.build(AddressPlan(pods=2, dual_stack=True)) as lab:
+        lab.start_echo(tcp=TCP, udp=UDP)
+        yield lab
+
+
+def ipv6_forwarding(ns) -> str:
+    return ns.run("sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip()
+
+
+def test_ipv6_forwarding_is_on_in_the_node_only(dual_lab):
+    assert ipv6_forwarding(dual_lab.node) == "1"
+    assert {ipv6_forwarding(ns) for ns in dual_lab.namespaces[1:]} == {"0"}
+
+
+def test_ipv6_addresses_are_usable_at_once(dual_lab):
+    for ns in dual_lab.namespaces:
+        assert ns.ip("-6", "address", "show", "tentative") == "", ns  # no DAD to wait for
+    pod = dual_lab.pods[0]
+    assert f"inet6 {pod.ip6}/128" in pod.ns.ip("-6", "address", "show", "dev", "eth0")
+
+
+@pytest.mark.parametrize("pod", ["pod1", "pod2"])
+def test_client_reaches_each_pod_over_ipv6_without_nat(dual_lab, pod):
+    target = dual_lab.pod(pod)
+    for outcome in (tcp_request(dual_lab.client, target.ip6, 80), udp_request(dual_lab.client, target.ip6, 5353)):
+        assert outcome.ok, outcome
+        assert outcome.reply.pod == pod
+        assert outcome.reply.peer[0] == str(dual_lab.plan.client6.ip)
+        assert outcome.reply.local[0] == target.ip6
+
+
+def test_pods_reach_each_other_over_ipv6_and_ipv4_still_works(dual_lab):
+    pod1, pod2 = dual_lab.pod("pod1"), dual_lab.pod("pod2")
+    outcome = udp_request(pod2.ns, pod1.ip6, 80)
+    assert (outcome.reply.pod, outcome.reply.peer[0], outcome.reply.local) == ("pod1", pod2.ip6, (pod1.ip6, 80))
+    assert tcp_request(pod2.ns, pod1.ip, 8080).reply.peer[0] == pod2.ip
+
+
+@pytest.mark.parametrize("send", [tcp_request, udp_request], ids=["tcp", "udp"])
+def test_ipv6_refusals_are_classified_and_fast(dual_lab, send):
+    outcome = send(dual_lab.client, dual_lab.pod("pod1").ip6, 81, timeout=0.5)
+    assert outcome.failure == Failure.REFUSED and outcome.elapsed < 0.2, outcome
+
+
+def test_service_prefix_reaches_the_node_and_its_icmpv6_errors_are_not_rate_limited(dual_lab):
+    # Without net.ipv6.icmp.ratelimit=0 in the node, refusals after the first few
+    # in a row would be silent (the kernel allows a burst, then one per second).
+    service_ip = str(dual_lab.plan.service_cidr6[1])
+    dual_lab.node.nft("table ip6 lab_reject {\n chain pre { type filter hook prerouting priority 0; "
+                      f"ip6 daddr {service_ip} udp dport 80 reject; }}\n}}")
+    try:
+        outcomes = [udp_request(dual_lab.client, service_ip, 80, timeout=0.5) for _ in range(30)]
+    finally:
+        dual_lab.node.nft("delete table ip6 lab_reject")
+    assert all(o.failure == Failure.REFUSED for o in outcomes), [str(o) for o in outcomes]

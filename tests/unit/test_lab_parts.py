@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 import yaml
 
@@ -45,6 +47,30 @@ def test_address_plan_numbers_pods_from_the_offset():
     assert [str(plan.pod_ip(i)) for i in (1, 2, 3)] == ["10.244.1.11", "10.244.1.12", "10.244.1.13"]
     with pytest.raises(ValueError, match="does not fit"):
         AddressPlan(pods=250)
+
+
+def test_dual_stack_plan_mirrors_the_ipv4_host_numbers_inside_the_cluster_cidrs():
+    plan = AddressPlan(pods=3, dual_stack=True)
+    assert [str(plan.pod_ip6(i)) for i in (1, 2, 3)] == ["fd00:244:1::11", "fd00:244:1::12", "fd00:244:1::13"]
+    assert all(plan.pod_ip6(i) in plan.cluster_cidr6 for i in (1, 2, 3))
+    assert plan.cluster_cidrs == "10.244.0.0/16,fd00:244::/32"
+    assert plan.service_cidrs == "10.96.0.0/12,fd00:96::/108"
+    assert AddressPlan().cluster_cidrs == "10.244.0.0/16"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("cluster_cidr6", ipaddress.IPv6Network("fd00:244::/48")),  # fd00:244:1::/64 lies outside it
+    ("cluster_cidr", ipaddress.IPv4Network("10.245.0.0/16")),
+])
+def test_address_plan_refuses_pods_outside_the_cluster_cidr(field, value):
+    with pytest.raises(ValueError, match="not inside the cluster CIDR"):
+        AddressPlan(**{field: value})
+
+
+def test_endpoint_slice_takes_its_address_type_from_the_addresses():
+    assert endpoint_slice("web", ["10.244.1.11"], [])["addressType"] == "IPv4"
+    assert endpoint_slice("web", ["fd00:244:1::11"], [])["addressType"] == "IPv6"
+    assert endpoint_slice("web", [], [], address_type="IPv6")["addressType"] == "IPv6"
 
 
 def outcome(pod_name: str | None) -> Outcome:
