@@ -219,3 +219,42 @@ def test_session_affinity_reaches_the_table():
                                    sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}}),
                            endpoint_slice("a", "10.244.1.1"))
     assert tables[0].affinity_timeout == 30
+
+
+# -- traced through the in-memory nftables (nat/fake.py, nat/trace.py) ----------------------------
+
+def decided_tracer(cluster: Cluster):
+    """The cluster's userspace ruleset in the fake, seen from after the forwarder's verdict.
+
+    The marking chains at -160 come before the queue (iptables, -150) and the
+    verdict that sets the id; a traced packet carries the verdict's mark
+    already, so they are left out here.
+    """
+    from dataplane.nat.fake import FakeNftables
+    from dataplane.nat.trace import Tracer
+
+    text = str(plan.full(cluster.ruleset)[0])
+    kept = [line for line in text.splitlines(keepends=True)
+            if "userspace-prerouting" not in line and "userspace-output" not in line]
+    nft = FakeNftables()
+    nft.run("".join(kept))
+    return Tracer(nft)
+
+
+@pytest.mark.parametrize("address, port", [("10.96.0.1", 80), ("192.168.70.10", 80), ("192.168.50.1", 30080)],
+                         ids=["clusterip", "external-ip", "nodeport"])
+def test_a_decision_reaches_exactly_its_endpoint_and_no_decision_reaches_any(address, port):
+    from dataplane.nat.trace import Packet
+
+    cluster = Cluster()
+    cluster.put("a", service("a", "10.96.0.1", node_port=30080, externalIPs=["192.168.70.10"]),
+                endpoint_slice("a", "10.244.1.1", "10.244.1.2", "10.244.1.3"))
+    tracer = decided_tracer(cluster)
+    everyone = {"10.244.1.1:80", "10.244.1.2:80", "10.244.1.3:80"}
+    for endpoint, endpoint_id in cluster.ids.ids.items():
+        outcomes = tracer.outcomes(Packet("192.168.50.2", address, "tcp", port, mark=mark_for(endpoint_id)))
+        assert {o.endpoint for o in outcomes} == {f"{endpoint[0]}:{endpoint[1]}"}
+    undecided = tracer.outcomes(Packet("192.168.50.2", address, "tcp", port, mark=0x2000))
+    assert {o.endpoint for o in undecided} == everyone
+    gone = tracer.outcomes(Packet("192.168.50.2", address, "tcp", port, mark=mark_for(999)))
+    assert {o.endpoint for o in gone} == everyone  # an id that left the map: the kernel's pick, never a stranger
