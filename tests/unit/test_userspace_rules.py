@@ -258,3 +258,19 @@ def test_a_decision_reaches_exactly_its_endpoint_and_no_decision_reaches_any(add
     assert {o.endpoint for o in undecided} == everyone
     gone = tracer.outcomes(Packet("192.168.50.2", address, "tcp", port, mark=mark_for(999)))
     assert {o.endpoint for o in gone} == everyone  # an id that left the map: the kernel's pick, never a stranger
+
+
+def test_render_in_userspace_mode_prints_a_loadable_table_and_the_queue_rule(capsys):
+    from pathlib import Path
+
+    from dataplane.cli import main
+    from dataplane.nat.fake import FakeNftables
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    assert main(["render", "--source", str(examples), "--node-ips", "192.168.50.1", "--proxy-mode", "userspace",
+                 "--hostname-override", "node1"]) == 0
+    text = capsys.readouterr().out
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    assert any("-j NFQUEUE --queue-num 0 --queue-bypass" in line for line in comments)
+    FakeNftables().run("".join(line + "\n" for line in text.splitlines() if not line.startswith("#")))
+    assert "add chain ip dataplane userspace-classify" in text and "endpoint-ids" in text
