@@ -9,7 +9,6 @@ packet is balanced anew.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
@@ -40,41 +39,37 @@ class StaleFlows:
 
 
 def clear(stale: list[StaleFlows]) -> int:
-    """Deletes the matching entries; returns how many. Never raises for a vanished entry."""
+    """Deletes the matching entries; returns how many. Never raises for a vanished entry.
+
+    One dump per family and protocol, whatever the number of stale flows: the
+    table may hold a million entries, and a dump per flow would read it again
+    and again. Addresses are compared here, as canonical text (pyroute2 0.9.7
+    cannot filter IPv6 addresses in the kernel).
+    """
     deleted = 0
     for family in (socket.AF_INET, socket.AF_INET6):
         flows = [f for f in stale if not f.ip or (":" in f.ip) == (family == socket.AF_INET6)]
         if not flows:
             continue
+        endpoints = {(f.protocol, f.ip, f.port) for f in flows if f.kind == "endpoint"}
+        frontends = {(f.protocol, f.ip, f.port) for f in flows if f.kind == "frontend"}
+        names = {number: name for name, number in _PROTOCOLS.items()}
         with Conntrack(nfgen_family=family) as conntrack:
-            for flow in flows:
-                for entry in list(_matching(conntrack, family, flow)):
+            for protocol in sorted({f.protocol for f in flows}):
+                query = NFCTAttrTuple(family=family, proto=_PROTOCOLS[protocol])
+                for entry in list(conntrack.dump_entries(tuple_orig=query)):
+                    orig, reply = entry.tuple_orig, entry.tuple_reply
+                    name = names.get(orig.proto)
+                    translated = (reply.saddr, reply.sport) != (orig.daddr, orig.dport)
+                    stale_endpoint = translated and (name, reply.saddr, reply.sport) in endpoints
+                    # Never translated, to a Service address (or any address, for a NodePort).
+                    stale_frontend = not translated and ((name, orig.daddr, orig.dport) in frontends
+                                                         or (name, "", orig.dport) in frontends)
+                    if not (stale_endpoint or stale_frontend):
+                        continue
                     try:
-                        conntrack.entry("del", tuple_orig=entry.tuple_orig)
+                        conntrack.entry("del", tuple_orig=orig)
                         deleted += 1
                     except OSError as error:  # gone meanwhile
                         log.debug("conntrack entry already gone: %s", error)
     return deleted
-
-
-def _same(a: str | None, b: str) -> bool:
-    return a is not None and ipaddress.ip_address(a) == ipaddress.ip_address(b)
-
-
-def _matching(conntrack: Conntrack, family: int, flows: StaleFlows):
-    # The kernel filters by protocol and port; addresses are compared here, because
-    # pyroute2 0.9.7 cannot filter IPv6 addresses (EINVAL, or nothing matches).
-    proto = _PROTOCOLS[flows.protocol]
-    if flows.kind == "endpoint":
-        reply = NFCTAttrTuple(family=family, proto=proto, sport=flows.port)
-        for entry in conntrack.dump_entries(tuple_reply=reply):
-            # Answered by the endpoint, and NATed to it: not a client talking to the Pod directly.
-            if _same(entry.tuple_reply.saddr, flows.ip) and not _same(entry.tuple_orig.daddr, flows.ip):
-                yield entry
-    else:
-        orig = NFCTAttrTuple(family=family, proto=proto, dport=flows.port)
-        for entry in conntrack.dump_entries(tuple_orig=orig):
-            if flows.ip and not _same(entry.tuple_orig.daddr, flows.ip):
-                continue
-            if (entry.tuple_reply.saddr, entry.tuple_reply.sport) == (entry.tuple_orig.daddr, entry.tuple_orig.dport):
-                yield entry  # never translated
