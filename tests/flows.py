@@ -137,6 +137,9 @@ MANIFESTS = {
                         loadBalancerSourceRanges=[f"{CLIENT}/32"]),
     "ranges-node.yaml": _svc("ranges-node", 13, ("pod1", "pod2"), kind="LoadBalancer", lb=True,
                              loadBalancerSourceRanges=[f"{NODE_IP}/32"]),
+    # The node's pod-side address is in the range, but it sends from 192.168.50.1.
+    "ranges-node-other.yaml": _svc("ranges-node-other", 18, ("pod1", "pod2"), kind="LoadBalancer", lb=True,
+                                   loadBalancerSourceRanges=["10.244.1.1/32"]),
     "zoned.yaml": _svc("zoned", 14, ("pod1", "pod3"), hints={"pod1": "zone-a", "pod3": "zone-b"}),
     "zoned-partial.yaml": _svc("zoned-partial", 15, ("pod1", "pod3"), hints={"pod1": "zone-a"}),
     "self.yaml": _svc("self", 17, ("pod1",)),
@@ -209,6 +212,9 @@ FLOWS = [
     Flow("source-range-does-not-apply-to-nodeports", "pod1", NODE_IP, np(12), "TCP", reached("pod1", "pod2", masqueraded=True)),
     Flow("source-range-drops-client-outside-it", "client", lb(13), 80, "TCP", DROP),
     Flow("source-range-holding-node-ip-admits-the-node", "node", lb(13), 80, "TCP", reached("pod1", "pod2", masqueraded=None)),
+    Flow("source-range-holding-a-node-ip-admits-the-node-from-any-of-its-addresses", "node", lb(18), 80, "TCP",
+         reached("pod1", "pod2", masqueraded=None)),
+    Flow("source-range-holding-a-node-ip-still-drops-others", "client", lb(18), 80, "TCP", DROP),
     # Addresses and ports nobody serves.
     Flow("undefined-port-on-clusterip-rejects-tcp", "client", cip(1), 81, "TCP", REJECT),
     Flow("undefined-port-on-clusterip-rejects-udp-from-pod", "pod1", cip(1), 81, "UDP", REJECT),
