@@ -90,14 +90,7 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
         # Kubernetes: consumers use only the first address; FQDN slices are never proxied.
         if addresses and address_type != "FQDN":
             endpoints.append(Endpoint(address=addresses[0].parse_ip(addresses[0].data, ""), **common))
-    ports = tuple(
-        EndpointPort(
-            name=item.name("name", DNS1123_LABEL),
-            port=item.port("port", required=True),
-            protocol=Protocol(item.choice("protocol", tuple(Protocol), "TCP")),
-        )
-        for item in reader.items("ports")
-    )
+    ports = _ports(reader)
     return EndpointSlice(
         namespace=namespace,
         name=name,
@@ -108,20 +101,25 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
     )
 
 
+def _ports(reader: Reader) -> tuple[EndpointPort, ...]:
+    """The `ports` list of a slice or of an Endpoints subset: the same shape in both."""
+    return tuple(
+        EndpointPort(
+            name=item.name("name", DNS1123_LABEL),
+            port=item.port("port", required=True),
+            protocol=Protocol(item.choice("protocol", tuple(Protocol), "TCP")),
+        )
+        for item in reader.items("ports")
+    )
+
+
 def parse_endpoints(obj: dict[str, Any]) -> tuple[EndpointSlice, ...]:
     """Converts a legacy v1 Endpoints object: one slice per subset."""
     reader = Reader("Endpoints", object_ref(obj), obj)
     namespace, name = read_metadata(reader)
     slices = []
     for index, subset in enumerate(reader.items("subsets")):
-        ports = tuple(
-            EndpointPort(
-                name=item.name("name", DNS1123_LABEL),
-                port=item.port("port", required=True),
-                protocol=Protocol(item.choice("protocol", tuple(Protocol), "TCP")),
-            )
-            for item in subset.items("ports")
-        )
+        ports = _ports(subset)
         endpoints = []
         for field, ready in (("addresses", True), ("notReadyAddresses", False)):
             for item in subset.items(field):
