@@ -7,6 +7,8 @@ sync leaves both the kernel and our memory of it as they were.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -48,6 +50,10 @@ class Proxier:
     def sync(self, snapshot: Snapshot, node_ips: tuple[str, ...], full: bool) -> SyncResult:
         """Programs `snapshot`; raises NftError with the kernel untouched on failure."""
         started = time.perf_counter()
+        with _collector_paused():
+            return self._sync(snapshot, node_ips, full, started)
+
+    def _sync(self, snapshot: Snapshot, node_ips: tuple[str, ...], full: bool, started: float) -> SyncResult:
         rulesets = [builder.build(snapshot, node_ips) for builder in self.builders]
         if self.extend is not None:
             rulesets = [self.extend(ruleset, snapshot) for ruleset in rulesets]
@@ -84,6 +90,20 @@ class Proxier:
                         if name.startswith(("endpoints-", "local-endpoints-")))
         timings = (rendered - started, planned - rendered, applied - planned)
         return SyncResult(len(tx), stale, services, endpoints, timings)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Rendering 10,000 Services allocates 130,000 tuples; the cyclic collector would walk
+    the whole heap again and again meanwhile (render 0.5-0.8 s instead of 0.26 s). The
+    sync creates no cycles worth collecting before it ends."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def stale_flows(old: Snapshot, new: Snapshot) -> tuple[StaleFlows, ...]:

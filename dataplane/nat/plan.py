@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 ElementKey = tuple[str, str]  # (container, key)
 
 
-_GONE = (None, 0)  # overlay marker: the slot was released
+_GONE = Element("", "", "", "")  # overlay marker: the slot was released
 
 
 class Programmed:
@@ -38,7 +38,8 @@ class Programmed:
 
     def __init__(self, ruleset: Ruleset | None = None):
         self.ruleset = ruleset
-        self.held: dict[ElementKey, tuple[Element, int]] = {}  # slot -> (element, refcount)
+        self.held: dict[ElementKey, Element] = {}  # slot -> the element the kernel holds there
+        self.shares: dict[ElementKey, int] = {}  # slot -> owners, where more than one holds it
         self.needed: dict[str, int] = {}  # declaration name -> refcount
         self.conflicts: dict[Hashable, frozenset[Element]] = {}
         self.sizes: dict[str, int] = {}  # container -> elements held, for metrics
@@ -108,6 +109,11 @@ class Programmed:
                 if self.held.get(slot) is None:
                     sizes[slot[0]] = sizes.get(slot[0], 0) + 1
                 self.held[slot] = entry
+        for slot, count in change.shares.items():
+            if count > 1:
+                self.shares[slot] = count
+            else:
+                self.shares.pop(slot, None)
         for name, count in change.needed.items():
             if count:
                 self.needed[name] = count
@@ -129,15 +135,23 @@ class Change:
         self.ruleset = ruleset
         self.base = base
         self.replacement = replacement
-        self.held: dict[ElementKey, tuple[Element, int] | tuple[None, int]] = {}
+        self.held: dict[ElementKey, Element] = {}  # _GONE where released
+        self.shares: dict[ElementKey, int] = {}
         self.needed: dict[str, int] = {}
         self.conflicts: dict[Hashable, frozenset[Element]] = {}
 
-    def _entry(self, slot: ElementKey):
+    def _entry(self, slot: ElementKey) -> Element | None:
         entry = self.held.get(slot)
         if entry is None and self.base is not None:
             entry = self.base.held.get(slot)
         return None if entry is _GONE else entry
+
+    def _owners(self, slot: ElementKey) -> int:
+        """How many owners hold a held slot (1 unless shared)."""
+        count = self.shares.get(slot)
+        if count is None and self.base is not None:
+            count = self.base.shares.get(slot)
+        return count or 1
 
     def _need(self, name: str, delta: int) -> None:
         current = self.needed.get(name)
@@ -152,10 +166,10 @@ class Change:
             slot = element[:2]
             entry = held.get(slot) or base.get(slot)  # inlined _entry: the full-sync hot loop
             if entry is None or entry is _GONE:
-                held[slot] = (element, 1)
+                held[slot] = element
                 added.append(element)
-            elif entry[0].value == element.value:
-                held[slot] = (entry[0], entry[1] + 1)
+            elif entry[2] == element[2]:  # the same value: one more owner
+                self.shares[slot] = self._owners(slot) + 1
             else:
                 refused.append(element)
         self.conflicts[owner] = frozenset(refused)
@@ -176,12 +190,12 @@ class Change:
             if element in refused:
                 continue
             slot = element[:2]
-            held, count = self._entry(slot)
+            count = self._owners(slot)
             if count == 1:
+                removed.append(self._entry(slot))
                 self.held[slot] = _GONE
-                removed.append(held)
             else:
-                self.held[slot] = (held, count - 1)
+                self.shares[slot] = count - 1
         for name in fragment.needs:
             self._need(name, -1)
 
