@@ -15,7 +15,7 @@ Service cannot make a transaction fail for everyone.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Hashable, Iterable
 
 from .ruleset import EMPTY, Chain, Container, Declaration, Element, Fragment, Ruleset, Transaction
@@ -94,6 +94,16 @@ class Programmed:
         tx.extend(f"delete chain {table} {d.name}" for d in old_chains)
         tx.extend(f"delete {d.kind} {table} {d.name}" for d in old_containers)
         return tx, change
+
+    def adopt(self, change: "Change", added: list[Element]) -> None:
+        """Takes over a change planned from nothing (a full sync) without copying it."""
+        assert not self.held and change.base is self
+        self.held = change.held  # nothing was released: no _GONE markers
+        self.shares = {slot: count for slot, count in change.shares.items() if count > 1}
+        self.needed = {name: count for name, count in change.needed.items() if count}
+        self.conflicts = {owner: refused for owner, refused in change.conflicts.items() if refused}
+        self.sizes = dict(Counter(element[0] for element in added))
+        self.ruleset = change.ruleset
 
     def commit(self, change: "Change") -> "Programmed":
         """The state once the kernel accepted `change`'s transaction."""
@@ -227,7 +237,7 @@ def full(ruleset: Ruleset, existing: Iterable[tuple[str, str]] | None = None) ->
     added: list[Element] = []
     for owner in sorted(ruleset.fragments, key=repr):
         change.contribute(owner, ruleset.fragments[owner], added)
-    state.commit(change)
+    state.adopt(change, added)
     table = f"{ruleset.family} {ruleset.table}"
     # The skeleton in its own order, then the rest by name: the same text in every process.
     wanted = [ruleset.declarations[n] for n in ruleset.declarations if n in ruleset.always]
