@@ -1,7 +1,9 @@
 """Transactions that bring the kernel from one Ruleset to the next.
 
-`full()` replaces the whole table in one transaction: used at start (which
-adopts whatever a previous run left), after a failure and on resync.
+`full()` makes the table exactly the ruleset in one transaction (replacing
+it, or flushing and refilling it in place so affinity state survives): used
+at start (which adopts whatever a previous run left), after a failure and on
+resync.
 `Programmed.plan()` touches only the elements of owners whose fragment
 changed, plus declarations that became needed or unneeded.
 
