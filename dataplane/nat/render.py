@@ -154,54 +154,44 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
     used = {e.ip for e in chosen.cluster + chosen.local
             if local_policy or e.node_name in (settings.node_name, "")}
     out.add(layout.HAIRPIN, *((f"{ip} . {ip}", "") for ip in sorted(used)))
+    affinity = None
     if service.session_affinity_timeout:
-        _affinity(out, service, port, chosen, internal, local_policy, cluster_ips, external_ips, settings, family)
-        return
-    out.needs |= layout.pick_names(n)
+        # ClientIP affinity: the Service port's own chains, whatever the address (nat/affinity.py).
+        affinity = AffinityChains(service, port, settings, family)
+        out.owned.extend(affinity.build(chosen.cluster, chosen.local, internal, local_policy))
+    else:
+        out.needs |= layout.pick_names(n) | (layout.pick_names(len(internal)) if internal else set())
+
     for ip in cluster_ips:
         key = f"{ip} . {proto} . {port.port}"
-        if internal:
-            out.add(layout.SERVICE_IPS, (key, f"goto {layout.cluster_chain(len(internal))}"), comment=comment)
-            out.endpoints(layout.endpoints_map(len(internal)), key, internal)
-        else:  # internalTrafficPolicy: Local and no endpoint here: drop, do not refuse
+        if not internal:  # internalTrafficPolicy: Local and no endpoint here: drop, do not refuse
             out.add(layout.NO_ENDPOINT_SERVICES, (key, "drop"), comment=comment)
-        out.needs |= layout.pick_names(len(internal)) if internal else set()
+            continue
+        if affinity:
+            target = affinity.cluster
+        else:
+            target = layout.cluster_chain(len(internal))
+            out.endpoints(layout.endpoints_map(len(internal)), key, internal)
+        out.add(layout.SERVICE_IPS, (key, f"goto {target}"), comment=comment)
 
     # From outside: external addresses, keyed by address, and the NodePort, keyed by port alone.
     outside = [(f"{ip} . {proto} . {port.port}", False) for ip in external_ips]
     if port.node_port:
         outside.append((f"{proto} . {port.node_port}", True))
     for key, nodeport in outside:
-        out.endpoints(layout.nodeport_endpoints_map(n) if nodeport else layout.endpoints_map(n), key, chosen.cluster)
-        if local_policy:
+        if affinity:
+            chain = affinity.local if local_policy else affinity.external
+        elif local_policy:
             chain = (layout.nodeport_local_chain if nodeport else layout.local_chain)(m, n)
             out.needs |= {chain} | (layout.local_pick_names(m) if m else set())
             local_map = layout.nodeport_local_endpoints_map(m) if nodeport else layout.local_endpoints_map(m)
             out.endpoints(local_map, key, chosen.local)
         else:
             chain = layout.nodeport_chain(n) if nodeport else layout.external_chain(n)
+        if not affinity:
+            out.endpoints(layout.nodeport_endpoints_map(n) if nodeport else layout.endpoints_map(n), key,
+                          chosen.cluster)
         out.add(layout.SERVICE_NODEPORTS if nodeport else layout.SERVICE_IPS, (key, f"goto {chain}"), comment=comment)
-
-
-def _affinity(out: _FragmentBuilder, service: Service, port: ServicePort, chosen: Selection,
-              internal: tuple[Backend, ...], local_policy: bool, cluster_ips: list[str], external_ips: list[str],
-              settings: NodeSettings, family: layout.Family) -> None:
-    """sessionAffinity: ClientIP: the Service port's own chains (see nat/affinity.py)."""
-    proto = port.protocol.lower()
-    comment = f"{out.name}:{port.name or port.port}"
-    chains = AffinityChains(service, port, settings, family)
-    out.owned.extend(chains.build(chosen.cluster, chosen.local, internal, local_policy))
-    for ip in cluster_ips:
-        key = f"{ip} . {proto} . {port.port}"
-        if internal:
-            out.add(layout.SERVICE_IPS, (key, f"goto {chains.cluster}"), comment=comment)
-        else:
-            out.add(layout.NO_ENDPOINT_SERVICES, (key, "drop"), comment=comment)
-    outside = chains.local if local_policy else chains.external
-    out.add(layout.SERVICE_IPS, *((f"{ip} . {proto} . {port.port}", f"goto {outside}") for ip in external_ips),
-            comment=comment)
-    if port.node_port:
-        out.add(layout.SERVICE_NODEPORTS, (f"{proto} . {port.node_port}", f"goto {outside}"), comment=comment)
 
 
 def _firewall(out: _FragmentBuilder, service: Service, port: ServicePort, proto: str, lb_ips: list[str],
