@@ -36,9 +36,6 @@ class NftError(RuntimeError):
     def is_not_found(self) -> bool:
         return self.errno == errno.ENOENT
 
-    def is_permission(self) -> bool:
-        return self.errno == errno.EPERM
-
 
 class _LibNftables:
     """libnftables through ctypes: nft's own parser, without a process per call."""
@@ -118,8 +115,7 @@ class Nftables:
         return "libnftables" if isinstance(self._backend, _LibNftables) else "nft"
 
     def run(self, text: str, check_only: bool = False) -> str:
-        backend = self._bulk if len(text) >= self.LARGE else self._backend
-        rc, out, err = backend.run(text, check_only)
+        rc, out, err = self._backend.run(text, check_only)
         if rc != 0:
             raise NftError(err or f"nft failed with status {rc}", text)
         return out
