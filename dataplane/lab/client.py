@@ -91,21 +91,17 @@ def _attempt(started: float, action: Callable[[], Reply | None]) -> Outcome:
     return Outcome(reply, None, time.monotonic() - started)
 
 
-class TcpSession:
-    """One TCP connection from a namespace, kept open across requests until `close()`.
+class _Session:
+    """A socket of `kind` in namespace `ns` towards ip:port, optionally bound to `source`."""
 
-    `connect()` first; then each `request` sends one line and reads one reply line.
-    """
-
-    def __init__(self, ns, ip: str, port: int, timeout: float = 1.0, source: tuple[str, int] | None = None):
+    def __init__(self, ns, ip: str, port: int, timeout: float, source: tuple[str, int] | None, kind: int):
         self.ns, self.ip, self.port, self.timeout = ns, ip, port, timeout
-        self._sock = ns.socket(_family(ip), socket.SOCK_STREAM)
+        self._sock = ns.socket(_family(ip), kind)
         self._sock.settimeout(timeout)
         if source is not None:
             self._sock.bind(source)
-        self._buffer = b""
 
-    def __enter__(self) -> "TcpSession":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -114,6 +110,20 @@ class TcpSession:
     @property
     def local(self) -> tuple[str, int]:
         return self._sock.getsockname()[:2]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class TcpSession(_Session):
+    """One TCP connection from a namespace, kept open across requests until `close()`.
+
+    `connect()` first; then each `request` sends one line and reads one reply line.
+    """
+
+    def __init__(self, ns, ip: str, port: int, timeout: float = 1.0, source: tuple[str, int] | None = None):
+        super().__init__(ns, ip, port, timeout, source, socket.SOCK_STREAM)
+        self._buffer = b""
 
     def connect(self) -> Outcome | None:
         """Connects; None on success, else the failed Outcome (refused, timeout, unreachable)."""
@@ -140,11 +150,8 @@ class TcpSession:
 
         return _attempt(started, go)
 
-    def close(self) -> None:
-        self._sock.close()
 
-
-class UdpSession:
+class UdpSession(_Session):
     """A connected UDP socket from a namespace: every request leaves from the same source port.
 
     Connected, so that an ICMP port unreachable for an earlier datagram surfaces as
@@ -152,22 +159,8 @@ class UdpSession:
     """
 
     def __init__(self, ns, ip: str, port: int, timeout: float = 1.0, source: tuple[str, int] | None = None):
-        self.ns, self.ip, self.port, self.timeout = ns, ip, port, timeout
-        self._sock = ns.socket(_family(ip), socket.SOCK_DGRAM)
-        self._sock.settimeout(timeout)
-        if source is not None:
-            self._sock.bind(source)
+        super().__init__(ns, ip, port, timeout, source, socket.SOCK_DGRAM)
         self._sock.connect((ip, port))
-
-    def __enter__(self) -> "UdpSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @property
-    def local(self) -> tuple[str, int]:
-        return self._sock.getsockname()[:2]
 
     def request(self, payload: str = "hello") -> Outcome:
         started = time.monotonic()
@@ -192,9 +185,6 @@ class UdpSession:
                     continue  # a pending ICMP error, reported once and cleared
         finally:
             self._sock.settimeout(self.timeout)
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 def tcp_request(ns, ip: str, port: int, timeout: float = 1.0, line: str = "hello") -> Outcome:
