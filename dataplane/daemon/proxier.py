@@ -58,7 +58,6 @@ class Proxier:
         if self.extend is not None:
             rulesets = [self.extend(ruleset, snapshot) for ruleset in rulesets]
         rendered = time.perf_counter()
-        changes = []
         if full:
             # Flush and refill in place, so that affinity sets keep their clients; should
             # that fail (an object of ours changed shape), replace the tables whole.
