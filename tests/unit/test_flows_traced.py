@@ -48,12 +48,11 @@ from tests.flows import (
     np,
 )
 
-# The IPv6 rows, once the table has them (tests/flows.py: FLOWS6, MANIFESTS6): the node is then dual-stack.
-FLOWS6: list[Flow] = getattr(flows, "FLOWS6", [])
-MANIFESTS6: dict[str, list[dict]] = getattr(flows, "MANIFESTS6", {})
-V6 = {"cluster": getattr(flows, "CLUSTER_CIDR6", ""), "service": getattr(flows, "SERVICE_CIDR6", ""),
-      "node": getattr(flows, "NODE_IP6", ""), "pods": getattr(flows, "POD_IPS6", {})}
-V6_NODE_IPS = (V6["node"], "fd00:244:1::1") if FLOWS6 else ()  # client side, and every Pod veth
+# The IPv6 rows: the node is dual-stack.
+FLOWS6: list[Flow] = flows.FLOWS6
+MANIFESTS6: dict[str, list[dict]] = flows.MANIFESTS6
+V6 = {"cluster": flows.CLUSTER_CIDR6, "service": flows.SERVICE_CIDR6, "node": flows.NODE_IP6, "pods": flows.POD_IPS6}
+V6_NODE_IPS = (V6["node"], "fd00:244:1::1")  # client side, and every Pod veth
 
 SETTINGS = NodeSettings(node_name=NODE_NAME, cluster_cidrs=tuple(filter(None, (CLUSTER_CIDR, V6["cluster"]))),
                         service_cidrs=tuple(filter(None, (SERVICE_CIDR, V6["service"]))), node_zone=NODE_ZONE)
