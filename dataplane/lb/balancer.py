@@ -177,9 +177,6 @@ class PortState:
         ids = {t.id for t in self.targets}
         self.affinity = {c: e for c, e in self.affinity.items() if e[0] in ids}
 
-    def index_of(self, target_id: int) -> int | None:
-        return self.position.get(target_id)
-
     def pick(self, flow: Flow) -> int:
         """Index into self.targets chosen by the port's algorithm (targets must not be empty)."""
         algorithm = self.table.algorithm
@@ -253,7 +250,6 @@ class Balancer:
         self.pending: dict[tuple, tuple[PortState, int, float]] = {}  # 5-tuple -> (port, target id, until)
         self.now = 0.0
         self.undecided = 0  # packets let through without a decision (unreadable, or no Service)
-        self.affinity_hits = 0
 
     # events
 
@@ -311,10 +307,9 @@ class Balancer:
             if timeout is not None:
                 entry = port.affinity.get(flow.saddr)
                 if entry is not None and entry[1] > now:
-                    index = port.index_of(entry[0])
+                    index = port.position.get(entry[0])
                     if index is not None:
                         entry[1] = now + timeout
-                        self.affinity_hits += 1
             if index is None:
                 index = port.pick(flow)
                 if timeout is not None:
