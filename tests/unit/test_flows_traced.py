@@ -72,7 +72,7 @@ def rendered(userspace: bool = False) -> str:
         store.replace(origin, objects)
     snapshot = store.snapshot()
     text = ""
-    for family in (4, 6) if FLOWS6 else (4,):
+    for family in (4, 6):
         ruleset = render(snapshot, SETTINGS, NODE_IPS, family)
         if userspace:
             ruleset = UserspaceRules(SETTINGS, layout.Family(family), QueueSpec()).extend(ruleset, snapshot)
