@@ -63,7 +63,6 @@ class Forwarder:
         self.batch = batch
         self.latency = LatencyHistogram()
         self.packets = 0
-        self.batches = 0
         self.table_builds = 0
         self._socket: QueueSocket | None = None
         self._events: EventSocket | None = None
@@ -125,7 +124,6 @@ class Forwarder:
             commands = [Verdicts([(p.queue, p.packet_id, p.mark & KEEP_MASK) for p in packets])]
         self._run(commands)
         self.packets += len(packets)
-        self.batches += 1
         self.latency.observe(time.perf_counter() - started, len(packets))
 
     def _follow_conntrack(self) -> None:
