@@ -240,10 +240,7 @@ class WorkerPool:
             worker.send(("nodes", ips))
 
     def snapshot(self) -> dict:
-        return merge_snapshots([w.snapshot for w in self.workers if w.snapshot is not None]) if any(
-            w.snapshot for w in self.workers) else {
-            "packets": 0, "undecided": 0, "table_builds": 0, "affinity_entries": 0, "latency": None,
-            "services": [], "per_queue": {}}
+        return merge_snapshots([w.snapshot for w in self.workers if w.snapshot is not None])
 
     def close(self) -> None:
         self._closing = True

@@ -37,3 +37,9 @@ def test_merged_counts_add_up_and_active_flows_are_not_double_counted():
     (endpoint,) = merged["services"][0]["endpoints"]
     assert endpoint["decided"] == 10
     assert endpoint["active"] == 8  # each worker follows all of conntrack: the same flows, seen twice
+
+
+def test_no_report_yet_merges_to_zeros():
+    # WorkerPool.snapshot() relies on this before any worker has reported.
+    assert merge_snapshots([]) == {"packets": 0, "undecided": 0, "table_builds": 0, "affinity_entries": 0,
+                                   "latency": None, "services": [], "per_queue": {}}
