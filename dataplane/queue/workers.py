@@ -173,7 +173,6 @@ class WorkerPool:
         self.workers = [_Worker(q, maglev_size) for q in queues]
         self.tables: dict = {}
         self.node_ips: tuple[bytes, ...] = ()
-        self.restarts = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
 
@@ -219,7 +218,6 @@ class WorkerPool:
             return
         try:
             await self._start(worker)
-            self.restarts += 1
             log.info("forwarder for queue %d is back", worker.queue)
         except OSError as error:
             log.error("forwarder for queue %d did not come back: %s; trying again", worker.queue, error)
