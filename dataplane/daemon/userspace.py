@@ -12,14 +12,13 @@ import json
 import logging
 import os
 import re
-import socket
 from typing import Callable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from ..config import NodeSettings
 from ..lb.balancer import Balancer
-from ..lb.policy import port_tables
+from ..lb.policy import packed, port_tables
 from ..model import Snapshot
 from ..nat import layout
 from ..nat.nftables import NftError, Nftables
@@ -107,8 +106,7 @@ class UserspaceMode:
             self.forwarder.services_changed(tables)
 
     def node_addresses(self, ips: tuple[str, ...]) -> None:
-        self.forwarder.node_addresses(tuple(
-            socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip) for ip in ips))
+        self.forwarder.node_addresses(tuple(packed(ip) for ip in ips))
 
     def close(self) -> None:
         self.forwarder.close()
