@@ -65,11 +65,6 @@ def id_of(mark: int) -> int:
     return ((mark >> 16) << 13) | (mark & 0x1FFF)
 
 
-def decided_mark(old_mark: int, endpoint_id: int) -> int:
-    """The packet's new mark once the forwarder chose `endpoint_id`: queue bit and old id cleared."""
-    return (old_mark & KEEP_MASK) | mark_for(endpoint_id)
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class QueueSpec:
     """Where queued packets go: queues first..first+count-1; `in_nft`: nft's own `queue` statement exists."""
