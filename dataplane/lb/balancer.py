@@ -327,8 +327,9 @@ class Balancer:
     def _services_changed(self, tables: Mapping[object, tuple[PortTable, ...]]) -> list:
         commands: list = []
         for service, ports in tables.items():
+            names = tuple(p.name for p in ports)
             for name in self.by_service.pop(service, ()):
-                if name not in {p.name for p in ports}:
+                if name not in names:
                     self._drop_port(name)
             for table in ports:
                 state = self.ports.get(name := table.name)
@@ -345,7 +346,7 @@ class Balancer:
                     commands.append(BuildTable(name, state.generation, tuple(t.name for t in state.targets),
                                                tuple(max(t.weight, 1) for t in state.targets), self.maglev_size))
             if ports:
-                self.by_service[service] = tuple(p.name for p in ports)
+                self.by_service[service] = names
         return commands
 
     def _index(self, state: PortState) -> None:
