@@ -174,8 +174,7 @@ class PortState:
             self.cumulative.append(total)
         self.sequence = smooth_round_robin(weights)
         self.cursor %= max(len(self.sequence), 1)
-        ids = {t.id for t in self.targets}
-        self.affinity = {c: e for c, e in self.affinity.items() if e[0] in ids}
+        self.affinity = {c: e for c, e in self.affinity.items() if e[0] in self.position}
 
     def pick(self, flow: Flow) -> int:
         """Index into self.targets chosen by the port's algorithm (targets must not be empty)."""
