@@ -13,7 +13,7 @@ Rules:
    the kernel's own pick (the queue bit is cleared, so it is not counted as
    a fail-open).
 2. A decision names only an endpoint of the Service port the packet is
-   addressed to, among the usable endpoints (lb/endpoints.py) with a
+   addressed to, among the usable endpoints (model/selection.py) with a
    positive weight when there is one.
 3. ClientIP affinity is checked before the algorithm, per Service port, in
    every algorithm; an entry lives `timeout` seconds after the last new
@@ -34,8 +34,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple
 
-from ..nat.userspace import KEEP_MASK, mark_for
-from ..queue.packet import Flow, parse
+from ..marks import KEEP_MASK, mark_for
+from ..packet import Flow, parse
 from . import maglev
 from .policy import PortTable, Target, packed
 

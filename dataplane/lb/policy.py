@@ -22,8 +22,7 @@ import socket
 from dataclasses import dataclass
 from typing import Callable
 
-from ..model import Protocol, ServiceState, TrafficPolicy
-from .endpoints import Selection
+from ..model import Protocol, Selection, ServiceState, TrafficPolicy
 
 ALGORITHM_ANNOTATION = "dataplane.io/lb-algorithm"
 WEIGHTS_ANNOTATION = "dataplane.io/weights"
@@ -68,7 +67,7 @@ def port_tables(
 ) -> tuple[tuple[PortTable, ...], list[str]]:
     """The Service's ports as the balancer sees them, and problems found in its annotations.
 
-    Endpoints are those kernel mode would pick among (lb/endpoints.Selection):
+    Endpoints are those kernel mode would pick among (model.Selection):
     for Service addresses, Cluster or, with internalTrafficPolicy Local, this
     node's; for external addresses and NodePorts, Cluster. External traffic
     of an externalTrafficPolicy: Local Service is not the forwarder's (see

@@ -4,6 +4,7 @@ from .endpoints import ContainerPort, Endpoint, EndpointPort, EndpointSlice, Pod
 from .errors import InvalidObject
 from .objects import ObjectSet, parse_objects
 from .service import Protocol, Service, ServiceKey, ServicePort, ServiceType, TrafficPolicy
+from .selection import Selection
 from .snapshot import Backend, ServiceState, Snapshot, join_service
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ObjectSet",
     "Pod",
     "Protocol",
+    "Selection",
     "Service",
     "ServiceKey",
     "ServicePort",

@@ -12,8 +12,7 @@ import weakref
 from typing import Hashable, Iterable
 
 from ..config import NodeSettings
-from ..lb.endpoints import Selection
-from ..model import Backend, Service, ServicePort, ServiceState, Snapshot, TrafficPolicy
+from ..model import Backend, Selection, Service, ServicePort, ServiceState, Snapshot, TrafficPolicy
 from . import layout
 from .affinity import AffinityChains
 from .ruleset import EMPTY, Declaration, Element, Fragment, Ruleset

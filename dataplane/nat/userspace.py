@@ -34,17 +34,11 @@ from collections import deque
 from typing import Callable, Hashable, Iterable, Mapping
 
 from ..config import NodeSettings
-from ..lb.endpoints import Selection
 from ..lb.policy import frontends, packed
-from ..model import ServiceKey, ServiceState, Snapshot
+from ..marks import ID_MASK, KEEP_MASK, MAX_ID, QUEUE_BIT, mark_for
+from ..model import Selection, ServiceKey, ServiceState, Snapshot
 from .layout import L4_PROTOCOLS, NODEPORT_IPS, Family
 from .ruleset import Chain, Container, Declaration, Element, Fragment, Ruleset
-
-# Mark bits. 0x4000 (masquerade) and 0x8000 (drop) are kube-proxy's; ours avoid them.
-QUEUE_BIT = 0x2000  # "ask the forwarder": set before the NFQUEUE rule, read back in the nat chains
-ID_MASK = 0xFFFF1FFF  # the endpoint id: bits 0-12 and 16-31 (2^29 ids)
-KEEP_MASK = 0x0000C000  # bits a decision leaves as they were
-MAX_ID = (1 << 29) - 1
 
 ENDPOINT_IDS = "endpoint-ids"  # mark & ID_MASK : endpoint address . port
 USERSPACE_SERVICES = "userspace-services"  # daddr . proto . port of Service addresses to queue
@@ -52,17 +46,7 @@ USERSPACE_NODEPORTS = "userspace-nodeports"  # proto . port of NodePorts to queu
 CLASSIFY = "userspace-classify"
 FAIL_OPEN = "fail-open"  # named counter: new flows that reached a pick without a decision
 PRIORITY = -160  # after conntrack (-200), before mangle (-150) where iptables queues
-
 IDS_PER_OWNER = 256  # endpoint-id elements are owned in blocks, so a change re-plans one block
-
-
-def mark_for(endpoint_id: int) -> int:
-    """The mark bits that name `endpoint_id` (1..MAX_ID)."""
-    return ((endpoint_id >> 13) << 16) | (endpoint_id & 0x1FFF)
-
-
-def id_of(mark: int) -> int:
-    return ((mark >> 16) << 13) | (mark & 0x1FFF)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

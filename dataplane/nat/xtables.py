@@ -20,7 +20,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from .userspace import QUEUE_BIT, QueueSpec
+from ..marks import QUEUE_BIT
+from .userspace import QueueSpec
 
 CHAIN = "DATAPLANE-QUEUE"
 HOOKS = ("PREROUTING", "OUTPUT")

@@ -16,7 +16,7 @@ import socket
 import struct
 from typing import NamedTuple
 
-from ..queue.packet import Flow
+from ..packet import Flow
 
 NETLINK_NETFILTER = 12
 NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY = 1, 2, 3

@@ -25,7 +25,7 @@ from ..lb.balancer import (
     Tick, Verdict, Verdicts, Wakeup,
 )
 from ..lb.policy import PortTable
-from ..nat.userspace import KEEP_MASK
+from ..marks import KEEP_MASK
 from ..netlink.ctevents import CtEvent, EventSocket, dump_flows
 from .nfqueue import QueueSocket
 

@@ -21,8 +21,8 @@ from dataplane.lb.balancer import (
     TableBuilt, Tick, Verdict, Verdicts, smooth_round_robin,
 )
 from dataplane.lb.policy import PortTable, Target
-from dataplane.nat.userspace import ID_MASK, KEEP_MASK, QUEUE_BIT, id_of, mark_for
-from dataplane.queue.packet import parse
+from dataplane.marks import ID_MASK, KEEP_MASK, QUEUE_BIT, id_of, mark_for
+from dataplane.packet import parse
 
 CLUSTER_IP = "10.96.0.10"
 NODE_IP = "192.168.50.1"

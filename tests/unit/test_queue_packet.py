@@ -18,7 +18,7 @@ from scapy.all import (
 
 from dataplane.netlink import ctevents
 from dataplane.queue import nfqueue
-from dataplane.queue.packet import Flow, parse
+from dataplane.packet import Flow, parse
 
 V4 = dict(src="192.168.50.2", dst="10.96.0.10")
 V6 = dict(src="fd00:50::2", dst="fd00:96::10")

@@ -13,9 +13,9 @@ from dataplane.model import parse_objects
 from dataplane.nat import layout, plan
 from dataplane.nat.render import RulesetBuilder
 from dataplane.nat.ruleset import Chain
+from dataplane.marks import mark_for
 from dataplane.nat.userspace import (
     ENDPOINT_IDS, FAIL_OPEN, USERSPACE_NODEPORTS, USERSPACE_SERVICES, EndpointIds, QueueSpec, UserspaceRules,
-    mark_for,
 )
 from dataplane.nat.xtables import Xtables
 from dataplane.sync.store import Store

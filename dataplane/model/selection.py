@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from ..model import Backend
+from .snapshot import Backend
 
 
 def usable_endpoints(backends: Iterable[Backend]) -> tuple[Backend, ...]:
