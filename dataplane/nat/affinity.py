@@ -21,10 +21,12 @@ kube-proxy's does.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 
 from ..config import NodeSettings
 from ..model import Backend, Service, ServicePort
 from . import layout
+from .expr import L4PROTO, PROTOCOLS, AnonMap, Match, Nat, Rule, SetRef, SetUpdate, Verdict, Vmap, numgen
 from .ruleset import Chain, Container, Declaration
 
 
@@ -45,7 +47,7 @@ class AffinityChains:
         self.family = family
         self.timeout = service.session_affinity_timeout
         self.declarations: list[Declaration] = []
-        self._endpoints: dict[str, str] = {}  # "ip . port" -> endpoint chain
+        self._endpoints: dict[str, tuple[str, str]] = {}  # "ip . port" -> (endpoint chain, clients set)
 
     @property
     def cluster(self) -> str:
@@ -65,42 +67,42 @@ class AffinityChains:
         if internal:
             pick_internal = pick_all if internal == cluster else self._pick("internal", internal)
             self.declarations.append(Chain(self.cluster, layout.masquerade_cluster_rules(self.settings, self.family)
-                                           + (f"goto {pick_internal}",)))
-        self.declarations.append(Chain(self.external, (f"jump {layout.MARK_FOR_MASQUERADE}", f"goto {pick_all}")))
+                                           + (Rule.of(layout.goto(pick_internal)),)))
+        self.declarations.append(Chain(self.external, (Rule.of(layout.jump(layout.MARK_FOR_MASQUERADE)),
+                                                       Rule.of(layout.goto(pick_all)))))
         if external_local:
             rules = []
             pods = layout.pod_sources(self.settings, self.family)
             if pods:
-                rules.append(f"{pods} goto {pick_all}")
-            rules.append(f"fib saddr type local goto {self.external}")
-            rules.append(f"goto {self._pick('local', local)}" if local else "drop")
+                rules.append(Rule.of(pods, layout.goto(pick_all)))
+            rules.append(Rule.of(layout.is_(layout.FIB_SADDR_TYPE, "local"), layout.goto(self.external)))
+            rules.append(Rule.of(layout.goto(self._pick("local", local)) if local else Verdict("drop")))
             self.declarations.append(Chain(self.local, tuple(rules)))
         return self.declarations
 
     def _pick(self, which: str, endpoints: tuple[Backend, ...]) -> str:
-        chains = [self._endpoint(e) for e in endpoints]
-        nft = self.family.nft
-        rules = [f"{nft} saddr @{chain.replace('-endpoint-', '-clients-')} goto {chain}" for chain in chains]
-        targets = ", ".join(f"{i} : goto {chain}" for i, chain in enumerate(chains))
-        rules.append(f"numgen random mod {len(chains)} vmap {{ {targets} }}")
+        endpoint_chains = [self._endpoint(e) for e in endpoints]
+        saddr = (self.family.saddr,)
+        rules = [Rule.of(Match(saddr, "", SetRef(clients)), layout.goto(chain)) for chain, clients in endpoint_chains]
+        targets = tuple(((i,), layout.goto(chain)) for i, (chain, _) in enumerate(endpoint_chains))
+        rules.append(Rule.of(Vmap((numgen(len(targets)),), AnonMap(targets))))
         name = f"{self.base}-pick-{which}"
         self.declarations.append(Chain(name, tuple(rules)))
         return name
 
-    def _endpoint(self, endpoint: Backend) -> str:
+    def _endpoint(self, endpoint: Backend) -> tuple[str, str]:
+        """The endpoint's chain and its set of clients."""
         target = f"{endpoint.ip} . {endpoint.port}"
         if target in self._endpoints:
             return self._endpoints[target]
         suffix = _short_hash(target)
         chain, clients = f"{self.base}-endpoint-{suffix}", f"{self.base}-clients-{suffix}"
-        nft = self.family.nft
-        address = endpoint.ip if self.family.version == 4 else f"[{endpoint.ip}]"
-        self.declarations.append(Container(
-            clients, f"type {self.family.addr_type} ; flags dynamic,timeout ; timeout {self.timeout}s",
-            kind="set", dynamic=True))
+        self.declarations.append(Container(clients, (self.family.addr_type,), kind="set",
+                                           flags=("dynamic", "timeout"), timeout=self.timeout, dynamic=True))
         self.declarations.append(Chain(chain, (
-            f"update @{clients} {{ {nft} saddr }}",
-            f"meta l4proto {self.proto} dnat {nft} to {address}:{endpoint.port}",
+            Rule.of(SetUpdate("update", clients, (self.family.saddr,))),
+            Rule.of(Match((L4PROTO,), "", (PROTOCOLS[self.proto],)),
+                    Nat("dnat", self.family.nft, address=ipaddress.ip_address(endpoint.ip), port=endpoint.port)),
         )))
-        self._endpoints[target] = chain
-        return chain
+        self._endpoints[target] = chain, clients
+        return chain, clients

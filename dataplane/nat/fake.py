@@ -52,6 +52,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from .expr import (
+    ADDRESS_TYPES, PROTOCOL_NAMES, PROTOCOLS, AnonMap, AnonSet, BinOp, Counter, Expr, Interval, Masquerade, Match,
+    Nat, Queue, Reject, Rule, Selector, SetMeta, SetRef, SetUpdate, Statement, Verdict, Vmap,
+)
 from .nftables import NftError
 from .ruleset import Transaction
 
@@ -67,27 +71,6 @@ JUMP_STACK = 16  # the kernel's NFT_JUMP_STACK_SIZE
 # Values
 
 
-class Interval(NamedTuple):
-    """A range inside an interval set or an anonymous set: a CIDR, or `a-b`."""
-
-    lo: Any
-    hi: Any
-
-    def holds(self, value: Any) -> bool:
-        return type(value) is type(self.lo) and self.lo <= value <= self.hi
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    kind: str  # accept, drop, return, continue, jump, goto
-    chain: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.chain}" if self.chain else self.kind
-
-
-PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
-PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 FLAG_TYPES = {
     "ct_state": frozenset({"invalid", "established", "related", "new", "untracked"}),
     "ct_status": frozenset({"expected", "seen-reply", "assured", "confirmed", "snat", "dnat", "dying"}),
@@ -95,7 +78,6 @@ FLAG_TYPES = {
                                "unreachable", "prohibit"}),
 }
 SET_TYPES = ("ipv4_addr", "ipv6_addr", "inet_proto", "inet_service", "mark", "integer")
-ADDRESS_TYPES = {"ipv4_addr": 4, "ipv6_addr": 6}
 _NUMBER_LIMITS = {"inet_proto": 0xFF, "inet_service": 0xFFFF, "mark": 0xFFFFFFFF, "integer": 0xFFFFFFFF}
 
 
@@ -199,120 +181,6 @@ def _overlap(a: tuple, b: tuple) -> bool:
         if type(xl) is not type(yl) or xh < yl or yh < xl:
             return False
     return True
-
-
-# ---------------------------------------------------------------------------------------------
-# Rule syntax tree: what the tracer interprets
-
-
-@dataclass(frozen=True, slots=True)
-class Selector:
-    """A packet field or meta value: `ip daddr`, `meta l4proto`, `numgen random mod 4`..."""
-
-    text: str
-    type: str
-    family: str = ""  # "ip" or "ip6" for address selectors
-    protocol: int = 0  # tcp/udp/sctp dport: implies a transport protocol match
-    modulus: int = 0  # numgen
-
-
-@dataclass(frozen=True, slots=True)
-class BinOp:
-    """`meta mark & 0x4000`: a selector (or BinOp) combined with a constant."""
-
-    left: Selector | BinOp
-    op: str  # &, |, ^
-    value: int
-
-    @property
-    def type(self) -> str:
-        return self.left.type
-
-
-Expr = tuple  # a concatenation: tuple of Selector | BinOp
-
-
-@dataclass(frozen=True, slots=True)
-class SetRef:
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class AnonSet:
-    keys: tuple[tuple, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class AnonMap:
-    entries: tuple[tuple[tuple, Any], ...]  # (key, value)
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    expr: Expr
-    op: str  # "" (implicit), "==", "!=", "!"
-    right: tuple | SetRef | AnonSet  # a literal key, a named set, an anonymous set
-
-
-@dataclass(frozen=True, slots=True)
-class Vmap:
-    expr: Expr
-    map: SetRef | AnonMap
-
-
-@dataclass(frozen=True, slots=True)
-class SetMeta:
-    target: Selector  # meta mark, ct mark
-    value: Selector | BinOp | int
-
-
-@dataclass(frozen=True, slots=True)
-class SetUpdate:
-    op: str  # update, add
-    set: str
-    expr: Expr
-
-
-@dataclass(frozen=True, slots=True)
-class Nat:
-    kind: str  # dnat
-    family: str
-    address: Any = None  # fixed target address
-    port: int | None = None
-    expr: Expr = ()  # mapped target: expr map @map
-    map: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Masquerade:
-    flags: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    how: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Counter:
-    name: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Queue:
-    numbers: str
-    bypass: bool
-
-
-Statement = Match | Vmap | SetMeta | SetUpdate | Nat | Masquerade | Reject | Counter | Queue | Verdict
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    text: str  # as written, whitespace collapsed
-    statements: tuple[Statement, ...]
-    sets: frozenset[str]  # named sets and maps it reads or writes, and named counters
-    chains: frozenset[str]  # chains it may jump or go to (verdict maps of its own included)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -831,8 +699,6 @@ def _rule(cur: _Cursor, family: str) -> Rule:
         raise cur.error("syntax error, a rule needs at least one statement", cur.last())
     first = cur.tokens[cur.i]
     statements: list[Statement] = []
-    sets: set[str] = set()
-    chains: set[str] = set()
     l4_matched = False
     while not cur.at_end():
         word = cur.peek()
@@ -841,8 +707,6 @@ def _rule(cur: _Cursor, family: str) -> Rule:
             raise cur.error(f"syntax error, statement after a terminal one ({cur.text(first, cur.last())})", start)
         if word in ("accept", "drop", "return", "continue", "jump", "goto"):
             verdict = _verdict(cur)
-            if verdict.chain:
-                chains.add(verdict.chain)
             statements.append(verdict)
         elif word == "reject":
             cur.next("reject")
@@ -860,8 +724,6 @@ def _rule(cur: _Cursor, family: str) -> Rule:
             statements.append(Reject(how))
         elif word == "dnat":
             nat = _nat(cur, family)
-            if nat.map:
-                sets.add(nat.map)
             if nat.port is not None and not l4_matched:
                 # nft's own check; a mapped port is checked once the map's type is known (_check_statement).
                 raise cur.error("transport protocol mapping is only valid after transport protocol match", start)
@@ -879,7 +741,6 @@ def _rule(cur: _Cursor, family: str) -> Rule:
             cur.take("{")
             expr = _expr(cur, family)
             cur.take("}")
-            sets.add(name)
             statements.append(SetUpdate(op, name, expr))
         elif word == "counter":
             cur.next("counter")
@@ -890,8 +751,6 @@ def _rule(cur: _Cursor, family: str) -> Rule:
                 cur.word("a number")
                 cur.take("bytes")
                 cur.word("a number")
-            if name:
-                sets.add(name)  # a named counter is an object the rule holds, like a set
             statements.append(Counter(name))
         elif word == "queue":
             cur.next("queue")
@@ -917,10 +776,8 @@ def _rule(cur: _Cursor, family: str) -> Rule:
                 cur.next("vmap")
                 if (cur.peek() or "").startswith("@"):
                     target: SetRef | AnonMap = SetRef(cur.next("@map").text[1:])
-                    sets.add(target.name)
                 else:
                     target = _anon_map(cur, expr)
-                    chains.update(v.chain for _, v in target.entries if v.chain)
                 statements.append(Vmap(expr, target))
             else:
                 op = ""
@@ -929,7 +786,6 @@ def _rule(cur: _Cursor, family: str) -> Rule:
                 types = tuple(part.type for part in expr)
                 if (cur.peek() or "").startswith("@"):
                     right: tuple | SetRef | AnonSet = SetRef(cur.next("@set").text[1:])
-                    sets.add(right.name)
                 elif cur.peek() == "{":
                     right = _anon_set(cur, types)
                 else:
@@ -939,8 +795,7 @@ def _rule(cur: _Cursor, family: str) -> Rule:
                 statements.append(Match(expr, op, right))
         else:
             raise cur.error(f"syntax error, unexpected {word!r}: not a statement this fake knows", start)
-    text = cur.text(first, cur.last())
-    return Rule(text, tuple(statements), frozenset(sets), frozenset(chains))
+    return Rule(tuple(statements))
 
 
 def _nat(cur: _Cursor, family: str) -> Nat:

@@ -17,8 +17,15 @@ Services here, against about 1.3 s shared, as measured by `nft -f`). See nat/REA
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import dataclass
+
 from ..config import NodeSettings
-from .ruleset import Chain, Container, Declaration
+from .expr import (
+    CT_STATE, CT_STATUS, DPORT, FIB_SADDR_TYPE, L4PROTO, MARK, AnonSet, BinOp, Expr, Interval, Masquerade, Match, Nat,
+    Reject, Rule, Selector, SetMeta, SetRef, Verdict, Vmap, daddr, numgen, saddr,
+)
+from .ruleset import BaseChain, Chain, Container, Declaration
 
 TABLE = "dataplane"
 
@@ -44,7 +51,7 @@ FIREWALL_IPS = "firewall-ips"  # LoadBalancer daddr . proto . port with loadBala
 FIREWALL_ALLOW = "firewall-allow"  # ... . saddr range: the sources allowed in
 FIREWALL_LOCAL = "firewall-local"  # ... whose ranges hold a node address: the node itself may connect
 
-L4_PROTOCOLS = "{ tcp, udp, sctp }"
+L4_PROTOCOLS = Match((L4PROTO,), "", AnonSet(((6,), (17,), (132,))))  # meta l4proto { tcp, udp, sctp }
 
 
 def cluster_chain(n: int) -> str:
@@ -99,171 +106,235 @@ def nodeport_local_endpoints_map(m: int) -> str:
 
 
 class Family:
-    """Address-family specifics: nft family name, address type and match prefix."""
+    """Address-family specifics: nft family name, address type, selectors and reject."""
 
     def __init__(self, version: int):
         self.version = version
         self.nft = "ip" if version == 4 else "ip6"
         self.addr_type = "ipv4_addr" if version == 4 else "ipv6_addr"
-        self.reject = "reject" if version == 4 else "reject with icmpv6 type port-unreachable"
+        self.saddr: Selector = saddr(self.nft)
+        self.daddr: Selector = daddr(self.nft)
+        self.reject = Reject() if version == 4 else Reject("icmpv6 type port-unreachable")
 
     def holds(self, ip: str) -> bool:
         return (":" in ip) == (self.version == 6)
 
+    def address_key(self) -> Expr:
+        """The lookup key of a Service address: daddr . l4proto . dport."""
+        return (self.daddr, L4PROTO, DPORT)
+
+
+NODEPORT_KEY: Expr = (L4PROTO, DPORT)
+
+
+def goto(chain: str) -> Verdict:
+    return Verdict("goto", chain)
+
+
+def jump(chain: str) -> Verdict:
+    return Verdict("jump", chain)
+
+
+def is_(selector: Selector, flag: str) -> Match:
+    """`ct state new`, `fib saddr type local`: a flag-typed selector holds `flag`."""
+    return Match((selector,), "", (frozenset({flag}),))
+
+
+def in_set(expr: Expr, name: str, negate: bool = False) -> Match:
+    return Match(expr, "!=" if negate else "", SetRef(name))
+
+
+def in_cidrs(selector: Selector, cidrs: list[str], negate: bool = False) -> Match:
+    networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    keys = tuple((_interval(n),) for n in networks)
+    return Match((selector,), "!=" if negate else "", AnonSet(keys))
+
+
+def _interval(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Interval:
+    return Interval(network.network_address, network.broadcast_address)
+
+
+def mark_bit(bit: int) -> BinOp:
+    return BinOp(MARK, "&", bit)
+
 
 def skeleton(settings: NodeSettings, family: Family) -> list[Declaration]:
     """Declarations present whatever Services exist."""
-    nft, addr = family.nft, family.addr_type
-    masquerade_bit = f"0x{settings.masquerade_bit:x}"
+    addr = family.addr_type
+    bit = settings.masquerade_bit
+    service_key = ("inet_proto", "inet_service")
+    address_key = (addr, *service_key)
+    key = family.address_key()
     return [
-        Container(SERVICE_IPS, f"type {addr} . inet_proto . inet_service : verdict"),
-        Container(SERVICE_NODEPORTS, "type inet_proto . inet_service : verdict"),
-        Container(NO_ENDPOINT_SERVICES, f"type {addr} . inet_proto . inet_service : verdict"),
-        Container(NO_ENDPOINT_NODEPORTS, "type inet_proto . inet_service : verdict"),
-        Container(NODEPORT_IPS, f"type {addr}", kind="set"),
-        Container(CLUSTER_IPS, f"type {addr}", kind="set"),
-        Container(CLUSTER_IP_PORTS, f"type {addr} . inet_proto . inet_service", kind="set"),
-        Container(HAIRPIN, f"type {addr} . {addr}", kind="set"),
-        Container(FIREWALL_IPS, f"type {addr} . inet_proto . inet_service", kind="set"),
-        Container(FIREWALL_ALLOW, f"type {addr} . inet_proto . inet_service . {addr} ; flags interval", kind="set"),
-        Container(FIREWALL_LOCAL, f"type {addr} . inet_proto . inet_service", kind="set"),
-        Chain(REJECT, (family.reject,)),
-        Chain(MARK_FOR_MASQUERADE, (f"meta mark set meta mark | {masquerade_bit}",)),
+        Container(SERVICE_IPS, address_key, ("verdict",)),
+        Container(SERVICE_NODEPORTS, service_key, ("verdict",)),
+        Container(NO_ENDPOINT_SERVICES, address_key, ("verdict",)),
+        Container(NO_ENDPOINT_NODEPORTS, service_key, ("verdict",)),
+        Container(NODEPORT_IPS, (addr,), kind="set"),
+        Container(CLUSTER_IPS, (addr,), kind="set"),
+        Container(CLUSTER_IP_PORTS, address_key, kind="set"),
+        Container(HAIRPIN, (addr, addr), kind="set"),
+        Container(FIREWALL_IPS, address_key, kind="set"),
+        Container(FIREWALL_ALLOW, (*address_key, addr), kind="set", flags=("interval",)),
+        Container(FIREWALL_LOCAL, address_key, kind="set"),
+        Chain(REJECT, (Rule.of(family.reject),)),
+        Chain(MARK_FOR_MASQUERADE, (Rule.of(SetMeta(MARK, BinOp(MARK, "|", bit))),)),
         Chain(
             SERVICES,
             (
-                f"{nft} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",
-                f"{nft} daddr @{NODEPORT_IPS} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
+                Rule.of(Vmap(key, SetRef(SERVICE_IPS))),
+                Rule.of(in_set((family.daddr,), NODEPORT_IPS), Vmap(NODEPORT_KEY, SetRef(SERVICE_NODEPORTS))),
             ),
         ),
         Chain(
             ENDPOINTS_CHECK,
             (
-                f"{nft} daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}",
-                f"{nft} daddr @{NODEPORT_IPS} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}",
+                Rule.of(Vmap(key, SetRef(NO_ENDPOINT_SERVICES))),
+                Rule.of(in_set((family.daddr,), NODEPORT_IPS), Vmap(NODEPORT_KEY, SetRef(NO_ENDPOINT_NODEPORTS))),
                 # A port no Service defines on a live ClusterIP: refused, as if nothing listened.
                 # (Not a lookup in @service-ips: a verdict map looked up here would make the
                 # kernel validate its nat targets against this filter chain, and refuse them.)
-                f"{nft} daddr @{CLUSTER_IPS} {nft} daddr . meta l4proto . th dport != @{CLUSTER_IP_PORTS} goto {REJECT}",
+                Rule.of(in_set((family.daddr,), CLUSTER_IPS), in_set(key, CLUSTER_IP_PORTS, negate=True), goto(REJECT)),
                 *_unallocated(settings, family),
             ),
         ),
         Chain(
             FIREWALL_CHECK,
             (
-                f"{nft} daddr . meta l4proto . th dport . {nft} saddr @{FIREWALL_ALLOW} return",
-                f"fib saddr type local {nft} daddr . meta l4proto . th dport @{FIREWALL_LOCAL} return",
-                f"{nft} daddr . meta l4proto . th dport @{FIREWALL_IPS} drop",
+                Rule.of(in_set((*key, family.saddr), FIREWALL_ALLOW), Verdict("return")),
+                Rule.of(is_(FIB_SADDR_TYPE, "local"), in_set(key, FIREWALL_LOCAL), Verdict("return")),
+                Rule.of(in_set(key, FIREWALL_IPS), Verdict("drop")),
             ),
         ),
         Chain(
             MASQUERADING,
             (
-                f"ct status dnat {nft} saddr . {nft} daddr @{HAIRPIN} masquerade fully-random",
-                f"meta mark & {masquerade_bit} == 0 return",
-                f"meta mark set meta mark ^ {masquerade_bit}",
-                "masquerade fully-random",
+                Rule.of(is_(CT_STATUS, "dnat"), in_set((family.saddr, family.daddr), HAIRPIN),
+                        Masquerade(("fully-random",))),
+                Rule.of(Match((mark_bit(bit),), "==", (0,)), Verdict("return")),
+                Rule.of(SetMeta(MARK, BinOp(MARK, "^", bit))),
+                Rule.of(Masquerade(("fully-random",))),
             ),
         ),
         # Rejects run before DNAT (dstnat - 10) so a Service without endpoints
         # is refused at once rather than routed on as is. Priorities are numbers
         # because nft 1.0 accepts the name "dstnat" in prerouting only.
-        Chain("filter-prerouting", _filter_jumps(), "type filter hook prerouting priority -110"),
-        Chain("filter-output", _filter_jumps(), "type filter hook output priority -110"),
-        Chain("nat-prerouting", (f"jump {SERVICES}",), "type nat hook prerouting priority -100"),
-        Chain("nat-output", (f"jump {SERVICES}",), "type nat hook output priority -100"),
-        Chain("nat-postrouting", (f"jump {MASQUERADING}",), "type nat hook postrouting priority 100"),
+        Chain("filter-prerouting", _filter_jumps(), BaseChain("filter", "prerouting", -110)),
+        Chain("filter-output", _filter_jumps(), BaseChain("filter", "output", -110)),
+        Chain("nat-prerouting", (Rule.of(jump(SERVICES)),), BaseChain("nat", "prerouting", -100)),
+        Chain("nat-output", (Rule.of(jump(SERVICES)),), BaseChain("nat", "output", -100)),
+        Chain("nat-postrouting", (Rule.of(jump(MASQUERADING)),), BaseChain("nat", "postrouting", 100)),
     ]
 
 
-def _filter_jumps() -> tuple[str, ...]:
+def _filter_jumps() -> tuple[Rule, ...]:
     # Source ranges first: a LoadBalancer's firewall holds whether or not it has endpoints.
-    return (f"ct state new jump {FIREWALL_CHECK}", f"ct state new jump {ENDPOINTS_CHECK}")
+    return (Rule.of(is_(CT_STATE, "new"), jump(FIREWALL_CHECK)), Rule.of(is_(CT_STATE, "new"), jump(ENDPOINTS_CHECK)))
 
 
-def _unallocated(settings: NodeSettings, family: Family) -> tuple[str, ...]:
+def _unallocated(settings: NodeSettings, family: Family) -> tuple[Rule, ...]:
     cidrs = [c for c in settings.service_cidrs if family.holds(c)]
     if not cidrs:
         return ()
-    nft = family.nft
-    return (f"{nft} daddr {{ {', '.join(cidrs)} }} {nft} daddr != @{CLUSTER_IPS} drop",)
+    return (Rule.of(in_cidrs(family.daddr, cidrs), in_set((family.daddr,), CLUSTER_IPS, negate=True),
+                    Verdict("drop")),)
 
 
-def masquerade_cluster_rules(settings: NodeSettings, family: Family) -> tuple[str, ...]:
+def masquerade_cluster_rules(settings: NodeSettings, family: Family) -> tuple[Rule, ...]:
     """ClusterIP traffic is masqueraded when it comes from outside the Pod CIDRs (or always)."""
     if settings.masquerade_all:
-        return (f"jump {MARK_FOR_MASQUERADE}",)
-    pods = pod_sources(settings, family)
-    if pods:
+        return (Rule.of(jump(MARK_FOR_MASQUERADE)),)
+    cidrs = pod_cidrs(settings, family)
+    if cidrs:
         # Traffic from outside the cluster would answer off-node without this.
-        return (f"{pods.replace(' saddr ', ' saddr != ', 1)} jump {MARK_FOR_MASQUERADE}",)
+        return (Rule.of(in_cidrs(family.saddr, cidrs, negate=True), jump(MARK_FOR_MASQUERADE)),)
     return ()
 
 
-def pod_sources(settings: NodeSettings, family: Family) -> str | None:
+def pod_cidrs(settings: NodeSettings, family: Family) -> list[str]:
+    return [c for c in settings.cluster_cidrs if family.holds(c)]
+
+
+def pod_sources(settings: NodeSettings, family: Family) -> Match | None:
     """The match for traffic from Pods (the cluster CIDRs), or None when they are unknown."""
-    cidrs = [c for c in settings.cluster_cidrs if family.holds(c)]
-    return f"{family.nft} saddr {{ {', '.join(cidrs)} }}" if cidrs else None
+    cidrs = pod_cidrs(settings, family)
+    return in_cidrs(family.saddr, cidrs) if cidrs else None
 
 
-def declare(name: str, settings: NodeSettings, family: Family) -> list[Declaration]:
-    """The declarations behind a name a Service needs: 'cluster-3', 'local-1-of-3', ...
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """The chains and maps shared by every Service port with n endpoints."""
+
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPick:
+    """The maps and dnat of m local endpoints (externalTrafficPolicy: Local)."""
+
+    m: int
+
+
+@dataclass(frozen=True, slots=True)
+class LocalChain:
+    """External traffic to an externalTrafficPolicy: Local Service with m local of n endpoints."""
+
+    m: int
+    n: int
+    nodeport: bool
+
+
+Need = Pick | LocalPick | LocalChain  # dataclasses, not tuples: Pick(1) and LocalPick(1) must differ
+
+
+def declare(need: Need, settings: NodeSettings, family: Family) -> list[Declaration]:
+    """The declarations behind a need of a Service.
 
     A map and the rules that read it are always declared together, in one
     group: nft 1.0.6 cannot add a rule that reads an existing `typeof` map
     keyed on `th dport` (it misreads the map back from the kernel), so no
     transaction may do that.
     """
-    parts = name.split("-")
-    if parts[0] in ("local", "nodeport") and parts[-2] == "of":
-        m, n = int(parts[-3]), int(parts[-1])
-        return [_local_chain(m, n, settings, family, nodeport=parts[0] == "nodeport")]
-    if name in local_pick_names(int(parts[-1])):
-        return _local_pick_declarations(int(parts[-1]), family)
-    return _pick_declarations(int(parts[-1]), settings, family)
+    if isinstance(need, LocalChain):
+        return [_local_chain(need.m, need.n, settings, family, need.nodeport)]
+    if isinstance(need, LocalPick):
+        return _local_pick_declarations(need.m, family)
+    return _pick_declarations(need.n, settings, family)
 
 
-def _slot_map_spec(family: Family, by_address: bool) -> str:
+def _slot_map(name: str, family: Family, by_address: bool) -> Container:
     # typeof, not type: the slot is numgen's plain 32-bit integer, which has no type name.
-    key = f"meta l4proto . th dport . numgen random mod 1 : {family.nft} daddr . th dport"
-    return f"typeof {family.nft} daddr . {key}" if by_address else f"typeof {key}"
+    key = (*(family.address_key() if by_address else NODEPORT_KEY), numgen(1))
+    return Container(name, key, (family.daddr, DPORT), typeof=True)
 
 
-def _dnat(family: Family, key: str, n: int, map_name: str) -> str:
+def _dnat(family: Family, key: Expr, n: int, map_name: str) -> Rule:
     # The slot is `numgen random mod n`: uniform over the n endpoints in the map.
-    return f"meta l4proto {L4_PROTOCOLS} dnat {family.nft} to {key} . numgen random mod {n} map @{map_name}"
-
-
-def _keys(family: Family) -> tuple[str, str]:
-    """The lookup keys: by Service address, and by NodePort."""
-    return f"{family.nft} daddr . meta l4proto . th dport", "meta l4proto . th dport"
+    return Rule.of(L4_PROTOCOLS, Nat("dnat", family.nft, expr=(*key, numgen(n)), map=map_name))
 
 
 def _pick_declarations(n: int, settings: NodeSettings, family: Family) -> list[Declaration]:
     """Chains and maps shared by every Service port with n endpoints."""
-    address_key, nodeport_key = _keys(family)
+    address_key = family.address_key()
     masquerade_cluster = masquerade_cluster_rules(settings, family)
+    mark = Rule.of(jump(MARK_FOR_MASQUERADE))
     return [
-        Container(endpoints_map(n), _slot_map_spec(family, by_address=True)),
-        Container(nodeport_endpoints_map(n), _slot_map_spec(family, by_address=False)),
+        _slot_map(endpoints_map(n), family, by_address=True),
+        _slot_map(nodeport_endpoints_map(n), family, by_address=False),
         Chain(cluster_chain(n), masquerade_cluster + (_dnat(family, address_key, n, endpoints_map(n)),)),
-        Chain(external_chain(n), (f"jump {MARK_FOR_MASQUERADE}", _dnat(family, address_key, n, endpoints_map(n)))),
-        Chain(
-            nodeport_chain(n),
-            (f"jump {MARK_FOR_MASQUERADE}", _dnat(family, nodeport_key, n, nodeport_endpoints_map(n))),
-        ),
-        Chain(nodeport_direct_chain(n), (_dnat(family, nodeport_key, n, nodeport_endpoints_map(n)),)),
+        Chain(external_chain(n), (mark, _dnat(family, address_key, n, endpoints_map(n)))),
+        Chain(nodeport_chain(n), (mark, _dnat(family, NODEPORT_KEY, n, nodeport_endpoints_map(n)))),
+        Chain(nodeport_direct_chain(n), (_dnat(family, NODEPORT_KEY, n, nodeport_endpoints_map(n)),)),
     ]
 
 
 def _local_pick_declarations(m: int, family: Family) -> list[Declaration]:
     """This node's m endpoints of externalTrafficPolicy: Local Services: maps and their dnat."""
-    address_key, nodeport_key = _keys(family)
     return [
-        Container(local_endpoints_map(m), _slot_map_spec(family, by_address=True)),
-        Container(nodeport_local_endpoints_map(m), _slot_map_spec(family, by_address=False)),
-        Chain(local_pick_chain(m), (_dnat(family, address_key, m, local_endpoints_map(m)),)),
-        Chain(nodeport_local_pick_chain(m), (_dnat(family, nodeport_key, m, nodeport_local_endpoints_map(m)),)),
+        _slot_map(local_endpoints_map(m), family, by_address=True),
+        _slot_map(nodeport_local_endpoints_map(m), family, by_address=False),
+        Chain(local_pick_chain(m), (_dnat(family, family.address_key(), m, local_endpoints_map(m)),)),
+        Chain(nodeport_local_pick_chain(m), (_dnat(family, NODEPORT_KEY, m, nodeport_local_endpoints_map(m)),)),
     ]
 
 
@@ -278,20 +349,10 @@ def _local_chain(m: int, n: int, settings: NodeSettings, family: Family, nodepor
     pods = pod_sources(settings, family)
     if pods:
         # cluster-N masquerades only sources outside the Pod CIDRs: these are inside.
-        rules.append(f"{pods} goto {nodeport_direct_chain(n) if nodeport else cluster_chain(n)}")
-    rules.append(f"fib saddr type local goto {nodeport_chain(n) if nodeport else external_chain(n)}")
+        rules.append(Rule.of(pods, goto(nodeport_direct_chain(n) if nodeport else cluster_chain(n))))
+    rules.append(Rule.of(is_(FIB_SADDR_TYPE, "local"), goto(nodeport_chain(n) if nodeport else external_chain(n))))
     if m:
-        rules.append(f"goto {nodeport_local_pick_chain(m) if nodeport else local_pick_chain(m)}")
+        rules.append(Rule.of(goto(nodeport_local_pick_chain(m) if nodeport else local_pick_chain(m))))
     else:
-        rules.append("drop")
+        rules.append(Rule.of(Verdict("drop")))
     return Chain(nodeport_local_chain(m, n) if nodeport else local_chain(m, n), tuple(rules))
-
-
-def pick_names(n: int) -> frozenset[str]:
-    return frozenset((endpoints_map(n), nodeport_endpoints_map(n), cluster_chain(n), external_chain(n),
-                      nodeport_chain(n), nodeport_direct_chain(n)))
-
-
-def local_pick_names(m: int) -> frozenset[str]:
-    return frozenset((local_endpoints_map(m), nodeport_local_endpoints_map(m), local_pick_chain(m),
-                      nodeport_local_pick_chain(m)))

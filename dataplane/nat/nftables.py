@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from typing import Iterable
 
 from .ruleset import Transaction
 
@@ -80,7 +81,7 @@ class NftCommand:
         done = subprocess.run(self._argv + args, input=text, capture_output=True, text=True)
         return done.returncode, done.stdout, done.stderr
 
-    def run_commands(self, commands: list[str]) -> tuple[int, str, str]:
+    def run_commands(self, commands: Iterable[str]) -> tuple[int, str, str]:
         """Runs a script written command by command to a file: the daemon never holds
         the whole text (6 MB at 10,000 Services, twice over once encoded)."""
         with tempfile.NamedTemporaryFile("w", prefix="dataplane-", suffix=".nft") as script:
@@ -100,7 +101,7 @@ class Nftables:
     should leave with the process instead of staying in the daemon.
     """
 
-    LARGE = 1 << 20  # bytes of script text
+    LARGE = 20_000  # map and set elements: about 1 MB of script text
 
     def __init__(self, backend: _LibNftables | NftCommand | None = None, bulk: NftCommand | None = None):
         self._backend = backend or _pick_backend()
@@ -123,8 +124,8 @@ class Nftables:
     def apply(self, tx: Transaction) -> None:
         if not tx:
             return
-        if isinstance(self._bulk, NftCommand) and sum(map(len, tx.commands)) >= self.LARGE:
-            rc, _, err = self._bulk.run_commands(tx.commands)
+        if isinstance(self._bulk, NftCommand) and tx.element_count() >= self.LARGE:
+            rc, _, err = self._bulk.run_commands(map(str, tx.commands))
             if rc != 0:
                 raise NftError(err or f"nft failed with status {rc}", "")
             return

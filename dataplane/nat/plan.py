@@ -20,7 +20,9 @@ import logging
 from collections import Counter, defaultdict
 from typing import Hashable, Iterable
 
-from .ruleset import EMPTY, Chain, Container, Declaration, Element, Fragment, Ruleset, Transaction
+from .ruleset import (
+    EMPTY, AddRule, Chain, Container, Declaration, Element, Elements, Fragment, Operation, Ruleset, Table, Transaction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class Programmed:
         self.ruleset = ruleset
         self.held: dict[ElementKey, Element] = {}  # slot -> the element the kernel holds there
         self.shares: dict[ElementKey, int] = {}  # slot -> owners, where more than one holds it
-        self.needed: dict[str, int] = {}  # declaration name -> refcount
+        self.needed: dict[Hashable, int] = {}  # need (layout.Need) -> refcount
         self.conflicts: dict[Hashable, frozenset[Element]] = {}
         self.sizes: dict[str, int] = {}  # container -> elements held, for metrics
 
@@ -64,8 +66,10 @@ class Programmed:
         same = set(added) & set(removed)
         added = [e for e in added if e not in same]
         removed = [e for e in removed if e not in same]
-        gone = [n for n, count in change.needed.items() if count == 0 and n in self.needed and n not in new.always]
-        born = [n for n, count in change.needed.items() if count > 0 and n not in self.needed and n not in old.always]
+        gone = [name for need, count in change.needed.items() if count == 0 and need in self.needed
+                for name in old.groups[need]]
+        born = [name for need, count in change.needed.items() if count > 0 and need not in self.needed
+                for name in new.groups[need]]
         owned_old = {d.name: d for o in owners for d in old.fragments.get(o, EMPTY).owned}
         owned_new = {d.name: d for o in owners for d in new.fragments.get(o, EMPTY).owned}
         retired = [d for name, d in owned_old.items() if owned_new.get(name) != d]  # gone, or changed
@@ -78,23 +82,22 @@ class Programmed:
         created = [d for d in created if d not in refilled]
 
         tx = Transaction()
-        table = f"{new.family} {new.table}"
+        table = Table(new.family, new.table)
         old_chains = [old.declarations[n] for n in gone if isinstance(old.declarations[n], Chain)]
         old_chains += [d for d in retired if isinstance(d, Chain)]
         old_containers = [old.declarations[n] for n in gone if not isinstance(old.declarations[n], Chain)]
         old_containers += [d for d in retired if not isinstance(d, Chain)]
-        tx.extend(f"flush chain {table} {d.name}" for d in old_chains)
+        tx.extend(Operation("flush", table, d) for d in old_chains)
         born_declarations = [new.declarations[n] for n in sorted(born)] + created
         _declare(tx, table, born_declarations)
         _fill_chains(tx, table, born_declarations)
-        for chain in refilled:
-            tx.add(f"flush chain {table} {chain.name}")
+        tx.extend(Operation("flush", table, chain) for chain in refilled)
         _fill_chains(tx, table, refilled)
         _elements(tx, "delete", table, removed)
         _elements(tx, "add", table, added)
         # Flushed before any is deleted: one may still jump to another.
-        tx.extend(f"delete chain {table} {d.name}" for d in old_chains)
-        tx.extend(f"delete {d.kind} {table} {d.name}" for d in old_containers)
+        tx.extend(Operation("delete", table, d) for d in old_chains)
+        tx.extend(Operation("delete", table, d) for d in old_containers)
         return tx, change
 
     def adopt(self, change: "Change", added: list[Element]) -> None:
@@ -149,7 +152,7 @@ class Change:
         self.replacement = replacement
         self.held: dict[ElementKey, Element] = {}  # _GONE where released
         self.shares: dict[ElementKey, int] = {}
-        self.needed: dict[str, int] = {}
+        self.needed: dict[Hashable, int] = {}
         self.conflicts: dict[Hashable, frozenset[Element]] = {}
 
     def _entry(self, slot: ElementKey) -> Element | None:
@@ -165,7 +168,7 @@ class Change:
             count = self.base.shares.get(slot)
         return count or 1
 
-    def _need(self, name: str, delta: int) -> None:
+    def _need(self, name: Hashable, delta: int) -> None:
         current = self.needed.get(name)
         if current is None:
             current = self.base.needed.get(name, 0) if self.base is not None else 0
@@ -240,21 +243,21 @@ def full(ruleset: Ruleset, existing: Iterable[tuple[str, str]] | None = None) ->
     for owner in sorted(ruleset.fragments, key=repr):
         change.contribute(owner, ruleset.fragments[owner], added)
     state.adopt(change, added)
-    table = f"{ruleset.family} {ruleset.table}"
+    table = Table(ruleset.family, ruleset.table)
     # The skeleton in its own order, then the rest by name: the same text in every process.
     wanted = [ruleset.declarations[n] for n in ruleset.declarations if n in ruleset.always]
-    wanted += [ruleset.declarations[n] for n in sorted(state.needed) if n not in ruleset.always]
+    wanted += [ruleset.declarations[n] for n in sorted(n for need in state.needed for n in ruleset.groups[need])]
     wanted += [d for owner in sorted(ruleset.fragments, key=repr) for d in ruleset.fragments[owner].owned]
     if existing is None:
-        tx = Transaction([f"add table {table}", f"delete table {table}", f"add table {table}"])
+        tx = Transaction([Operation("add", table), Operation("delete", table), Operation("add", table)])
         _declare(tx, table, wanted)
     else:
-        tx = Transaction([f"add table {table}", f"flush table {table}"])  # every chain's rules
+        tx = Transaction([Operation("add", table), Operation("flush", table)])  # every chain's rules
         # Maps and sets are rebuilt whole, except the dynamic ones (affinity state). They are
         # deleted and declared again rather than flushed: nft 1.0.6 cannot add a rule that
         # reads a `typeof` map it has to read back from the kernel (see layout.declare).
         present = {name for kind, name in existing if kind != "chain"}
-        tx.extend(f"delete {d.kind} {table} {d.name}" for d in wanted
+        tx.extend(Operation("delete", table, d) for d in wanted
                   if isinstance(d, Container) and not d.dynamic and d.name in present)
         _declare(tx, table, wanted)
     _fill_chains(tx, table, wanted)
@@ -262,32 +265,28 @@ def full(ruleset: Ruleset, existing: Iterable[tuple[str, str]] | None = None) ->
     if existing is not None:
         names = {d.name for d in wanted}
         stale = [(kind, name) for kind, name in existing if name not in names]
-        tx.extend(f"delete chain {table} {name}" for kind, name in stale if kind == "chain")
-        tx.extend(f"delete {kind} {table} {name}" for kind, name in stale if kind != "chain")
+        tx.extend(Operation("delete", table, Chain(name)) for kind, name in stale if kind == "chain")
+        tx.extend(Operation("delete", table, Container(name, kind=kind)) for kind, name in stale if kind != "chain")
     return tx, state
 
 
-def _declare(tx: Transaction, table: str, declarations: list[Declaration]) -> None:
+def _declare(tx: Transaction, table: Table, declarations: list[Declaration]) -> None:
     # Maps and sets first, then chains, so that no rule names a missing object.
-    family, name = table.split()
-    tx.extend(d.declaration(family, name) for d in declarations if not isinstance(d, Chain))
-    tx.extend(d.declaration(family, name) for d in declarations if isinstance(d, Chain))
+    tx.extend(Operation("add", table, d) for d in declarations if not isinstance(d, Chain))
+    tx.extend(Operation("add", table, d) for d in declarations if isinstance(d, Chain))
 
 
-def _fill_chains(tx: Transaction, table: str, declarations: list[Declaration]) -> None:
+def _fill_chains(tx: Transaction, table: Table, declarations: list[Declaration]) -> None:
     for declaration in declarations:
         if isinstance(declaration, Chain):
-            tx.extend(f"add rule {table} {declaration.name} {rule}" for rule in declaration.rules)
+            tx.extend(Operation("add", table, AddRule(declaration.name, rule)) for rule in declaration.rules)
 
 
-def _elements(tx: Transaction, verb: str, table: str, elements: Iterable[Element], batch: int = 2000) -> None:
+def _elements(tx: Transaction, verb: str, table: Table, elements: Iterable[Element], batch: int = 2000) -> None:
     by_container: dict[str, list[Element]] = defaultdict(list)
     for element in elements:
         by_container[element.container].append(element)
     for container in sorted(by_container):
         items = sorted(by_container[container])
         for start in range(0, len(items), batch):
-            # Deleting takes the key alone; adding takes key, comment and value.
-            texts = (e.key if verb == "delete" else e.text() for e in items[start : start + batch])
-            # One element per line: reviewable golden files and readable logs.
-            tx.add(f"{verb} element {table} {container} {{\n\t" + ",\n\t".join(texts) + "\n}")
+            tx.add(Operation(verb, table, Elements(container, tuple(items[start : start + batch]))))

@@ -39,6 +39,7 @@ class RulesetBuilder:
         self.family = layout.Family(family)
         self._declarations = {d.name: d for d in layout.skeleton(settings, self.family)}
         self._always = frozenset(self._declarations)
+        self._groups: dict[layout.Need, tuple[str, ...]] = {}  # need -> the names declared for it
         self._last_snapshot: weakref.ref[Snapshot] | None = None
         self._last: Ruleset | None = None
         self._last_node_ips: tuple[str, ...] = ()
@@ -57,13 +58,15 @@ class RulesetBuilder:
         for key in candidates:
             state = snapshot.services.get(key)
             fragment = service_fragment(state, self.settings, self.family, node_ips) if state is not None else EMPTY
-            missing = fragment.needs - self._declarations.keys()
+            missing = fragment.needs - self._groups.keys()
             if missing:
-                # Copy on write: Rulesets already handed out keep their own mapping.
-                declarations = dict(self._declarations)
-                for name in missing:
-                    declarations.update((d.name, d) for d in layout.declare(name, self.settings, self.family))
-                self._declarations = declarations
+                # Copy on write: Rulesets already handed out keep their own mappings.
+                declarations, groups = dict(self._declarations), dict(self._groups)
+                for need in missing:
+                    group = layout.declare(need, self.settings, self.family)
+                    declarations.update((d.name, d) for d in group)
+                    groups[need] = tuple(d.name for d in group)
+                self._declarations, self._groups = declarations, groups
             if fragment.elements:
                 fragments[key] = fragment
             else:
@@ -78,7 +81,7 @@ class RulesetBuilder:
         fragments[NODE] = node
         incremental = candidates is snapshot.changed
         ruleset = Ruleset(
-            self.family.nft, layout.TABLE, self._declarations, self._always, fragments,
+            self.family.nft, layout.TABLE, self._declarations, self._always, fragments, self._groups,
             previous=weakref.ref(last) if incremental else None,
             changed=frozenset(changed) if incremental else None,
         )
@@ -111,7 +114,7 @@ class _FragmentBuilder:
     def __init__(self, name: str):
         self.name = name
         self.elements: list[Element] = []
-        self.needs: set[str] = set()
+        self.needs: set[layout.Need] = set()
         self.owned: list[Declaration] = []
 
     def add(self, container: str, *items: tuple[str, str], comment: str = "") -> None:
@@ -159,7 +162,7 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
         affinity = AffinityChains(service, port, settings, family)
         out.owned.extend(affinity.build(chosen.cluster, chosen.local, internal, local_policy))
     else:
-        out.needs |= layout.pick_names(n) | (layout.pick_names(len(internal)) if internal else set())
+        out.needs |= {layout.Pick(n)} | ({layout.Pick(len(internal))} if internal else set())
 
     for ip in cluster_ips:
         key = f"{ip} . {proto} . {port.port}"
@@ -182,7 +185,7 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
             chain = affinity.local if local_policy else affinity.external
         elif local_policy:
             chain = (layout.nodeport_local_chain if nodeport else layout.local_chain)(m, n)
-            out.needs |= {chain} | (layout.local_pick_names(m) if m else set())
+            out.needs |= {layout.LocalChain(m, n, nodeport)} | ({layout.LocalPick(m)} if m else set())
             local_map = layout.nodeport_local_endpoints_map(m) if nodeport else layout.local_endpoints_map(m)
             out.endpoints(local_map, key, chosen.local)
         else:

@@ -32,30 +32,11 @@ import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
-from .fake import (
-    FLAG_TYPES,
-    AnonMap,
-    AnonSet,
-    BinOp,
-    ChainState,
-    Counter,
-    FakeNftables,
-    Learned,
-    Masquerade,
-    Match,
-    Nat,
-    Queue,
-    Reject,
-    Rule,
-    Selector,
-    SetMeta,
-    SetRef,
-    SetUpdate,
-    TableState,
-    Verdict,
-    Vmap,
-    key_matches,
+from .expr import (
+    AnonMap, AnonSet, BinOp, Counter, Masquerade, Match, Nat, Queue, Reject, Rule, Selector, SetMeta, SetRef, SetUpdate,
+    Verdict, Vmap,
 )
+from .fake import FLAG_TYPES, ChainState, FakeNftables, Learned, TableState, key_matches
 
 # Statement results
 NEXT = "next"  # go on with the rule's next statement

@@ -5,8 +5,9 @@
         -> meta mark |= QUEUE_BIT                     (and `queue` where nft has it)
     prerouting/output  mangle -150  iptables NFQUEUE on QUEUE_BIT, --queue-bypass   (xtables.py)
         -> the forwarder's verdict sets the mark: ID bits = the chosen endpoint's id
-    nat -100  every pick chain, before its `numgen` dnat:
+    nat -100  every pick chain, before its `numgen` dnat (or an affinity chain's `numgen` vmap):
         ID bits set      -> dnat to @endpoint-ids[mark & ID_MASK]
+                            (affinity: goto the chosen endpoint's chain, which also remembers the client)
         QUEUE_BIT set    -> counter fail-open (no decision came: dead, stuck or full queue)
         otherwise        -> the kernel's own numgen pick, exactly as in kernel mode
 
@@ -21,8 +22,9 @@ Invariants:
   map falls back to numgen rather than reaching another endpoint.
 
 Kernel mode's layout is not edited: `extend()` adds this module's
-declarations and elements to a rendered Ruleset and gives every pick
-chain's `numgen` dnat a mark-driven twin (see `_twins`).
+declarations and elements to a rendered Ruleset and gives every rule that
+picks at random (`expr.Rule.picks`, found by type in shared and
+per-Service chains alike) a mark-driven twin (see `_twins`).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from ..config import NodeSettings
 from ..lb.policy import frontends, packed
 from ..marks import ID_MASK, KEEP_MASK, MAX_ID, QUEUE_BIT, mark_for
 from ..model import Selection, ServiceKey, ServiceState, Snapshot
-from .layout import L4_PROTOCOLS, NODEPORT_IPS, Family
-from .ruleset import Chain, Container, Declaration, Element, Fragment, Ruleset
+from . import layout
+from .expr import CT_STATE, CT_STATUS, MARK, AnonMap, BinOp, Counter, Match, Nat, Queue, Rule, SetMeta, Vmap
+from .layout import NODEPORT_IPS, Family
+from .ruleset import BaseChain, Chain, Container, Declaration, Element, Fragment, Ruleset
 
 ENDPOINT_IDS = "endpoint-ids"  # mark & ID_MASK : endpoint address . port
 USERSPACE_SERVICES = "userspace-services"  # daddr . proto . port of Service addresses to queue
@@ -61,9 +65,9 @@ class QueueSpec:
     def last(self) -> int:
         return self.first + self.count - 1
 
-    def nft_statement(self) -> str:
+    def nft_statement(self) -> Queue:
         target = str(self.first) if self.count == 1 else f"{self.first}-{self.last}"
-        return f"queue num {target} bypass"
+        return Queue(target, bypass=True)
 
 
 class EndpointIds:
@@ -111,51 +115,72 @@ class EndpointIds:
 
 def skeleton(settings: NodeSettings, family: Family, queue: QueueSpec) -> list[Declaration]:
     """Declarations of userspace mode, present whatever Services exist."""
-    nft, addr = family.nft, family.addr_type
-    mark = f"meta mark set meta mark & 0x{KEEP_MASK:08x} | 0x{QUEUE_BIT:08x}"
+    addr = family.addr_type
+    mark: tuple = (SetMeta(MARK, BinOp(BinOp(MARK, "&", KEEP_MASK), "|", QUEUE_BIT)),)
     if queue.in_nft:
-        mark += f" {queue.nft_statement()}"
-    new_flow = "ct state new ct status ! confirmed"
+        mark += (queue.nft_statement(),)
+    new_flow = (layout.is_(CT_STATE, "new"), Match((CT_STATUS,), "!", (frozenset({"confirmed"}),)))
     return [
         # type, not typeof: nft 1.0.6 refuses a later rule that reads a typeof map keyed on th dport.
-        Container(ENDPOINT_IDS, f"type mark : {addr} . inet_service"),
-        Container(USERSPACE_SERVICES, f"type {addr} . inet_proto . inet_service", kind="set"),
-        Container(USERSPACE_NODEPORTS, "type inet_proto . inet_service", kind="set"),
-        Container(FAIL_OPEN, "packets 0 bytes 0", kind="counter"),
+        Container(ENDPOINT_IDS, ("mark",), (addr, "inet_service")),
+        Container(USERSPACE_SERVICES, (addr, "inet_proto", "inet_service"), kind="set"),
+        Container(USERSPACE_NODEPORTS, ("inet_proto", "inet_service"), kind="set"),
+        Container(FAIL_OPEN, kind="counter"),
         Chain(
             CLASSIFY,
             (
-                f"{nft} daddr . meta l4proto . th dport @{USERSPACE_SERVICES} {mark}",
-                f"{nft} daddr @{NODEPORT_IPS} meta l4proto . th dport @{USERSPACE_NODEPORTS} {mark}",
+                Rule.of(layout.in_set(family.address_key(), USERSPACE_SERVICES), *mark),
+                Rule.of(layout.in_set((family.daddr,), NODEPORT_IPS),
+                        layout.in_set(layout.NODEPORT_KEY, USERSPACE_NODEPORTS), *mark),
             ),
         ),
-        Chain("userspace-prerouting", (f"{new_flow} jump {CLASSIFY}",),
-              f"type filter hook prerouting priority {PRIORITY}"),
-        Chain("userspace-output", (f"{new_flow} jump {CLASSIFY}",), f"type filter hook output priority {PRIORITY}"),
+        Chain("userspace-prerouting", (Rule.of(*new_flow, layout.jump(CLASSIFY)),),
+              BaseChain("filter", "prerouting", PRIORITY)),
+        Chain("userspace-output", (Rule.of(*new_flow, layout.jump(CLASSIFY)),), BaseChain("filter", "output", PRIORITY)),
     ]
 
 
-def _twins(chain: Chain, family: Family) -> Chain:
-    """`chain` with, before each numgen dnat, a dnat by the forwarder's mark and a fail-open count.
+DECIDED = BinOp(MARK, "&", ID_MASK)  # the forwarder's decision: an endpoint id, or 0
 
-    Both twins keep the numgen rule's own matches (its source ranges, its
-    l4proto), so they apply exactly where the kernel pick would have.
+
+def _twins(chain: Chain, family: Family, endpoint_of: Callable[[str], int | None]) -> Chain:
+    """`chain` with, before each rule that picks at random, the forwarder's decision and a fail-open count.
+
+    A `numgen` dnat is preceded by a dnat through @endpoint-ids keyed on the
+    mark; an affinity `numgen` vmap over endpoint chains by a vmap from the
+    mark to the same chains (`endpoint_of` names the id of an endpoint
+    chain), so the client set that makes later connections sticky is updated
+    for the forwarder's choice too. Both keep the pick's own conditions (its
+    l4proto match), so they apply exactly where the kernel pick would have.
     """
-    nft = family.nft
-    rules: list[str] = []
+    rules: list[Rule] = []
     for rule in chain.rules:
-        prefix, dnat, _ = rule.partition(f"dnat {nft} to ")
-        if dnat and " numgen " in rule:
-            rules.append(f"{prefix}meta mark & 0x{ID_MASK:08x} != 0 dnat {nft} to meta mark & 0x{ID_MASK:08x} "
-                         f"map @{ENDPOINT_IDS}")
-            rules.append(f'{prefix}meta mark & 0x{QUEUE_BIT:08x} != 0 counter name "{FAIL_OPEN}"')
+        if rule.picks:
+            conditions = rule.matches
+            pick = rule.statements[len(conditions)]
+            if isinstance(pick, Nat):
+                decided = Nat("dnat", family.nft, expr=(DECIDED,), map=ENDPOINT_IDS)
+            else:
+                entries = []
+                for _, verdict in pick.map.entries:
+                    endpoint_id = endpoint_of(verdict.chain)
+                    if endpoint_id is not None:
+                        entries.append(((mark_for(endpoint_id),), verdict))
+                decided = Vmap((DECIDED,), AnonMap(tuple(sorted(entries, key=lambda e: e[0]))))
+            if not isinstance(decided, Vmap) or decided.map.entries:
+                rules.append(Rule.of(*conditions, Match((DECIDED,), "!=", (0,)), decided))
+            rules.append(Rule.of(*conditions, Match((BinOp(MARK, "&", QUEUE_BIT),), "!=", (0,)), Counter(FAIL_OPEN)))
         rules.append(rule)
     return dataclasses.replace(chain, rules=tuple(rules))
 
 
-def has_pick(declaration: Declaration, family: Family) -> bool:
-    return isinstance(declaration, Chain) and any(
-        f"dnat {family.nft} to " in rule and " numgen " in rule for rule in declaration.rules)
+def _fixed_target(chain: Chain) -> tuple[str, int] | None:
+    """The one address:port a chain dnats to (an affinity endpoint chain), if it has one."""
+    for rule in chain.rules:
+        for statement in rule.statements:
+            if isinstance(statement, Nat) and not statement.map and statement.port is not None:
+                return str(statement.address), statement.port
+    return None
 
 
 def service_fragment(state: ServiceState, family: Family) -> Fragment:
@@ -205,6 +230,7 @@ class UserspaceRules:
         self._refs: dict[tuple[str, int], int] = {}
         self._snapshot: Snapshot | None = None
         self._adapted: tuple[Mapping[str, Declaration], Mapping[str, Declaration]] | None = None
+        self._owned: dict[Hashable, tuple[Fragment, Fragment]] = {}  # owner -> (as rendered, with decisions)
         self._blocks: dict[int, dict[int, tuple[str, int]]] = {}  # id block -> id -> endpoint
         self._last: Ruleset | None = None
 
@@ -234,11 +260,13 @@ class UserspaceRules:
             self._blocks.setdefault(endpoint_id // IDS_PER_OWNER, {})[endpoint_id] = endpoint
         changed.update(self._rebuild_block(block) for block in blocks)
         self._snapshot = snapshot
+        incremental = ruleset.changed is not None and self._last is not None
+        self._adapt_owned(ruleset, incremental)
         fragments = {**ruleset.fragments, **self._fragments}
+        fragments.update((owner, adapted) for owner, (_, adapted) in self._owned.items())
         for owner in changed:
             if owner not in self._fragments:
                 fragments.pop(owner, None)
-        incremental = ruleset.changed is not None and self._last is not None
         extended = dataclasses.replace(
             ruleset,
             declarations=self._declarations(ruleset.declarations),
@@ -276,10 +304,44 @@ class UserspaceRules:
         # Cached by identity: the builder replaces its mapping only when it adds declarations.
         if self._adapted is not None and self._adapted[0] is base:
             return self._adapted[1]
-        adapted = {name: _twins(d, self.family) if has_pick(d, self.family) else d for name, d in base.items()}
+        adapted = {name: _twins(d, self.family, _no_endpoint) if isinstance(d, Chain) and d.picks else d
+                   for name, d in base.items()}
         adapted.update(self._own)
         self._adapted = (base, adapted)
         return adapted
+
+    def _adapt_owned(self, ruleset: Ruleset, incremental: bool) -> None:
+        """The Services' own chains (session affinity) with the forwarder's decision in every pick.
+
+        Cached by the identity of the rendered fragment, so an unchanged
+        Service keeps the very same object and the planner skips it.
+        """
+        if not incremental:
+            self._owned = {}
+        candidates = ruleset.changed if incremental else ruleset.fragments.keys()
+        for owner in candidates:
+            fragment = ruleset.fragments.get(owner)
+            if fragment is None or not any(isinstance(d, Chain) and d.picks for d in fragment.owned):
+                self._owned.pop(owner, None)
+                continue
+            cached = self._owned.get(owner)
+            if cached is None or cached[0] is not fragment:
+                self._owned[owner] = (fragment, self._with_decisions(fragment))
+
+    def _with_decisions(self, fragment: Fragment) -> Fragment:
+        targets = {d.name: _fixed_target(d) for d in fragment.owned if isinstance(d, Chain)}
+
+        def endpoint_of(chain: str) -> int | None:
+            target = targets.get(chain)
+            return self.ids.get(target) if target is not None else None
+
+        owned = tuple(_twins(d, self.family, endpoint_of) if isinstance(d, Chain) and d.picks else d
+                      for d in fragment.owned)
+        return dataclasses.replace(fragment, owned=owned)
+
+
+def _no_endpoint(chain: str) -> None:
+    return None  # shared pick chains dnat by map: no endpoint chain to go to
 
 
 PROBE_TABLE = "dataplane-probe"

@@ -12,6 +12,7 @@ from dataplane.lb.policy import parse_weights, port_tables, weight_of
 from dataplane.model import parse_objects
 from dataplane.nat import layout, plan
 from dataplane.nat.render import RulesetBuilder
+from dataplane.nat.expr import AnonMap, Counter, Nat, Queue, Vmap
 from dataplane.nat.ruleset import Chain
 from dataplane.marks import mark_for
 from dataplane.nat.userspace import (
@@ -71,17 +72,35 @@ class Cluster:
         return str(transaction)
 
 
-def test_every_numgen_pick_gets_a_mark_twin_and_a_fail_open_count():
+def _pick_chains(ruleset) -> list[Chain]:
+    """Every chain with a random pick: shared ones and the Services' own (session affinity)."""
+    owned = [d for f in ruleset.fragments.values() for d in f.owned]
+    return [d for d in (*ruleset.declarations.values(), *owned) if isinstance(d, Chain) and d.picks]
+
+
+@pytest.mark.parametrize("affinity", [False, True], ids=["shared", "affinity"])
+def test_every_random_pick_gets_the_forwarders_decision_and_a_fail_open_count(affinity):
     cluster = Cluster()
-    cluster.put("a", service("a", "10.96.0.1", node_port=30080), endpoint_slice("a", "10.244.1.1", "10.244.1.2"))
-    chains = [d for d in cluster.ruleset.declarations.values() if isinstance(d, Chain)]
-    picks = [c for c in chains if any(" numgen " in r for r in c.rules)]
-    assert picks, "the layout has numgen picks"
+    extra = {"sessionAffinity": "ClientIP"} if affinity else {}
+    cluster.put("a", service("a", "10.96.0.1", node_port=30080, externalTrafficPolicy="Local", **extra),
+                endpoint_slice("a", "10.244.1.1", "10.244.1.2", node="node-b"))
+    picks = _pick_chains(cluster.ruleset)
+    assert picks
+    assert any(c.name.startswith("aff-") for c in picks) == affinity, "affinity chains pick on their own"
     for chain in picks:
         for index, rule in enumerate(chain.rules):
-            if " numgen " in rule and " dnat " in rule:
-                assert f"map @{ENDPOINT_IDS}" in chain.rules[index - 2], chain
-                assert f'counter name "{FAIL_OPEN}"' in chain.rules[index - 1], chain
+            if not rule.picks:
+                continue
+            decided, fail_open = chain.rules[index - 2], chain.rules[index - 1]
+            action = decided.statements[len(decided.matches)]
+            if isinstance(action, Nat):
+                assert action.map == ENDPOINT_IDS, chain
+            else:  # affinity: the mark picks the endpoint chain, which remembers the client
+                assert isinstance(action, Vmap) and isinstance(action.map, AnonMap), chain
+                chosen = {verdict.chain for _, verdict in action.map.entries}
+                assert chosen == {verdict.chain for _, verdict in rule.statements[-1].map.entries}, chain
+            assert Counter(FAIL_OPEN) in fail_open.statements, chain
+            assert decided.matches[:-1] == rule.matches == fail_open.matches[:-1], "the pick's own conditions"
 
 
 def test_queue_classification_names_service_addresses_and_nodeports():
@@ -154,7 +173,8 @@ def test_the_queue_rule_text():
 def test_nft_queue_statement_where_the_kernel_has_it():
     rules = UserspaceRules(SETTINGS, layout.Family(4), QueueSpec(count=4, in_nft=True))
     classify = rules._own["userspace-classify"]
-    assert all(rule.endswith("queue num 0-3 bypass") for rule in classify.rules)
+    assert all(rule.statements[-1] == Queue("0-3", bypass=True) for rule in classify.rules)
+    assert all(str(rule).endswith("queue num 0-3 bypass") for rule in classify.rules)
 
 
 # -- policy: annotations and tables ---------------------------------------------------------------
