@@ -20,7 +20,7 @@ from ..nftables import NftError
 from ..ruleset import Elements, Operation, Table, Transaction
 from .commands import Command
 from .dump import dump_tables
-from .errors import NAME, Failed
+from .errors import ENOENT, NAME, Failed
 from .executor import Work
 from .parser import Located, parse_located
 from .state import HeldElement, Learned, TableState
@@ -66,6 +66,14 @@ class FakeNftables:
         """Idempotent: a missing table is already deleted."""
         key = Table(family, table)
         self.apply(Transaction([Operation("add", key), Operation("delete", key)]))
+
+    def counters(self, family: str, table: str) -> dict[str, tuple[int, int]]:
+        """Named counters, name -> (packets, bytes); counts are not modelled: always (0, 0).
+        Raises NftError (not found) when the table does not exist, as nft does."""
+        found = self._tables.get((family, table))
+        if found is None:
+            raise NftError(f"Error: Could not process rule: {ENOENT} (table {family} {table})")
+        return {name: (0, 0) for name in sorted(found.counters)}
 
     # the batch
 

@@ -232,7 +232,7 @@ def _selector(cur: Cursor) -> Selector:
         if modulus == 0:
             raise cur.error("syntax error, numgen modulus must be positive", token)
         return Selector(f"numgen {how.text} mod {modulus}", "integer", modulus=modulus)
-    words = (first.text,)
+    words: tuple[str, ...] = (first.text,)
     while words not in BY_WORDS:
         candidates = [w for w in BY_WORDS if w[:len(words)] == words]
         if not candidates:

@@ -42,6 +42,8 @@ def parse_value(type_: str, text: str, ranges: bool = False) -> Any:
     """One component of a key or value; a CIDR or `a-b` is an Interval, allowed only when `ranges`."""
     if type_ in ADDRESS_TYPES:
         version = ADDRESS_TYPES[type_]
+        lo: Any
+        hi: Any
         try:
             if "/" in text:
                 network = ipaddress.ip_network(text, strict=False)
@@ -67,10 +69,10 @@ def parse_value(type_: str, text: str, ranges: bool = False) -> Any:
         if "-" in text:
             if not ranges:
                 raise Invalid(f"{text} is a range: the set needs flags interval")
-            lo, hi = (parse_number(part, limit) for part in text.split("-", 1))
-            if lo > hi:
+            first, last = (parse_number(part, limit) for part in text.split("-", 1))
+            if first > last:
                 raise Invalid(f"{text!r} is an empty range")
-            return Interval(lo, hi)
+            return Interval(first, last)
         if type_ == "inet_proto" and not text[:1].isdigit():
             raise Invalid(f"unknown protocol {text!r}")
         return parse_number(text, limit)
