@@ -37,7 +37,7 @@ from .expr import (
     SetUpdate, Verdict, Vmap,
 )
 from .fake import FLAG_TYPES, ChainState, FakeNftables, Learned, TableState, key_matches
-from .fake.selectors import FIELDS
+from .fake.fields import FIELDS
 
 # Statement results
 NEXT = "next"  # go on with the rule's next statement

@@ -3,7 +3,7 @@
 Modules, one job each:
 
     values.py     literal values: element text -> canonical values (cached), and back for listings
-    selectors.py  the packet fields it knows, as expr.Selector values
+    fields.py     the packet fields it knows, as expr.Selector values
     tokens.py     script text -> located tokens, one list per command
     parser.py     tokens -> typed commands (ruleset.Operation, equal to what the planner builds)
     commands.py   the few commands only a script has (listings, element timeouts)

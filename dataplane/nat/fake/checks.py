@@ -22,7 +22,7 @@ from ..expr import (
 )
 from ..ruleset import BaseChain
 from .errors import EMLINK, ENOENT, EOPNOTSUPP, JUMP_STACK, Failed
-from .selectors import SETTABLE
+from .fields import SETTABLE
 from .state import ChainState, SetState, TableState
 from .values import fits
 

@@ -42,18 +42,18 @@ class FakeNftables:
 
     def run(self, text: str, check_only: bool = False) -> str:
         """Parses and runs a script whole; raises NftError (located at its line) with nothing changed."""
-        commands = parse_located(text)
-        return self._execute(commands, check_only, lambda item, failure: _located_error(text, item, failure),
-                             text)
+        parsed = parse_located(text)
+        return self._execute([p.command for p in parsed], check_only,
+                             lambda index, failure: _located_error(text, parsed[index], failure), text)
 
     def apply(self, tx: Transaction) -> None:
         """Runs the transaction's typed operations atomically; raises NftError naming the failing command."""
         if tx:
-            self._execute(tx.commands, False, _command_error, "")
+            self._typed(tx.commands, check_only=False)
 
     def check(self, tx: Transaction) -> None:
         """As apply, but only says whether the kernel would take it."""
-        self._execute(tx.commands, True, _command_error, "")
+        self._typed(tx.commands, check_only=True)
 
     def list_objects(self, family: str, table: str) -> list[tuple[str, str]]:
         """(kind, name) of every chain, map and set in the table; [] when it does not exist."""
@@ -77,22 +77,24 @@ class FakeNftables:
 
     # the batch
 
-    def _execute(self, commands: Sequence, check_only: bool, error: Callable[..., NftError], text: str) -> str:
+    def _typed(self, commands: list[Operation], check_only: bool) -> None:
+        self._execute(commands, check_only, lambda index, failure: _command_error(commands[index], failure), "")
+
+    def _execute(self, commands: Sequence[Command], check_only: bool,
+                 error: Callable[[int, Failed], NftError], text: str) -> str:
         work = Work(self._tables, self.clock())
-        for item in commands:
-            command: Command = item.command if isinstance(item, Located) else item
+        for index, command in enumerate(commands):
             try:
                 work.execute(command)
             except Failed as failure:
-                raise error(item, failure) from None
+                raise error(index, failure) from None
         try:
             work.validate()
         except Failed as failure:
             raise NftError(f"Error: {failure}", text) from None
         if work.changes and not check_only:
             self._tables = work.tables
-            self.applied.append(Transaction(c for c in (i.command if isinstance(i, Located) else i for i in commands)
-                                            if isinstance(c, Operation)))
+            self.applied.append(Transaction(c for c in commands if isinstance(c, Operation)))
         return "".join(work.output)
 
     # reading the state: golden tests, convergence checks, the tracer

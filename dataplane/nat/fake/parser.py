@@ -23,7 +23,7 @@ from ..expr import (
 from ..ruleset import AddRule, BaseChain, Chain, Container, Element, Elements, Operation, Table
 from .commands import Command, Listing, TimedElement
 from .errors import Invalid
-from .selectors import BY_WORDS
+from .fields import BY_WORDS
 from .tokens import Cursor, Token, tokenize
 from .values import FLAG_TYPES, VERDICTS, parse_number, parse_value
 
