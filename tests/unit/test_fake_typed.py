@@ -239,3 +239,12 @@ def test_base_chain_policy_is_a_value_both_ways() -> None:
     typed.apply(Transaction([drop]))
     text.run(str(drop))
     assert typed.dump() == text.dump() and "policy drop;" in typed.dump()
+
+
+def test_named_counters_are_listed_uncounted_and_a_missing_table_is_not_found() -> None:
+    nft = FakeNftables()
+    nft.apply(transaction("flows-userspace"))
+    assert nft.counters("ip", "dataplane") == {"fail-open": (0, 0)}
+    with pytest.raises(NftError) as raised:
+        nft.counters("ip", "missing")
+    assert raised.value.is_not_found()
