@@ -17,7 +17,8 @@ from typing import Callable
 from ..config import NodeSettings
 from ..model import Protocol, Snapshot
 from ..nat import plan
-from ..nat.nftables import NftError, Nftables
+from ..nat.interface import Interface
+from ..nat.nftables import NftError
 from ..nat.ruleset import Ruleset
 from ..nat.render import RulesetBuilder
 from ..nat.ruleset import Transaction
@@ -39,7 +40,7 @@ class SyncResult:
 class Proxier:
     """Programs both address families, `ip dataplane` and `ip6 dataplane`, in one transaction."""
 
-    def __init__(self, settings: NodeSettings, nft: Nftables, families: tuple[int, ...] = (4, 6)):
+    def __init__(self, settings: NodeSettings, nft: Interface, families: tuple[int, ...] = (4, 6)):
         self.nft = nft
         self.builders = [RulesetBuilder(settings, family) for family in families]
         self.programmed = [plan.Programmed() for _ in families]

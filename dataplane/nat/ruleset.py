@@ -44,6 +44,7 @@ class BaseChain:
     type: str  # filter, nat
     hook: str
     priority: int
+    policy: str = "accept"  # what a packet that falls off the chain's end gets
 
     def __str__(self) -> str:
         return f"type {self.type} hook {self.hook} priority {self.priority}"
@@ -56,7 +57,7 @@ class Chain:
     base: BaseChain | None = None
 
     def declaration(self, family: str, table: str) -> str:
-        spec = f" {{ {self.base} ; policy accept ; }}" if self.base else ""
+        spec = f" {{ {self.base} ; policy {self.base.policy} ; }}" if self.base else ""
         return f"add chain {family} {table} {self.name}{spec}"
 
     @property

@@ -33,10 +33,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from .expr import (
-    AnonMap, AnonSet, BinOp, Counter, Masquerade, Match, Nat, Queue, Reject, Rule, Selector, SetMeta, SetRef, SetUpdate,
-    Verdict, Vmap,
+    MARK, AnonMap, AnonSet, BinOp, Counter, Masquerade, Match, Nat, Queue, Reject, Rule, Selector, SetMeta, SetRef,
+    SetUpdate, Verdict, Vmap,
 )
 from .fake import FLAG_TYPES, ChainState, FakeNftables, Learned, TableState, key_matches
+from .fake.fields import FIELDS
 
 # Statement results
 NEXT = "next"  # go on with the rule's next statement
@@ -241,8 +242,8 @@ class Tracer:
                 else:
                     yield from self._verdict(ctx, state, table, verdict, jumps, depth)
         elif isinstance(statement, SetMeta):
-            if statement.target.text != "meta mark":
-                raise TraceError(f"setting {statement.target.text} is not modelled")
+            if statement.target != MARK:
+                raise TraceError(f"setting {statement.target} is not modelled")
             if isinstance(statement.value, int):
                 marks = [statement.value]
             else:
@@ -321,34 +322,32 @@ class Tracer:
             if part.op == "|":
                 return [v | part.value for v in values]
             return [v ^ part.value for v in values]
-        text = part.text
         if part.modulus:
             return list(range(part.modulus))
-        if part.protocol:  # tcp dport and the like: only for that protocol
-            if part.protocol != ctx.protocol:
-                return []
-            return [state.dport if text.endswith("dport") else state.sport]
-        if text in ("ip saddr", "ip6 saddr"):
+        field = FIELDS.get(part)
+        if part.protocol and part.protocol != ctx.protocol:
+            return []  # tcp dport and the like: absent from other protocols' packets
+        if field == "saddr":
             return [state.saddr]
-        if text in ("ip daddr", "ip6 daddr"):
+        if field == "daddr":
             return [state.daddr]
-        if text == "meta l4proto":
+        if field == "l4proto":
             return [ctx.protocol]
-        if text == "th dport":
+        if field == "dport":
             return [state.dport]
-        if text == "th sport":
+        if field == "sport":
             return [state.sport]
-        if text == "meta mark":
+        if field == "mark":
             return [state.mark]
-        if text == "ct state":
+        if field == "ct state":
             return [frozenset({"new"})]
-        if text == "ct status":
+        if field == "ct status":
             return [frozenset({"dnat"}) if state.dnat else frozenset()]
-        if text == "ct mark":
+        if field == "ct mark":
             return [0]
-        if text == "fib saddr type":
+        if field == "fib saddr type":
             return [frozenset({"local" if ctx.saddr_local else "unicast"})]
-        raise TraceError(f"{text} is not modelled")
+        raise TraceError(f"{part} is not modelled")
 
     def _match(self, ctx: _Context, state: _State, table: TableState, match: Match, value: tuple) -> bool:
         negate = match.op in ("!=", "!")

@@ -1,4 +1,4 @@
-"""The in-memory nftables (nat/fake.py) and its tracer (nat/trace.py): tests of the test helpers.
+"""The in-memory nftables (nat/fake/) and its tracer (nat/trace.py): tests of the test helpers.
 
 The fake must refuse what the kernel refuses, apply a transaction whole or
 not at all, and end in the same state whether it got there by one full
