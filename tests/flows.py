@@ -233,18 +233,18 @@ FLOWS = [
     Flow("itp-local-without-local-endpoint-drops-tcp", "client", cip(3), 80, "TCP", DROP),
     Flow("itp-local-without-local-endpoint-drops-udp-from-pod", "pod1", cip(3), 80, "UDP", DROP),
     # externalTrafficPolicy: Local.
-    Flow("etp-local-lb-reaches-local-endpoint-keeping-source", "client", lb(4), 80, "TCP", reached("pod1", masqueraded=False)),
-    Flow("etp-local-lb-udp-keeps-source", "client", lb(4), 80, "UDP", reached("pod1", masqueraded=False)),
-    Flow("etp-local-nodeport-reaches-local-endpoint-keeping-source", "client", NODE_IP, np(4), "TCP", reached("pod1", masqueraded=False)),
-    Flow("etp-local-lb-from-pod-short-circuits-to-all", "pod2", lb(4), 80, "TCP", reached("pod1", "pod3", masqueraded=False)),
-    Flow("etp-local-lb-from-node-reaches-all-masqueraded", "node", lb(4), 80, "TCP", reached("pod1", "pod3", masqueraded=None)),
+    Flow("etp-local-lb-reaches-local-endpoint-keeping-source", "client", lb(4), 80, "TCP", reached("pod1", masqueraded=False), KERNEL),
+    Flow("etp-local-lb-udp-keeps-source", "client", lb(4), 80, "UDP", reached("pod1", masqueraded=False), KERNEL),
+    Flow("etp-local-nodeport-reaches-local-endpoint-keeping-source", "client", NODE_IP, np(4), "TCP", reached("pod1", masqueraded=False), KERNEL),
+    Flow("etp-local-lb-from-pod-short-circuits-to-all", "pod2", lb(4), 80, "TCP", reached("pod1", "pod3", masqueraded=False), KERNEL),
+    Flow("etp-local-lb-from-node-reaches-all-masqueraded", "node", lb(4), 80, "TCP", reached("pod1", "pod3", masqueraded=None), KERNEL),
     Flow("etp-local-clusterip-is-cluster-wide", "client", cip(4), 80, "TCP", reached("pod1", "pod3", masqueraded=True)),
     Flow("etp-local-without-local-endpoint-drops-lb", "client", lb(5), 80, "TCP", DROP),
     Flow("etp-local-without-local-endpoint-drops-nodeport-udp", "client", NODE_IP, np(5, "UDP"), "UDP", DROP),
-    Flow("etp-local-without-local-endpoint-pods-still-reach-remote", "pod1", lb(5), 80, "TCP", reached("pod3", "pod4", masqueraded=False)),
-    Flow("etp-local-without-local-endpoint-node-still-reaches-remote", "node", NODE_IP, np(5), "TCP", reached("pod3", "pod4", masqueraded=None)),
+    Flow("etp-local-without-local-endpoint-pods-still-reach-remote", "pod1", lb(5), 80, "TCP", reached("pod3", "pod4", masqueraded=False), KERNEL),
+    Flow("etp-local-without-local-endpoint-node-still-reaches-remote", "node", NODE_IP, np(5), "TCP", reached("pod3", "pod4", masqueraded=None), KERNEL),
     Flow("etp-local-without-local-endpoint-clusterip-works", "pod2", cip(5), 80, "TCP", reached("pod3", "pod4", masqueraded=False)),
-    Flow("etp-local-only-terminating-local-endpoint-serves", "client", lb(9), 80, "TCP", reached("pod1", masqueraded=False)),
+    Flow("etp-local-only-terminating-local-endpoint-serves", "client", lb(9), 80, "TCP", reached("pod1", masqueraded=False), KERNEL),
     # externalTrafficPolicy: Cluster: external traffic always masqueraded.
     Flow("etp-cluster-lb-reaches-all-masqueraded", "client", lb(6), 80, "TCP", reached(*ALL, masqueraded=True)),
     Flow("etp-cluster-nodeport-udp-reaches-all-masqueraded", "client", NODE_IP, np(6, "UDP"), "UDP", reached(*ALL, masqueraded=True)),
@@ -262,7 +262,7 @@ FLOWS = [
     Flow("affinity-keeps-a-client-on-one-endpoint", "client", cip(10), 80, "TCP", Sticky(frozenset(ALL))),
     Flow("affinity-keeps-a-pod-on-one-endpoint-udp", "pod2", cip(10), 80, "UDP", Sticky(frozenset(ALL))),
     Flow("affinity-hairpin-is-masqueraded", "pod1", cip(11), 80, "TCP", reached("pod1", masqueraded=True)),
-    Flow("affinity-with-etp-local-stays-local", "client", lb(16), 80, "TCP", Sticky(frozenset({"pod1", "pod2"}))),
+    Flow("affinity-with-etp-local-stays-local", "client", lb(16), 80, "TCP", Sticky(frozenset({"pod1", "pod2"})), KERNEL),
     # loadBalancerSourceRanges: LoadBalancer IPs only.
     Flow("source-range-admits-listed-client", "client", lb(12), 80, "TCP", reached("pod1", "pod2", masqueraded=True)),
     Flow("source-range-drops-pods-outside-it", "pod1", lb(12), 80, "TCP", DROP),
@@ -402,9 +402,9 @@ FLOWS6 = [
     Flow("v6-lb-ingress-ip-reaches-all-masqueraded", "client", lb6(34), 80, "TCP", reached(*ALL, masqueraded=True)),
     Flow("v6-external-ip-udp-reaches-all-masqueraded", "client", ext6(34), 80, "UDP", reached(*ALL, masqueraded=True)),
     # externalTrafficPolicy: Local over IPv6: the client's source is kept.
-    Flow("v6-etp-local-lb-reaches-local-endpoint-keeping-source", "client", lb6(35), 80, "TCP", reached("pod1", masqueraded=False)),
-    Flow("v6-etp-local-nodeport-udp-keeps-source", "client", NODE_IP6, np(35, "UDP"), "UDP", reached("pod1", masqueraded=False)),
-    Flow("v6-etp-local-lb-from-pod-short-circuits-to-all", "pod2", lb6(35), 80, "TCP", reached("pod1", "pod3", masqueraded=False)),
+    Flow("v6-etp-local-lb-reaches-local-endpoint-keeping-source", "client", lb6(35), 80, "TCP", reached("pod1", masqueraded=False), KERNEL),
+    Flow("v6-etp-local-nodeport-udp-keeps-source", "client", NODE_IP6, np(35, "UDP"), "UDP", reached("pod1", masqueraded=False), KERNEL),
+    Flow("v6-etp-local-lb-from-pod-short-circuits-to-all", "pod2", lb6(35), 80, "TCP", reached("pod1", "pod3", masqueraded=False), KERNEL),
     Flow("v6-etp-local-without-local-endpoint-drops-lb", "client", lb6(40), 80, "TCP", DROP),
     Flow("v6-itp-local-clusterip-reaches-only-local-endpoints", "client", cip6(41), 80, "TCP", reached("pod1", "pod2", masqueraded=True)),
     # No endpoints: ICMPv6 port unreachable. A TCP client on this host (the lab's client, a Pod)
@@ -491,3 +491,11 @@ def sources(flow: Flow) -> tuple[str, ...]:
     if flow.source == "client":
         return LAB_PLAN.client_sources6 if ":" in flow.destination else LAB_PLAN.client_sources
     return (source_ip(flow),)
+
+
+def connections_per_source(flow: Flow) -> int:
+    """How many new connections a row of who decided makes from each of its `sources`: a dozen from a
+    lone source; from the client's many addresses one each, or three with affinity (to see them stick)."""
+    if len(sources(flow)) == 1:
+        return 12
+    return 3 if isinstance(flow.expect, Sticky) else 1

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from dataplane.lab import (
-    Daemon, Failure, Lab, ManifestDir, UdpSession, environment_problem, request, sample, tally,
+    Daemon, Failure, Lab, ManifestDir, UdpSession, environment_problem, request, sample, tally, tcp_request,
     wait_until,
 )
 from dataplane.lab.daemon import cleanup, dataplane_executable
@@ -24,7 +24,7 @@ from dataplane.lab.manifests import endpoint_slice, port, service
 from tests.flows import (
     AFFINITY_IGNORES_THE_FORWARDER, CLIENT, CLIENT6, DROP, DUAL_STACK_CLUSTER_CIDRS, DUAL_STACK_DAEMON_FLAGS, FLOWS,
     FLOWS6, IGNORED_BY_AFFINITY_TODAY, LAB_PLAN, MANIFESTS, MANIFESTS6, POD_IPS, POD_IPS6, REJECT, Flow, Forwarder,
-    Reached, Sticky, cip, cip6, source_ip, sources,
+    Reached, Sticky, cip, cip6, connections_per_source, source_ip, sources,
 )
 
 PROBLEM = environment_problem()
@@ -50,6 +50,11 @@ def lab():
         # LoadBalancer IPs fail routing before netfilter sees them.
         lab.node.ip("route", "add", "default", "via", CLIENT)
         lab.node.ip("-6", "route", "add", "default", "via", CLIENT6)
+        # The client's further addresses are usable sources, seen as such (no Service on the way).
+        aliases = ((lab.plan.client_sources[-1], POD_IPS["pod1"]), (lab.plan.client_sources6[-1], POD_IPS6["pod1"]))
+        for alias, pod_ip in aliases:
+            outcome = tcp_request(lab.client, pod_ip, 80, source=alias)
+            assert outcome.ok and outcome.reply.peer[0] == alias, str(outcome)
         yield lab
 
 
@@ -111,13 +116,11 @@ def check_decided(lab: Lab, flow: Flow) -> None:
     assert isinstance(flow.userspace, Forwarder)
     ns = namespace(lab, flow.source)
     addresses = sources(flow)
-    sticky = isinstance(flow.expect, Sticky)
-    each = (3 if sticky else 1) if len(addresses) > 1 else 12
     by_source: dict[str, list] = {}
     for address in addresses:
         bound = address if flow.source == "client" else None  # another source has one address: the kernel's
         by_source[address] = [request(flow.protocol, ns, flow.destination, flow.port, 1.0, source=bound)
-                              for _ in range(each)]
+                              for _ in range(connections_per_source(flow))]
     outcomes = [o for found in by_source.values() for o in found]
     failed = [str(o) for o in outcomes if not o.ok]
     assert not failed, failed
@@ -129,7 +132,7 @@ def check_decided(lab: Lab, flow: Flow) -> None:
             f"the weights leave the forwarder {sorted(flow.userspace.pods)}, yet "
             f"{sorted(answered - flow.userspace.pods)} answered: the kernel picked, not the forwarder. "
             f"By source: {elsewhere}; fail-open counters: {fail_open_counters(lab)}")
-    if sticky:
+    if isinstance(flow.expect, Sticky):
         moved = {a: sorted({o.pod for o in found}) for a, found in by_source.items() if len({o.pod for o in found}) > 1}
         assert not moved, f"affinity broken: {moved}"
     masqueraded = flow.expect.masqueraded if isinstance(flow.expect, Reached) else None

@@ -285,6 +285,12 @@ def decided_tracer() -> Tracer:
     return after_the_verdict(rendered(userspace=True))
 
 
+@pytest.fixture(scope="module")
+def queue_tracer() -> Tracer:
+    """Userspace mode queueing with nft's own `queue`: a queued packet's trace ends in QUEUE."""
+    return tracer_for(rendered(userspace=True, nft_queue=True))
+
+
 def endpoint_marks(nft: FakeNftables) -> dict[str, int]:
     """Echo-port endpoint IP -> the mark the forwarder sets to choose it: the ruleset's endpoint-ids keys."""
     found = {}
@@ -351,9 +357,9 @@ def test_a_client_decided_once_stays_when_the_forwarder_is_gone(decided_tracer: 
 
 
 @pytest.mark.parametrize("flow", [f for f in FLOWS + FLOWS6 if f.userspace is not None], ids=lambda f: f.id)
-def test_each_row_is_queued_exactly_when_the_forwarder_decides_it(flow: Flow) -> None:
+def test_each_row_is_queued_exactly_when_the_forwarder_decides_it(queue_tracer: Tracer, flow: Flow) -> None:
     """A Forwarder row's new flow goes to the forwarder (nft `queue` shows it); a KERNEL row's never does."""
-    outcomes = tracer_for(rendered(userspace=True, nft_queue=True)).outcomes(packet(flow))
+    outcomes = queue_tracer.outcomes(packet(flow))
     if isinstance(flow.userspace, flows.Forwarder):
         assert outcomes == {Outcome(QUEUE)}
     else:
@@ -400,8 +406,8 @@ def test_the_forwarder_and_the_ruleset_agree_for_many_clients(decided_tracer: Tr
     marks = {mark: ip for ip, mark in endpoint_marks(decided_tracer.nft).items()}
     by_client: dict[str, set[str]] = {}
     wrong = []
-    for n, (saddr, sport) in enumerate(itertools.product(flows.sources(flow), range(40000, 40003 if len(
-            flows.sources(flow)) > 1 else 40012))):
+    connections = itertools.product(flows.sources(flow), range(40000, 40000 + flows.connections_per_source(flow)))
+    for n, (saddr, sport) in enumerate(connections):
         queued = packet(flow, sport=sport, saddr=saddr)
         (verdict,) = balancer.handle(PacketQueued(0, n, QUEUE_BIT, wire(queued)))
         chosen = POD_BY_IP.get(marks.get(verdict.mark & ID_MASK, ""))
@@ -430,19 +436,20 @@ def _without_twin(chain_pattern: str) -> Callable[[str], str]:
     return mutate
 
 
-TWIN_MUTATIONS = [
-    ("decided-clusterip-from-outside", r"cluster-\d+"),
-    ("decided-lb-ip-external-chain", r"external-\d+"),
-    ("decided-nodeport-chain", r"nodeport-\d+"),
-    ("local-lb-is-the-kernels-pick-through-local-pick", r"local-pick-\d+"),
-    ("local-nodeport-udp-is-the-kernels-pick-through-nodeport-local-pick", r"nodeport-local-pick-\d+"),
-    ("local-nodeport-from-pod-short-circuits-through-nodeport-direct", r"nodeport-direct-\d+"),
-    ("v6-decided-clusterip-from-outside", r"cluster-\d+"),
+TWIN_MUTATIONS = [  # (the chain kind, its chains, a row through it)
+    ("cluster-N", r"cluster-\d+", "decided-clusterip-from-outside"),
+    ("external-N", r"external-\d+", "decided-lb-ip-external-chain"),
+    ("nodeport-N", r"nodeport-\d+", "decided-nodeport-chain"),
+    ("local-pick-M", r"local-pick-\d+", "local-lb-is-the-kernels-pick-through-local-pick"),
+    ("nodeport-local-pick-M", r"nodeport-local-pick-\d+",
+     "local-nodeport-udp-is-the-kernels-pick-through-nodeport-local-pick"),
+    ("nodeport-direct-N", r"nodeport-direct-\d+", "local-nodeport-from-pod-short-circuits-through-nodeport-direct"),
+    ("ip6-cluster-N", r"cluster-\d+", "v6-decided-clusterip-from-outside"),
 ]
 
 
-@pytest.mark.parametrize("behaviour, chains", TWIN_MUTATIONS, ids=[f"{b}-{c}" for b, c in TWIN_MUTATIONS])
-def test_a_pick_chain_without_its_twin_fails_its_row(behaviour: str, chains: str) -> None:
+@pytest.mark.parametrize("kind, chains, behaviour", TWIN_MUTATIONS, ids=[m[0] for m in TWIN_MUTATIONS])
+def test_a_pick_chain_without_its_twin_fails_its_row(kind: str, chains: str, behaviour: str) -> None:
     (flow,) = [f for f in FLOWS + FLOWS6 if f.behaviour == behaviour]
     assert decided_problems(after_the_verdict(rendered(userspace=True)), flow) == []
     assert decided_problems(after_the_verdict(_without_twin(chains)(rendered(userspace=True))), flow) != []
