@@ -187,7 +187,8 @@ class UdpSession(_Session):
             self._sock.settimeout(self.timeout)
 
 
-def tcp_request(ns, ip: str, port: int, timeout: float = 1.0, line: str = "hello", source: str | None = None) -> Outcome:
+def tcp_request(ns, ip: str, port: int, timeout: float = 1.0, line: str = "hello",
+                source: str | None = None) -> Outcome:
     """Connects from `ns` to ip:port, sends one line, returns the reply or why there was none.
 
     `timeout` bounds the connect and the read separately; `elapsed` covers both.
@@ -204,7 +205,8 @@ def tcp_request(ns, ip: str, port: int, timeout: float = 1.0, line: str = "hello
 
 def udp_request(ns, ip: str, port: int, timeout: float = 1.0, payload: str = "hello",
                 source: str | None = None) -> Outcome:
-    """Sends one datagram from a fresh source port in `ns` (from `source` when given); returns the reply or why there was none."""
+    """Sends one datagram from a fresh source port in `ns` (from `source` when given); returns the reply
+    or why there was none."""
     with UdpSession(ns, ip, port, timeout, (source, 0) if source else None) as session:
         return session.request(payload)
 

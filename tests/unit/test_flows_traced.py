@@ -28,7 +28,7 @@ from dataplane.nat import layout, plan
 from dataplane.nat.fake import FakeNftables
 from dataplane.nat.render import render
 from dataplane.lb.balancer import Balancer, NodeAddresses, PacketQueued, ServicesChanged
-from dataplane.lb.policy import packed, port_tables
+from dataplane.lb.policy import ALGORITHMS, packed, port_tables
 from dataplane.marks import ID_MASK, QUEUE_BIT, id_of, mark_for
 from dataplane.nat.trace import DNAT, QUEUE, Outcome, Packet, Path, Tracer
 from dataplane.nat.userspace import CLASSIFY, ENDPOINT_IDS, QueueSpec, UserspaceRules
@@ -377,8 +377,9 @@ def wire(p: Packet) -> bytes:
     return struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, src, dst) + l4
 
 
-def balancer_for(nft: FakeNftables) -> Balancer:
-    """The forwarder's balancer for the table, as daemon/userspace.py feeds it, with the ruleset's endpoint ids."""
+def balancer_for(nft: FakeNftables, algorithm: str) -> Balancer:
+    """The forwarder's balancer for the table, as daemon/userspace.py feeds it, with the ruleset's endpoint ids
+    and `algorithm` for every Service (none of the table's names one)."""
     ids = {}
     for family in ("ip", "ip6"):
         for key, value in nft.elements(family, layout.TABLE, ENDPOINT_IDS).items():
@@ -388,7 +389,7 @@ def balancer_for(nft: FakeNftables) -> Balancer:
     for key, state in snapshot().services.items():
         found = []
         for version in (4, 6):
-            ports, _ = port_tables(state, ids.get, "random", version, NODE_NAME, NODE_ZONE)
+            ports, _ = port_tables(state, ids.get, algorithm, version, NODE_NAME, NODE_ZONE)
             found += [p for p in ports if p.addresses]
         tables[key] = tuple(found)
     balancer = Balancer(seed=10)
@@ -397,12 +398,14 @@ def balancer_for(nft: FakeNftables) -> Balancer:
     return balancer
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("flow", [_affinity_xfail(f) for f in DECIDED])
-def test_the_forwarder_and_the_ruleset_agree_for_many_clients(decided_tracer: Tracer, flow: Flow) -> None:
+def test_the_forwarder_and_the_ruleset_agree_for_many_clients(decided_tracer: Tracer, flow: Flow,
+                                                               algorithm: str) -> None:
     """The real balancer decides each new flow (from every client address, several connections each), and
     the traced ruleset takes each flow to the endpoint it named: only the row's Pods, a drained one never;
     with affinity, each client on one Pod."""
-    balancer = balancer_for(decided_tracer.nft)
+    balancer = balancer_for(decided_tracer.nft, algorithm)
     marks = {mark: ip for ip, mark in endpoint_marks(decided_tracer.nft).items()}
     by_client: dict[str, set[str]] = {}
     wrong = []
