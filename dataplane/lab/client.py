@@ -187,12 +187,14 @@ class UdpSession(_Session):
             self._sock.settimeout(self.timeout)
 
 
-def tcp_request(ns, ip: str, port: int, timeout: float = 1.0, line: str = "hello") -> Outcome:
+def tcp_request(ns, ip: str, port: int, timeout: float = 1.0, line: str = "hello",
+                source: str | None = None) -> Outcome:
     """Connects from `ns` to ip:port, sends one line, returns the reply or why there was none.
 
     `timeout` bounds the connect and the read separately; `elapsed` covers both.
+    `source`: the local address to send from (any port); None: the kernel's choice.
     """
-    with TcpSession(ns, ip, port, timeout) as session:
+    with TcpSession(ns, ip, port, timeout, (source, 0) if source else None) as session:
         started = time.monotonic()
         failed = session.connect()
         if failed:
@@ -201,19 +203,21 @@ def tcp_request(ns, ip: str, port: int, timeout: float = 1.0, line: str = "hello
     return Outcome(outcome.reply, outcome.failure, time.monotonic() - started, outcome.detail)
 
 
-def udp_request(ns, ip: str, port: int, timeout: float = 1.0, payload: str = "hello") -> Outcome:
-    """Sends one datagram from a fresh source port in `ns`; returns the reply or why there was none."""
-    with UdpSession(ns, ip, port, timeout) as session:
+def udp_request(ns, ip: str, port: int, timeout: float = 1.0, payload: str = "hello",
+                source: str | None = None) -> Outcome:
+    """Sends one datagram from a fresh source port in `ns` (from `source` when given); returns the reply
+    or why there was none."""
+    with UdpSession(ns, ip, port, timeout, (source, 0) if source else None) as session:
         return session.request(payload)
 
 
-def request(protocol: str, ns, ip: str, port: int, timeout: float = 1.0) -> Outcome:
-    """`tcp_request` or `udp_request` by protocol name ("TCP"/"UDP", any case)."""
+def request(protocol: str, ns, ip: str, port: int, timeout: float = 1.0, source: str | None = None) -> Outcome:
+    """`tcp_request` or `udp_request` by protocol name ("TCP"/"UDP", any case), optionally from `source`."""
     match protocol.upper():
         case "TCP":
-            return tcp_request(ns, ip, port, timeout)
+            return tcp_request(ns, ip, port, timeout, source=source)
         case "UDP":
-            return udp_request(ns, ip, port, timeout)
+            return udp_request(ns, ip, port, timeout, source=source)
     raise ValueError(f"unsupported protocol {protocol!r}")
 
 

@@ -65,10 +65,15 @@ class AddressPlan:
     pod_gateway6: IPv6Address = IPv6Address("fd00:244:1::1")
     cluster_cidr6: IPv6Network = IPv6Network("fd00:244::/32")
     service_cidr6: IPv6Network = IPv6Network("fd00:96::/108")
+    # Further client addresses, for tests that need many clients (affinity, who decided):
+    # the client's network from host 100 on (192.168.50.100, fd00:50::100, ...).
+    client_aliases: int = 0
 
     def __post_init__(self):
         if not 1 <= self.pods <= self.pod_network.num_addresses - self.pod_host_offset - 2:
             raise ValueError(f"pods: {self.pods} does not fit in {self.pod_network}")
+        if not 0 <= self.client_aliases <= self.client.network.num_addresses - 101 - 1:
+            raise ValueError(f"client_aliases: {self.client_aliases} do not fit in {self.client.network}")
         # A Pod outside the cluster CIDR would be taken for an outside client (masqueraded).
         for pods, cluster in ((self.pod_network, self.cluster_cidr), (self.pod_network6, self.cluster_cidr6)):
             if not pods.subnet_of(cluster):
@@ -81,6 +86,18 @@ class AddressPlan:
     def pod_ip6(self, index: int) -> IPv6Address:
         """The IPv6 address of pod `index` (1-based): its IPv4 host number's digits, so pod1 is ...::11."""
         return self.pod_network6[int(str(self.pod_host_offset + index), 16)]
+
+    @property
+    def client_sources(self) -> tuple[str, ...]:
+        """Every address the client sends from: its own, then the aliases (192.168.50.100, .101, ...)."""
+        network = self.client.network
+        return (str(self.client.ip), *(str(network[100 + i]) for i in range(self.client_aliases)))
+
+    @property
+    def client_sources6(self) -> tuple[str, ...]:
+        """The same for IPv6: fd00:50::2, then fd00:50::100, ::101, ... (hex, like the Pods' digits)."""
+        network = self.client6.network
+        return (str(self.client6.ip), *(str(network[int(str(100 + i), 16)]) for i in range(self.client_aliases)))
 
     @property
     def cluster_cidrs(self) -> str:
@@ -200,6 +217,13 @@ class Lab:
                 f"address add {plan.client6} dev eth0 nodad",
                 f"route add default via {plan.node_client_side6.ip}",
             ]
+        prefix, prefix6 = plan.client.network.prefixlen, plan.client6.network.prefixlen
+        client_lines += [f"address add {ip}/{prefix} dev eth0" for ip in plan.client_sources[1:]]
+        if plan.dual_stack:
+            # Deprecated at once (preferred_lft 0): taken only when a socket binds to them, so the
+            # client's own address stays the source of everything else, as in IPv4 (secondaries).
+            client_lines += [f"address add {ip}/{prefix6} dev eth0 nodad preferred_lft 0"
+                             for ip in plan.client_sources6[1:]]
         for pod in self.pods:
             node_lines += [
                 f"link add {pod.veth} type veth peer name eth0 netns {pod.ns.name}",

@@ -15,15 +15,16 @@ import subprocess
 import pytest
 
 from dataplane.lab import (
-    AddressPlan, Daemon, Failure, Lab, ManifestDir, UdpSession, environment_problem, request, sample, tally,
+    Daemon, Failure, Lab, ManifestDir, UdpSession, environment_problem, request, sample, tally, tcp_request,
     wait_until,
 )
-from dataplane.lab.daemon import dataplane_executable
+from dataplane.lab.daemon import cleanup, dataplane_executable
 from dataplane.lab.manifests import endpoint_slice, port, service
 
 from tests.flows import (
-    CLIENT, CLIENT6, DROP, DUAL_STACK_CLUSTER_CIDRS, DUAL_STACK_DAEMON_FLAGS, FLOWS, FLOWS6, MANIFESTS, MANIFESTS6,
-    POD_IPS, POD_IPS6, REJECT, Flow, Reached, Sticky, cip, cip6, source_ip,
+    AFFINITY_IGNORES_THE_FORWARDER, CLIENT, CLIENT6, DROP, DUAL_STACK_CLUSTER_CIDRS, DUAL_STACK_DAEMON_FLAGS, FLOWS,
+    FLOWS6, IGNORED_BY_AFFINITY_TODAY, LAB_PLAN, MANIFESTS, MANIFESTS6, POD_IPS, POD_IPS6, REJECT, Flow, Forwarder,
+    Reached, Sticky, cip, cip6, connections_per_source, source_ip, sources,
 )
 
 PROBLEM = environment_problem()
@@ -40,14 +41,20 @@ def proxy_modes() -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab():
-    with Lab.build(AddressPlan(pods=4, dual_stack=True)) as lab:
+    with Lab.build(LAB_PLAN) as lab:
         assert lab.plan.cluster_cidrs == DUAL_STACK_CLUSTER_CIDRS
+        assert (lab.plan.client_sources[0], lab.plan.client_sources6[0]) == (CLIENT, CLIENT6)
         assert {p.name: p.ip6 for p in lab.pods} == POD_IPS6
         lab.start_echo(tcp=[80], udp=[80])
         # Real nodes have a default route; without one the node's own packets to
         # LoadBalancer IPs fail routing before netfilter sees them.
         lab.node.ip("route", "add", "default", "via", CLIENT)
         lab.node.ip("-6", "route", "add", "default", "via", CLIENT6)
+        # The client's further addresses are usable sources, seen as such (no Service on the way).
+        aliases = ((lab.plan.client_sources[-1], POD_IPS["pod1"]), (lab.plan.client_sources6[-1], POD_IPS6["pod1"]))
+        for alias, pod_ip in aliases:
+            outcome = tcp_request(lab.client, pod_ip, 80, source=alias)
+            assert outcome.ok and outcome.reply.peer[0] == alias, str(outcome)
         yield lab
 
 
@@ -62,6 +69,15 @@ def daemon(request, lab, tmp_path_factory):
                            extra=[*DUAL_STACK_DAEMON_FLAGS, "--proxy-mode", mode],
                            cluster_cidr=DUAL_STACK_CLUSTER_CIDRS) as daemon:
         yield daemon
+    # The next mode starts from a node without rules or flows: clients the kernel's affinity
+    # sets learned, or a UDP flow whose 5-tuple a new request happens to reuse, in one mode
+    # must not decide for the next.
+    cleanup(lab.node)
+    lab.node.run("conntrack", "-F", check=False)
+
+
+def proxy_mode(daemon: Daemon) -> str:
+    return daemon.argv[daemon.argv.index("--proxy-mode") + 1]
 
 
 @pytest.fixture
@@ -75,16 +91,67 @@ def namespace(lab: Lab, source: str):
 
 
 @pytest.mark.parametrize("flow", FLOWS, ids=[f.id for f in FLOWS])
-def test_packet_flow(lab: Lab, daemon: Daemon, flow: Flow) -> None:
-    check(lab, flow)
+def test_packet_flow(request, lab: Lab, daemon: Daemon, flow: Flow) -> None:
+    check(request, lab, daemon, flow)
 
 
 @pytest.mark.parametrize("flow", FLOWS6, ids=[f.id for f in FLOWS6])
-def test_packet_flow_ipv6(lab: Lab, daemon: Daemon, flow: Flow) -> None:
-    check(lab, flow)
+def test_packet_flow_ipv6(request, lab: Lab, daemon: Daemon, flow: Flow) -> None:
+    check(request, lab, daemon, flow)
 
 
-def check(lab: Lab, flow: Flow) -> None:
+def check(test_request, lab: Lab, daemon: Daemon, flow: Flow) -> None:
+    if proxy_mode(daemon) == "userspace" and isinstance(flow.userspace, Forwarder):
+        if flow.behaviour in IGNORED_BY_AFFINITY_TODAY:
+            test_request.applymarker(pytest.mark.xfail(strict=True, reason=AFFINITY_IGNORES_THE_FORWARDER))
+        check_decided(lab, flow)
+    else:
+        check_outcome(lab, flow)
+
+
+def check_decided(lab: Lab, flow: Flow) -> None:
+    """Userspace mode, a row the forwarder decides: only its Pods answer, from every client address
+    (several connections each with affinity, which must each stay on one Pod), or from the row's one
+    source over a dozen connections; the kernel's own pick would have spread them."""
+    assert isinstance(flow.userspace, Forwarder)
+    ns = namespace(lab, flow.source)
+    addresses = sources(flow)
+    by_source: dict[str, list] = {}
+    for address in addresses:
+        bound = address if flow.source == "client" else None  # another source has one address: the kernel's
+        by_source[address] = [request(flow.protocol, ns, flow.destination, flow.port, 1.0, source=bound)
+                              for _ in range(connections_per_source(flow))]
+    outcomes = [o for found in by_source.values() for o in found]
+    failed = [str(o) for o in outcomes if not o.ok]
+    assert not failed, failed
+    answered = {o.pod for o in outcomes}
+    if not answered <= flow.userspace.pods:
+        elsewhere = {a: [o.pod for o in found] for a, found in by_source.items()
+                     if {o.pod for o in found} - flow.userspace.pods}
+        raise AssertionError(
+            f"the weights leave the forwarder {sorted(flow.userspace.pods)}, yet "
+            f"{sorted(answered - flow.userspace.pods)} answered: the kernel picked, not the forwarder. "
+            f"By source: {elsewhere}; fail-open counters: {fail_open_counters(lab)}")
+    if isinstance(flow.expect, Sticky):
+        moved = {a: sorted({o.pod for o in found}) for a, found in by_source.items() if len({o.pod for o in found}) > 1}
+        assert not moved, f"affinity broken: {moved}"
+    masqueraded = flow.expect.masqueraded if isinstance(flow.expect, Reached) else None
+    for address, found in by_source.items():
+        for outcome in found:
+            seen_as_masqueraded = outcome.reply.peer[0] != address
+            if outcome.pod == flow.source:
+                assert seen_as_masqueraded, f"a Pod reaching itself must be masqueraded: {outcome}"
+            elif masqueraded is not None:
+                assert seen_as_masqueraded == masqueraded, f"masqueraded should be {masqueraded}: {outcome}"
+
+
+def fail_open_counters(lab: Lab) -> list[str]:
+    """The `fail-open` counters (new flows that reached a pick without a decision), for a failure message."""
+    return [lab.node.run("nft", "list", "counter", family, "dataplane", "fail-open", check=False).stdout.strip()
+            for family in ("ip", "ip6")]
+
+
+def check_outcome(lab: Lab, flow: Flow) -> None:
     ns = namespace(lab, flow.source)
 
     def send(timeout: float = 1.0):
