@@ -456,27 +456,6 @@ DUAL_STACK_DAEMON_FLAGS = ["--service-cidr", f"{SERVICE_CIDR},{SERVICE_CIDR6}", 
 # (3/4)^32, about 1e-4.
 CLIENT_ADDRESSES = 32
 
-# Rows the forwarder's choice does not reach today (issue 10: the affinity chains pick with
-# `numgen ... vmap` and get no mark-driven twin): the checks of who decided are expected to
-# fail for them (strict xfail, in userspace mode and in the trace) until that fix lands;
-# then this set is emptied. Affinity rows with a single endpoint are not here: any pick is right.
-AFFINITY_IGNORES_THE_FORWARDER = "issue 10: affinity chains ignore the forwarder's mark"
-IGNORED_BY_AFFINITY_TODAY = frozenset({
-    "affinity-keeps-a-client-on-one-endpoint",
-    "affinity-keeps-a-pod-on-one-endpoint-udp",
-    "affinity-with-etp-local-stays-local",
-    "affinity-with-etp-local-is-the-kernels-pick",
-    "sticky-drained-endpoint-gets-no-new-client",
-    "sticky-decided-clusterip",
-    "sticky-decided-lb-ip",
-    "sticky-decided-nodeport-udp",
-    "sticky-decided-itp-local",
-    "v6-affinity-keeps-a-client-on-one-endpoint",
-    "v6-affinity-keeps-a-pod-on-one-endpoint-udp",
-    "v6-sticky-drained-endpoint-gets-no-new-client",
-})
-
-
 def source_ip(flow: Flow) -> str:
     """The address `flow.source` sends from: of the destination's family."""
     return (SOURCES6 if ":" in flow.destination else SOURCES)[flow.source]

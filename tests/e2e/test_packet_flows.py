@@ -22,8 +22,8 @@ from dataplane.lab.daemon import cleanup, dataplane_executable
 from dataplane.lab.manifests import endpoint_slice, port, service
 
 from tests.flows import (
-    AFFINITY_IGNORES_THE_FORWARDER, CLIENT, CLIENT6, DROP, DUAL_STACK_CLUSTER_CIDRS, DUAL_STACK_DAEMON_FLAGS, FLOWS,
-    FLOWS6, IGNORED_BY_AFFINITY_TODAY, LAB_PLAN, MANIFESTS, MANIFESTS6, POD_IPS, POD_IPS6, REJECT, Flow, Forwarder,
+    CLIENT, CLIENT6, DROP, DUAL_STACK_CLUSTER_CIDRS, DUAL_STACK_DAEMON_FLAGS, FLOWS,
+    FLOWS6, LAB_PLAN, MANIFESTS, MANIFESTS6, POD_IPS, POD_IPS6, REJECT, Flow, Forwarder,
     Reached, Sticky, cip, cip6, connections_per_source, source_ip, sources,
 )
 
@@ -91,19 +91,17 @@ def namespace(lab: Lab, source: str):
 
 
 @pytest.mark.parametrize("flow", FLOWS, ids=[f.id for f in FLOWS])
-def test_packet_flow(request, lab: Lab, daemon: Daemon, flow: Flow) -> None:
-    check(request, lab, daemon, flow)
+def test_packet_flow(lab: Lab, daemon: Daemon, flow: Flow) -> None:
+    check(lab, daemon, flow)
 
 
 @pytest.mark.parametrize("flow", FLOWS6, ids=[f.id for f in FLOWS6])
-def test_packet_flow_ipv6(request, lab: Lab, daemon: Daemon, flow: Flow) -> None:
-    check(request, lab, daemon, flow)
+def test_packet_flow_ipv6(lab: Lab, daemon: Daemon, flow: Flow) -> None:
+    check(lab, daemon, flow)
 
 
-def check(test_request, lab: Lab, daemon: Daemon, flow: Flow) -> None:
+def check(lab: Lab, daemon: Daemon, flow: Flow) -> None:
     if proxy_mode(daemon) == "userspace" and isinstance(flow.userspace, Forwarder):
-        if flow.behaviour in IGNORED_BY_AFFINITY_TODAY:
-            test_request.applymarker(pytest.mark.xfail(strict=True, reason=AFFINITY_IGNORES_THE_FORWARDER))
         check_decided(lab, flow)
     else:
         check_outcome(lab, flow)

@@ -68,12 +68,6 @@ def test_a_kernel_row_is_external_traffic_of_a_local_policy_service(flow: Flow) 
     assert flow.destination not in state.service.cluster_ips
 
 
-def test_the_expected_failures_name_affinity_rows() -> None:
-    by_behaviour = {f.behaviour: f for f in ROWS}
-    assert flows.IGNORED_BY_AFFINITY_TODAY <= by_behaviour.keys()
-    assert all(owner(by_behaviour[b]).service.session_affinity_timeout for b in flows.IGNORED_BY_AFFINITY_TODAY)
-
-
 def test_every_pick_chain_kind_has_a_row_of_who_decided() -> None:
     """cluster, external (LoadBalancer and external IPs), NodePort, Local policy, affinity, both families."""
     decided = [f for f in ROWS if f.userspace is not None]

@@ -258,14 +258,6 @@ def test_a_range_holding_a_node_address_admits_the_node_from_any_of_its_addresse
 # chain must dnat by that mark. The tracer does not model the NFQUEUE round trip (iptables,
 # mangle -150), so a decided packet is traced from after it: with userspace-classify flushed
 # (it would reset the mark to "ask the forwarder"), carrying the verdict's mark into nat -100.
-# A row whose Service has sessionAffinity is expected to fail these checks until issue 10's fix.
-
-def _affinity_xfail(flow: Flow):
-    if flow.behaviour in flows.IGNORED_BY_AFFINITY_TODAY:
-        return pytest.param(flow, marks=pytest.mark.xfail(strict=True, reason=flows.AFFINITY_IGNORES_THE_FORWARDER),
-                            id=flow.id)
-    return pytest.param(flow, id=flow.id)
-
 
 REACHING = [f for f in FLOWS + FLOWS6 if isinstance(f.expect, (Reached, Sticky))]
 DECIDED = [f for f in FLOWS + FLOWS6 if isinstance(f.userspace, flows.Forwarder)]
@@ -335,14 +327,14 @@ def decided_problems(tracer: Tracer, flow: Flow) -> list[str]:
     return wrong
 
 
-@pytest.mark.parametrize("flow", [_affinity_xfail(f) for f in REACHING])
+@pytest.mark.parametrize("flow", REACHING, ids=[f.id for f in REACHING])
 def test_a_decided_flow_reaches_the_chosen_endpoint_and_no_other(decided_tracer: Tracer, flow: Flow) -> None:
     """Every row that reaches a Pod, so every kind of pick chain the table meets (cluster-N, external-N,
     nodeport-N, local-pick-M, nodeport-local-pick-M, nodeport-direct-N, the affinity chains)."""
     assert decided_problems(decided_tracer, flow) == []
 
 
-@pytest.mark.parametrize("flow", [_affinity_xfail(f) for f in STICKY])
+@pytest.mark.parametrize("flow", STICKY, ids=[f.id for f in STICKY])
 def test_a_client_decided_once_stays_when_the_forwarder_is_gone(decided_tracer: Tracer, flow: Flow) -> None:
     """Affinity: after a decided first connection, one with no decision (fail-open, or a restarted forwarder
     that forgot its own affinity) lands on the same endpoint: the kernel's sets learned the forwarder's choice."""
@@ -399,7 +391,7 @@ def balancer_for(nft: FakeNftables, algorithm: str) -> Balancer:
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("flow", [_affinity_xfail(f) for f in DECIDED])
+@pytest.mark.parametrize("flow", DECIDED, ids=[f.id for f in DECIDED])
 def test_the_forwarder_and_the_ruleset_agree_for_many_clients(decided_tracer: Tracer, flow: Flow,
                                                                algorithm: str) -> None:
     """The real balancer decides each new flow (from every client address, several connections each), and
@@ -429,7 +421,9 @@ def test_the_forwarder_and_the_ruleset_agree_for_many_clients(decided_tracer: Tr
 
 # Each mutation drops the mark-driven twin from one kind of pick chain; the named row must notice.
 def _without_twin(chain_pattern: str) -> Callable[[str], str]:
-    twin = re.compile(rf"^add rule ip6? {layout.TABLE} {chain_pattern} .*dnat ip6? to meta mark .*\n", re.M)
+    # The twin dnats by the mark, or, in an affinity chain, goes by the mark to the endpoint's chain.
+    twin = re.compile(rf"^add rule ip6? {layout.TABLE} {chain_pattern} "
+                      rf".*(dnat ip6? to meta mark|meta mark & 0x[0-9a-f]+ vmap) .*\n", re.M)
 
     def mutate(text: str) -> str:
         changed, count = twin.subn("", text)
@@ -448,6 +442,8 @@ TWIN_MUTATIONS = [  # (the chain kind, its chains, a row through it)
      "local-nodeport-udp-is-the-kernels-pick-through-nodeport-local-pick"),
     ("nodeport-direct-N", r"nodeport-direct-\d+", "local-nodeport-from-pod-short-circuits-through-nodeport-direct"),
     ("ip6-cluster-N", r"cluster-\d+", "v6-decided-clusterip-from-outside"),
+    ("affinity-pick", r"aff-\S+-pick-\S+", "sticky-drained-endpoint-gets-no-new-client"),
+    ("ip6-affinity-pick", r"aff-\S+-pick-\S+", "v6-sticky-drained-endpoint-gets-no-new-client"),
 ]
 
 
