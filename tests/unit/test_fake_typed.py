@@ -248,3 +248,25 @@ def test_named_counters_are_listed_uncounted_and_a_missing_table_is_not_found() 
     with pytest.raises(NftError) as raised:
         nft.counters("ip", "missing")
     assert raised.value.is_not_found()
+
+
+def test_apply_neither_renders_nor_parses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The typed path is the values all the way: no str() of a command or rule, no parser."""
+    tx = transaction("flows-userspace-nft-queue")
+    reference = FakeNftables()
+    reference.apply(tx)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the typed path rendered or parsed text")
+
+    from dataplane.nat.fake import memory
+
+    monkeypatch.setattr(Operation, "__str__", refuse)
+    monkeypatch.setattr(Rule, "__str__", refuse)
+    monkeypatch.setattr(Rule, "text", property(refuse))
+    monkeypatch.setattr(memory, "parse_located", refuse)
+    nft = FakeNftables()
+    nft.apply(tx)
+    nft.check(tx)
+    monkeypatch.undo()
+    assert nft.dump() == reference.dump()
