@@ -1,7 +1,7 @@
 """nftables rules as typed values: what the layout builds, the fake executes and the tracer interprets.
 
 Invariant: `str()` of every value is the nft syntax the kernel's parser
-reads for it, and the fake's parser (nat/fake.py) turns that text back into
+reads for it, and the fake's parser (nat/fake/parser.py) turns that text back into
 an equal value. So a rule is built once, as data, and is never found or
 understood again by matching its text: code that needs to know whether a
 rule picks an endpoint asks its statements (`Rule.picks`), not its string.

@@ -24,7 +24,7 @@ from dataplane.model import parse_objects
 from dataplane.nat import plan
 from dataplane.nat.nftables import NftCommand, NftError, Nftables
 from dataplane.nat.render import RulesetBuilder
-from dataplane.nat.ruleset import Transaction
+from dataplane.nat.ruleset import Element, Elements, Operation, Table
 from dataplane.sync.store import Store
 
 pytestmark = [
@@ -68,7 +68,7 @@ def _list_json(nft: Nftables, family: str, table: str) -> str:
 
 @pytest.mark.parametrize("golden", sorted(p.name for p in GOLDEN.glob("*.nft")))
 def test_golden_ruleset_is_accepted_by_nft(nft: Nftables, golden: str) -> None:
-    nft.check(Transaction([(GOLDEN / golden).read_text()]))
+    nft.run((GOLDEN / golden).read_text(), check_only=True)
 
 
 def _random_world(rng: random.Random, services: int) -> list[dict]:
@@ -129,7 +129,7 @@ def test_refused_transaction_changes_nothing(nft: Nftables) -> None:
     nft.apply(plan.full(RulesetBuilder(SETTINGS).build(store.snapshot(), ["192.168.50.1"]))[0])
     before = table_state(nft)
     broken = plan.full(RulesetBuilder(SETTINGS).build(Store().snapshot(), []))[0]
-    broken.add("add element ip dataplane no-such-map { 1.2.3.4 }")
+    broken.add(Operation("add", Table("ip", "dataplane"), Elements("no-such-map", (Element("no-such-map", "1.2.3.4"),))))
     with pytest.raises(NftError) as error:
         nft.apply(broken)
     assert error.value.is_not_found()

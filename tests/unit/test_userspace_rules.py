@@ -241,7 +241,7 @@ def test_session_affinity_reaches_the_table():
     assert tables[0].affinity_timeout == 30
 
 
-# -- traced through the in-memory nftables (nat/fake.py, nat/trace.py) ----------------------------
+# -- traced through the in-memory nftables (nat/fake/, nat/trace.py) -------------------------------
 
 def decided_tracer(cluster: Cluster):
     """The cluster's userspace ruleset in the fake, seen from after the forwarder's verdict.
