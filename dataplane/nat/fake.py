@@ -1517,3 +1517,11 @@ class FakeNftables:
             target = table.sets[update.set] = table.sets[update.set].copy()
             target.elements[update.key] = Element(None, "", update.expires)
         self._tables = tables
+
+    def counters(self, family: str, table: str) -> dict[str, tuple[int, int]]:
+        """Nftables.counters: name -> (packets, bytes). Counts are not modelled: always (0, 0).
+        Raises NftError (not found) when the table does not exist, as nft does."""
+        found = self._tables.get((family, table))
+        if found is None:
+            raise NftError(f"Error: Could not process rule: {ENOENT} (table {family} {table})")
+        return {name: (0, 0) for name in sorted(found.counters)}
