@@ -28,11 +28,10 @@ from ..nat.xtables import XtablesError
 from ..netlink import addresses, conntrack
 from ..sync.manifests import ManifestSource
 from ..sync.store import Store
-from . import http
+from . import http, status
 from .healthcheck import HealthCheckServers
 from .metrics import Metrics
 from .proxier import Proxier, SyncResult
-from . import status
 from .userspace import UserspaceMode, remove_queue_rules
 from .userspace_metrics import UserspaceCollector
 from .schedule import Schedule, SyncLoop
@@ -83,7 +82,10 @@ class Health:
     def report(self) -> tuple[int, str, bytes]:
         now, wall = self.clock(), self.wall()
         healthy = self.healthy()
-        as_wall = lambda stamp: None if stamp is None else wall - (now - stamp)  # noqa: E731
+
+        def as_wall(stamp: float | None) -> float | None:  # the schedule's stamps are monotonic
+            return None if stamp is None else wall - (now - stamp)
+
         body = {
             "lastUpdated": _iso(as_wall(self.schedule.last_ok)),
             "currentTime": _iso(wall),
