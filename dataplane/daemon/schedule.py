@@ -103,7 +103,10 @@ class SyncLoop:
             await self._sync(full)
         except Exception as error:  # the loop must outlive any failure, a bug in one sync included
             self.schedule.ran(started, full, False, pending, self.clock())
-            self._failed(error)
+            try:
+                self._failed(error)
+            except Exception:
+                log.exception("reporting a failed sync failed too")
             return False
         self.schedule.ran(started, full, True, pending, self.clock())
         return True

@@ -116,3 +116,15 @@ def test_last_ok_is_when_the_last_successful_sync_ended() -> None:
     loop = SyncLoop(plan, sync, clock=lambda: clock[0])
     assert asyncio.run(loop.step(True)) is True
     assert (plan.last_ok, plan.last_run, plan.failed) == (10.25, 10.0, False)
+
+
+def test_a_failure_report_that_raises_does_not_stop_the_loop() -> None:
+    async def sync(full: bool) -> None:
+        raise RuntimeError("a bug in one sync")
+
+    def report(error: Exception) -> None:
+        raise ValueError("a bug in the report")
+
+    plan = Schedule(min_interval=1.0, full_interval=60.0)
+    assert asyncio.run(SyncLoop(plan, sync, clock=lambda: 5.0, failed=report).step(False)) is False
+    assert plan.failed
