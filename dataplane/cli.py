@@ -156,7 +156,6 @@ def api_settings(args: argparse.Namespace):
 
 
 def _render(args: argparse.Namespace) -> int:
-    from .model import Snapshot  # noqa: F401  (keeps render import-light)
     from .nat.plan import full
     from .nat.render import render
     from .netlink.addresses import node_addresses
@@ -169,7 +168,7 @@ def _render(args: argparse.Namespace) -> int:
     store = Store()
     ManifestSource(Path(args.source), store).load_all()
     if args.node_ips is not None:
-        found, primary = [ip.strip() for ip in args.node_ips.split(",") if ip.strip()], None
+        found = [ip.strip() for ip in args.node_ips.split(",") if ip.strip()]
         primary = found[0] if found else None
     else:
         found, primary = node_addresses()
@@ -192,7 +191,7 @@ def _status(args: argparse.Namespace) -> int:
     import json
     import urllib.request
 
-    from .daemon.userspace import format_status
+    from .daemon.status import format_status
 
     host, port = http.split_host_port(args.metrics_bind_address)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/status"

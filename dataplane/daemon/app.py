@@ -22,15 +22,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import NodeSettings, select_nodeport_ips
 from ..dns import DnsServer, parse_list
+from ..model import Snapshot
 from ..nat.nftables import NftError, Nftables
+from ..nat.xtables import XtablesError
 from ..netlink import addresses, conntrack
 from ..sync.manifests import ManifestSource
 from ..sync.store import Store
-from . import http
+from . import http, status
 from .healthcheck import HealthCheckServers
 from .metrics import Metrics
-from .proxier import Proxier
+from .proxier import Proxier, SyncResult
 from .userspace import UserspaceMode, remove_queue_rules
+from .userspace_metrics import UserspaceCollector
 from .schedule import Schedule, SyncLoop
 
 if TYPE_CHECKING:  # kubernetes_asyncio costs ~40 MB: imported only with --source kube
@@ -58,38 +61,36 @@ class Options:
 
 
 class Health:
-    """kube-proxy's healthz, stricter at start: not healthy before the first sync is live."""
+    """kube-proxy's healthz, stricter: not healthy before the first sync is live, nor after a failed one.
 
-    def __init__(self, stale_after: float = 30.0, clock=time.time):
-        self.clock = clock
+    Everything it reports comes from the sync schedule (monotonic clock):
+    whether the last sync failed, when one last succeeded, and the oldest
+    change not yet programmed, unhealthy once older than `stale_after`.
+    """
+
+    def __init__(self, schedule: Schedule, stale_after: float = 30.0, clock=time.monotonic, wall=time.time):
+        self.schedule = schedule
         self.stale_after = stale_after
-        self.last_updated: float | None = None
-        self.failing = False
-        self.pending_since: float | None = None
-        self.last_queued = float("-inf")
+        self.clock = clock  # the schedule's clock
+        self.wall = wall
 
-    def queued(self) -> None:
-        self.last_queued = self.clock()
-        if self.pending_since is None:
-            self.pending_since = self.last_queued
-
-    def synced(self, ok: bool, started: float | None) -> None:
-        """A sync that took its snapshot at `started` ended; a change queued later is still owed."""
-        self.failing = not ok
-        if ok:
-            self.last_updated = self.clock()
-            owed = started is not None and self.last_queued > started
-            self.pending_since = self.last_queued if owed else None
+    def healthy(self) -> bool:
+        schedule, now = self.schedule, self.clock()
+        overdue = schedule.pending_since is not None and now - schedule.pending_since > self.stale_after
+        return schedule.last_ok is not None and not schedule.failed and not overdue
 
     def report(self) -> tuple[int, str, bytes]:
-        now = self.clock()
-        overdue = self.pending_since is not None and now - self.pending_since > self.stale_after
-        healthy = self.last_updated is not None and not self.failing and not overdue
+        now, wall = self.clock(), self.wall()
+        healthy = self.healthy()
+
+        def as_wall(stamp: float | None) -> float | None:  # the schedule's stamps are monotonic
+            return None if stamp is None else wall - (now - stamp)
+
         body = {
-            "lastUpdated": _iso(self.last_updated),
-            "currentTime": _iso(now),
+            "lastUpdated": _iso(as_wall(self.schedule.last_ok)),
+            "currentTime": _iso(wall),
             "nodeEligible": healthy,
-            "pendingSince": _iso(self.pending_since),
+            "pendingSince": _iso(as_wall(self.schedule.pending_since)),
         }
         return (200 if healthy else 503), "application/json", (json.dumps(body) + "\n").encode()
 
@@ -99,7 +100,9 @@ def _iso(stamp: float | None) -> str | None:
 
 
 class Daemon:
-    def __init__(self, options: Options, nft: Nftables):
+    """`userspace`: the userspace mode to use (tests build their own); None builds one for --proxy-mode userspace."""
+
+    def __init__(self, options: Options, nft: Nftables, userspace: UserspaceMode | None = None):
         self.options = options
         self.store = Store()
         self.metrics = Metrics()
@@ -110,21 +113,23 @@ class Daemon:
                                      registry=self.metrics.registry, on_node=self._node_changed)
         else:
             self.source = ManifestSource(options.source, self.store)
-        self.health = Health()
         self.proxier = Proxier(options.settings, nft)
-        self.userspace = None
-        if options.proxy_mode == "userspace":
-            self.userspace = UserspaceMode(options.settings, nft, options.queues, options.lb_algorithm)
-            self.proxier.extend = self.userspace.extend
-            self.metrics.registry.register(self.userspace.collector())
+        if userspace is None and options.proxy_mode == "userspace":
+            userspace = UserspaceMode(options.settings, nft, options.queues, options.lb_algorithm)
+        self.userspace = userspace
+        if userspace is not None:
+            self.proxier.extend = userspace.extend
+            self.metrics.registry.register(UserspaceCollector(userspace))
         self.node_ips: tuple[str, ...] = ()
         self.health_checks = HealthCheckServers(options.settings.node_name)
         self.dns = None if not options.dns_bind else DnsServer(
             options.dns_bind, options.cluster_domain, options.dns_ttl, parse_list(options.dns_upstream) or None
         )
         self.loop = SyncLoop(
-            Schedule(min_interval=options.min_sync_period, full_interval=options.sync_period), self._sync
+            Schedule(min_interval=options.min_sync_period, full_interval=options.sync_period), self._sync,
+            failed=self._sync_failed,
         )
+        self.health = Health(self.loop.schedule, clock=self.loop.clock)
 
     async def refresh_node_ips(self) -> bool:
         # pyroute2 runs an event loop of its own: keep it off ours.
@@ -144,32 +149,24 @@ class Daemon:
     def changed(self, what: str) -> None:
         log.debug("change queued: %s", what)
         self.metrics.last_queued.set_to_current_time()
-        self.health.queued()
         self.loop.request()
 
-    async def _sync(self, full: bool) -> bool:
+    async def _sync(self, full: bool) -> None:
+        """Programs the store's snapshot; raises whatever failed (the SyncLoop then calls `_sync_failed`)."""
         snapshot = self.store.snapshot()
-        started_wall, pending_mono = self.health.clock(), self.loop.schedule.pending_since
+        pending_mono = self.loop.schedule.pending_since
         started = time.perf_counter()
-        try:
-            result = await asyncio.to_thread(self.proxier.sync, snapshot, self.node_ips, full)
-        except NftError as error:
-            self.metrics.sync_failures.inc()
-            log.error("sync failed, rules left as they were: %s", error)
-            self.health.synced(False, started_wall)
-            return False
+        result = await asyncio.to_thread(self._program, snapshot, full)
         elapsed = time.perf_counter() - started
         self.metrics.sync_duration.observe(elapsed)
         (self.metrics.full_sync_duration if full else self.metrics.partial_sync_duration).observe(elapsed)
         if pending_mono is not None:
-            self.metrics.programming_latency.observe(time.monotonic() - pending_mono)
+            self.metrics.programming_latency.observe(self.loop.clock() - pending_mono)
         self.metrics.last_sync.set_to_current_time()
         self.metrics.services.set(result.services)
         self.metrics.endpoints.set(result.endpoints)
         self.metrics.invalid_objects.set(sum(len(p) for p in self.source.errors.values()))
-        first = self.health.last_updated is None
-        self.health.synced(True, started_wall)
-        if first:
+        if self.loop.schedule.last_ok is None:  # the first sync to succeed
             # Everything loaded so far lives as long as the daemon: keep the collector from
             # walking it again and again (it stalled the loop 150 ms per pass at 10k Services).
             gc.collect()
@@ -193,7 +190,23 @@ class Daemon:
                 log.info("deleted %d stale conntrack entries for %d endpoints", deleted, len(result.stale))
             except Exception as error:  # the rules are live; a cleanup failure must not fail the sync
                 log.warning("conntrack cleanup failed: %s", error)
-        return True
+
+    def _program(self, snapshot: Snapshot, full: bool) -> SyncResult:
+        """The sync thread's part: the kernel's rules, then, on full syncs, userspace mode's queue rules
+        (repaired if someone flushed iptables' mangle table). The rules go first: should iptables
+        refuse, Services still work, on the kernel's own pick, while the sync counts as failed."""
+        result = self.proxier.sync(snapshot, self.node_ips, full)
+        if full and self.userspace is not None:
+            self.userspace.ensure_queue_rules()
+        return result
+
+    def _sync_failed(self, error: Exception) -> None:
+        """Every failed sync, whatever raised: counted, logged; health is 503 from the schedule until one succeeds."""
+        self.metrics.sync_failures.inc()
+        if isinstance(error, (NftError, XtablesError, OverflowError)):
+            log.error("sync failed, a full sync follows: %s", error)
+        else:  # a bug: its traceback is what it takes to fix it
+            log.error("sync failed, a full sync follows", exc_info=error)
 
     async def _watch_files(self) -> None:
         async for changed in self.source.watch():
@@ -269,11 +282,13 @@ class Daemon:
         stopped.cancel()
         return self.source.synced.is_set() and not stop.is_set()
 
-    def _metrics(self) -> tuple[int, str, bytes]:
+    async def _metrics(self) -> tuple[int, str, bytes]:
+        if self.userspace is not None:
+            await self.userspace.refresh_counters()  # nft runs in a thread, never on this loop
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
 
-    def _status(self) -> tuple[int, str, bytes]:
+    async def _status(self) -> tuple[int, str, bytes]:
         """`dataplane status` reads this: the mode, and in userspace mode each Service port's balancing."""
         if self.userspace is not None:
-            return self.userspace.status()
-        return 200, "application/json", (json.dumps({"mode": "kernel", "services": []}) + "\n").encode()
+            await self.userspace.refresh_counters()
+        return 200, "application/json", (json.dumps(status.body(self.userspace), indent=1) + "\n").encode()

@@ -7,12 +7,13 @@ Prometheus, with nothing to configure or exploit.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from typing import Callable
+from typing import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[], tuple]  # -> (status, content type, body[, extra headers])
+Handler = Callable[[], tuple | Awaitable[tuple]]  # -> (status, content type, body[, extra headers])
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
@@ -36,7 +37,10 @@ async def serve(bind: str, routes: dict[str, Handler]) -> asyncio.AbstractServer
             if method not in ("GET", "HEAD"):
                 status, kind, body = 405, "text/plain", b"GET only\n"
             elif path in routes or "*" in routes:
-                status, kind, body, *extra = (routes.get(path) or routes["*"])()
+                answer = (routes.get(path) or routes["*"])()
+                if inspect.isawaitable(answer):  # a handler with I/O to wait for, off this loop
+                    answer = await answer
+                status, kind, body, *extra = answer
                 headers = "".join(f"{name}: {value}\r\n" for name, value in (extra[0] if extra else {}).items())
             else:
                 status, kind, body = 404, "text/plain", b"not found\n"

@@ -49,7 +49,9 @@ class Proxier:
         self.extend: Callable[[Ruleset, Snapshot], Ruleset] | None = None
 
     def sync(self, snapshot: Snapshot, node_ips: tuple[str, ...], full: bool) -> SyncResult:
-        """Programs `snapshot`; raises NftError with the kernel untouched on failure."""
+        """Programs `snapshot`. On failure it raises (NftError from the kernel, or whatever
+        render, userspace mode's `extend` or the planner raised) with the kernel and the
+        planner's memory of it as they were (the next sync, a full one, starts from there)."""
         started = time.perf_counter()
         with _collector_paused():
             return self._sync(snapshot, node_ips, full, started)

@@ -2,6 +2,8 @@
 
 The decision is a pure function of the clock and a few timestamps, so it is
 tested without sleeping; `SyncLoop` is the small async shell around it.
+`Schedule` is also the one record of what is programmed and what is owed:
+`/healthz` (`app.Health`) reads it rather than keeping a copy.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Schedule:
     pending_since: float | None = None  # oldest change not yet synced
     failed: bool = True  # nothing is programmed yet: the first sync is full
     last_request: float = float("-inf")
+    last_ok: float | None = None  # when the last successful sync ended; None: none has yet
 
     def request(self, now: float) -> None:
         if self.pending_since is None:
@@ -44,9 +47,13 @@ class Schedule:
                 return max(0.0, due_partial - now), False
         return max(0.0, due_full - now), True
 
-    def ran(self, started: float, full: bool, ok: bool, pending_at_start: float | None) -> None:
+    def ran(self, started: float, full: bool, ok: bool, pending_at_start: float | None,
+            ended: float | None = None) -> None:
+        """A sync that began at `started` (when `pending_since` was `pending_at_start`) ended at `ended`."""
         self.last_run = started
         self.failed = not ok
+        if ok:
+            self.last_ok = started if ended is None else ended
         if ok and full:
             self.last_full = started
         if ok and self.pending_since == pending_at_start:
@@ -55,21 +62,28 @@ class Schedule:
 
 
 class SyncLoop:
-    """Runs `sync(full)` as the schedule says; never dies of a failed sync."""
+    """Runs `sync(full)` as the schedule says; never dies of a failed sync.
 
-    def __init__(self, schedule: Schedule, sync: Callable[[bool], Awaitable[bool]], clock=time.monotonic):
+    A sync fails by raising, whatever the exception: the schedule records the
+    failure (so the next sync is full, after `retry_interval`) before
+    `failed(error)` is told, and the loop goes on.
+    """
+
+    def __init__(self, schedule: Schedule, sync: Callable[[bool], Awaitable[object]], clock=time.monotonic,
+                 failed: Callable[[Exception], None] | None = None):
         self.schedule = schedule
+        self.clock = clock
         self._sync = sync
-        self._clock = clock
+        self._failed = failed or (lambda error: log.error("sync failed", exc_info=error))
         self._wake = asyncio.Event()
 
     def request(self) -> None:
-        self.schedule.request(self._clock())
+        self.schedule.request(self.clock())
         self._wake.set()
 
     async def run(self) -> None:
         while True:
-            wait, full = self.schedule.next_sync(self._clock())
+            wait, full = self.schedule.next_sync(self.clock())
             if wait > 0:
                 self._wake.clear()
                 try:
@@ -77,13 +91,22 @@ class SyncLoop:
                     continue  # something changed: decide again
                 except asyncio.TimeoutError:
                     pass
-                wait, full = self.schedule.next_sync(self._clock())
+                wait, full = self.schedule.next_sync(self.clock())
                 if wait > 0:
                     continue
-            started, pending = self._clock(), self.schedule.pending_since
+            await self.step(full)
+
+    async def step(self, full: bool) -> bool:
+        """One sync now, recorded in the schedule; True when it succeeded."""
+        started, pending = self.clock(), self.schedule.pending_since
+        try:
+            await self._sync(full)
+        except Exception as error:  # the loop must outlive any failure, a bug in one sync included
+            self.schedule.ran(started, full, False, pending, self.clock())
             try:
-                ok = await self._sync(full)
-            except Exception:  # the loop must outlive any bug in one sync
-                log.exception("sync failed")
-                ok = False
-            self.schedule.ran(started, full, ok, pending)
+                self._failed(error)
+            except Exception:
+                log.exception("reporting a failed sync failed too")
+            return False
+        self.schedule.ran(started, full, True, pending, self.clock())
+        return True

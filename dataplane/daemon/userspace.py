@@ -1,33 +1,31 @@
-"""`--proxy-mode userspace` in the daemon: probe, rules, forwarder, metrics and /status.
+"""`--proxy-mode userspace` in the daemon: the wiring of probe, rules, queue rules and forwarder.
 
 Order of a sync, so that the forwarder never names an endpoint the kernel
 cannot DNAT to: the sync thread extends the rendered ruleset (`extend`:
 endpoint ids, Service addresses to queue) and applies it; only once the
 kernel accepted it does `synced()` hand the new tables to the balancer.
+What it shows lives elsewhere: /status in `status.py`, /metrics in
+`userspace_metrics.py`, the fail-open counter's totals in `counters.py`.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import os
-import re
-from typing import Callable
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from ..config import NodeSettings
 from ..lb.balancer import Balancer
 from ..lb.policy import packed, port_tables
 from ..model import Snapshot
 from ..nat import layout
-from ..nat.nftables import NftError, Nftables
+from ..nat.nftables import Nftables
 from ..nat.ruleset import Ruleset
 from ..nat.userspace import FAIL_OPEN, QueueSpec, UserspaceRules, probe_nft_queue
-from ..nat.xtables import Xtables
+from ..nat.xtables import Xtables, XtablesError
 from ..queue.forwarder import Forwarder
 from ..queue.workers import WorkerPool
-from ..queue.nfqueue import queue_stats
+from .counters import CounterTotal
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +39,15 @@ def remove_queue_rules() -> None:
 
 
 class UserspaceMode:
+    """`queue_in_nft`: None probes the kernel; `xtables`: where the queue rule goes when nft has no `queue`."""
+
     def __init__(self, settings: NodeSettings, nft: Nftables, queues: int = 1, algorithm: str = "random",
-                 maglev_size: int = 65537):
+                 maglev_size: int = 65537, queue_in_nft: bool | None = None,
+                 xtables: tuple[Xtables, ...] = (Xtables(4), Xtables(6))):
         self.nft = nft
-        self.queue = QueueSpec(count=queues, in_nft=probe_nft_queue(nft))
+        in_nft = probe_nft_queue(nft) if queue_in_nft is None else queue_in_nft
+        self.queue = QueueSpec(count=queues, in_nft=in_nft)
+        self.xtables = xtables
         self.rules = {family: UserspaceRules(settings, layout.Family(version), self.queue)
                       for family, version in FAMILIES.items()}
         self.algorithm = algorithm
@@ -53,7 +56,7 @@ class UserspaceMode:
         # One queue: decided on the daemon's own loop. More: a process per queue, to use every core.
         self.forwarder = Forwarder(numbers, Balancer(maglev_size)) if queues == 1 else WorkerPool(numbers, maglev_size)
         self._seen: Snapshot | None = None
-        self._fail_open = _CounterReader(nft)
+        self.fail_open = CounterTotal(FAIL_OPEN, tuple((family, layout.TABLE) for family in FAMILIES))
         log.info("userspace mode: %d queue(s) via %s, default algorithm %s", queues,
                  "nft queue" if self.queue.in_nft else "iptables NFQUEUE (this kernel has no nft queue)", algorithm)
 
@@ -62,10 +65,25 @@ class UserspaceMode:
     def extend(self, ruleset: Ruleset, snapshot: Snapshot) -> Ruleset:
         return self.rules[ruleset.family].extend(ruleset, snapshot)
 
+    def ensure_queue_rules(self) -> None:
+        """Installs or repairs the iptables queue rule where nft has no `queue` (each full sync does).
+
+        Raises XtablesError when iptables refuses, or is not there to ask: the
+        sync fails, and so does /healthz, rather than new flows silently never
+        reaching the forwarder.
+        """
+        if self.queue.in_nft:
+            return
+        for xt in self.xtables:
+            if not xt.available():
+                tool = "iptables" if xt.family == 4 else "ip6tables"
+                raise XtablesError(f"this kernel has no nft queue and {tool} is not installed")
+            xt.install(self.queue)
+
     # the event loop
 
     async def start(self) -> None:
-        """Installs the queue rule where nft has no `queue`, then binds the queues.
+        """Binds the queues (the first sync, a full one, installs the queue rules).
 
         With one queue the packet path runs in this process: it takes nice -10,
         as the worker processes of --queues N do (workers.py), so that new flows
@@ -76,11 +94,6 @@ class UserspaceMode:
                 os.setpriority(os.PRIO_PROCESS, 0, -10)
             except OSError:
                 pass
-        if not self.queue.in_nft:
-            for family in (4, 6):
-                xt = Xtables(family)
-                if xt.available():
-                    xt.install(self.queue)
         await self.forwarder.start()
 
     def synced(self, snapshot: Snapshot) -> None:
@@ -113,106 +126,7 @@ class UserspaceMode:
 
     # observation
 
-    def status(self) -> tuple[int, str, bytes]:
-        snapshot = self.forwarder.snapshot()
-        body = {
-            "mode": "userspace",
-            "queues": list(self.forwarder.queues),
-            "queue_mechanism": "nft" if self.queue.in_nft else "iptables",
-            "default_algorithm": self.algorithm,
-            "packets_queued": snapshot["packets"],
-            "packets_per_queue": snapshot["per_queue"],
-            "undecided": snapshot["undecided"],
-            "fail_open": self._fail_open.read(),
-            "services": snapshot["services"],
-        }
-        return 200, "application/json", (json.dumps(body, indent=1) + "\n").encode()
+    async def refresh_counters(self) -> None:
+        """Reads the fail-open counter from nft in a thread: the forwarder may share this loop."""
+        await asyncio.to_thread(self.fail_open.read, self.nft)
 
-    def collector(self) -> "_Collector":
-        return _Collector(self)
-
-
-class _CounterReader:
-    """The fail-open counter, summed over table re-creations (a full sync starts it at 0 again)."""
-
-    def __init__(self, nft: Nftables):
-        self.nft = nft
-        self.base = {family: 0 for family in FAMILIES}
-        self.last = {family: 0 for family in FAMILIES}
-
-    def read(self) -> int:
-        for family in FAMILIES:
-            try:
-                text = self.nft.run(f"list counter {family} {layout.TABLE} {FAIL_OPEN}")
-            except NftError:
-                continue
-            match = re.search(r"packets (\d+)", text)
-            value = int(match.group(1)) if match else 0
-            if value < self.last[family]:
-                self.base[family] += self.last[family]
-            self.last[family] = value
-        return sum(self.base.values()) + sum(self.last.values())
-
-
-class _Collector:
-    def __init__(self, mode: UserspaceMode):
-        self.mode = mode
-
-    def collect(self):
-        snapshot = self.mode.forwarder.snapshot()
-        decided = CounterMetricFamily("dataplane_userspace_flows_decided", "New flows the forwarder decided",
-                                      labels=["service", "endpoint"])
-        active = GaugeMetricFamily("dataplane_userspace_flows_active",
-                                   "Flows live in conntrack per endpoint (least-conn Services)",
-                                   labels=["service", "endpoint"])
-        for port in snapshot["services"]:
-            for endpoint in port["endpoints"]:
-                decided.add_metric([port["service"], endpoint["endpoint"]], endpoint["decided"])
-                if port["algorithm"] == "least-conn":
-                    active.add_metric([port["service"], endpoint["endpoint"]], endpoint["active"])
-        yield decided
-        yield active
-        latency = snapshot["latency"]
-        if latency is not None:
-            buckets, running = [], 0
-            for bound, count in zip(latency["buckets"], latency["counts"]):
-                running += count
-                buckets.append((repr(bound), running))
-            buckets.append(("+Inf", latency["count"]))
-            yield HistogramMetricFamily("dataplane_userspace_decision_latency_seconds",
-                                        "From reading a batch of queued packets to their verdicts sent",
-                                        buckets=buckets, sum_value=latency["total"])
-        yield CounterMetricFamily("dataplane_userspace_packets_queued", "Packets the forwarder read",
-                                  value=snapshot["packets"])
-        yield CounterMetricFamily("dataplane_userspace_undecided",
-                                  "Queued packets let through without a decision (unreadable, no Service)",
-                                  value=snapshot["undecided"])
-        yield CounterMetricFamily("dataplane_userspace_fail_open",
-                                  "New flows that reached the kernel's pick without a decision",
-                                  value=self.mode._fail_open.read())
-        drops = CounterMetricFamily("dataplane_userspace_queue_drops", "Packets the kernel dropped from a queue",
-                                    labels=["queue"])
-        for queue, stats in queue_stats().items():
-            if queue in self.mode.forwarder.queues:
-                drops.add_metric([str(queue)], stats["queue_dropped"] + stats["user_dropped"])
-        yield drops
-        yield GaugeMetricFamily("dataplane_userspace_affinity_entries", "ClientIP affinity entries held",
-                                value=snapshot["affinity_entries"])
-        yield CounterMetricFamily("dataplane_userspace_maglev_builds", "Maglev tables built",
-                                  value=snapshot["table_builds"])
-
-
-def format_status(body: dict, out: Callable[[str], None] = print) -> None:
-    """`dataplane status` as text: per Service port, its algorithm and endpoints with their flows."""
-    per_queue = body.get("packets_per_queue") or {}
-    per_queue = f" ({', '.join(f'queue {q}: {n}' for q, n in sorted(per_queue.items()))})" if len(per_queue) > 1 else ""
-    out(f"mode {body.get('mode')}: queues {body.get('queues')} via {body.get('queue_mechanism')}, "
-        f"default algorithm {body.get('default_algorithm')}; packets queued {body.get('packets_queued')}{per_queue}, "
-        f"undecided {body.get('undecided')}, fail-open {body.get('fail_open')}")
-    for service in body.get("services", []):
-        affinity = service.get("affinity_timeout")
-        extra = f", ClientIP affinity {affinity} s ({service['affinity_entries']} entries)" if affinity else ""
-        out(f"{service['service']}  {service['algorithm']}{extra}")
-        for endpoint in service["endpoints"]:
-            out(f"    {endpoint['endpoint']:<24} weight {endpoint['weight']:<4} active {endpoint['active']:<6} "
-                f"decided {endpoint['decided']}")

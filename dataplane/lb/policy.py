@@ -71,7 +71,7 @@ def port_tables(
     for Service addresses, Cluster or, with internalTrafficPolicy Local, this
     node's; for external addresses and NodePorts, Cluster. External traffic
     of an externalTrafficPolicy: Local Service is not the forwarder's (see
-    nat/userspace.frontends), so it has no table here. With internal and
+    `frontends` below), so it has no table here. With internal and
     external endpoint sets differing, a port gets two tables, `...:port` and
     `...:port/external`. Endpoints without an id (not programmed yet) are left out.
     """

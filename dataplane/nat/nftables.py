@@ -153,6 +153,25 @@ class Nftables:
         """Idempotent: a missing table is already deleted."""
         self.run(f"add table {family} {table}\ndelete table {family} {table}\n")
 
+    def counters(self, family: str, table: str) -> dict[str, tuple[int, int]]:
+        """The table's named counters, name -> (packets, bytes), read from `nft -j`.
+
+        Raises NftError: `is_not_found()` when the table does not exist; any
+        other failure when nft cannot list (libnftables is used without JSON
+        output here, so this needs the nft command).
+        """
+        if not isinstance(self._bulk, NftCommand):
+            raise NftError("listing counters needs the nft command, which was not found")
+        rc, out, err = self._bulk.run_args(["-j", "list", "counters", "table", family, table])
+        if rc != 0:
+            raise NftError(err or f"nft failed with status {rc}")
+        found = {}
+        for item in json.loads(out).get("nftables", []):
+            counter = item.get("counter")
+            if counter is not None:
+                found[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
+        return found
+
 
 def _pick_backend() -> _LibNftables | NftCommand:
     for path in ("libnftables.so.1", ctypes.util.find_library("nftables")):

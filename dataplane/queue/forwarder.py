@@ -3,9 +3,10 @@
 It owns the NFQUEUE socket and the conntrack event socket, both read from
 the event loop without blocking it: on each wake-up every waiting packet is
 read, decided in one call, and answered in one sendmsg. Maglev tables are
-built in a worker thread, away from the packet path. Everything the
-balancer asks for (verdicts, table builds, wake-ups, logs) is carried out
-here and nowhere else.
+built, and the conntrack table dumped (least-conn: at start, and after the
+event socket overflowed), in worker threads, away from the packet path.
+Everything the balancer asks for (verdicts, table builds, wake-ups, logs)
+is carried out here and nowhere else.
 
 If this process dies or stalls, nothing breaks: the queue rule carries
 --queue-bypass and the queue is fail-open, so new flows take the kernel's
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 from ..lb import maglev
 from ..lb.balancer import (
@@ -68,6 +69,8 @@ class Forwarder:
         self._events: EventSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick: asyncio.TimerHandle | None = None
+        self.conntrack_resyncs = 0  # least-conn's flows rebuilt from a dump
+        self._resync: _Resync | None = None  # the dump in flight
 
     async def start(self) -> None:
         """Binds the queues (raises nfqueue.QueueError when it cannot) and starts reading."""
@@ -107,6 +110,8 @@ class Forwarder:
                         "count": latency.count},
             "services": balancer.status(),
             "per_queue": {str(q): self.packets for q in self.queues} if len(self.queues) == 1 else {},
+            "conntrack_overflows": self._events.lost if self._events is not None else 0,
+            "conntrack_resyncs": self.conntrack_resyncs,
         }
 
     # I/O
@@ -133,25 +138,50 @@ class Forwarder:
             log.warning("least-conn: cannot follow conntrack events (%s); counts stay at decisions", error)
             return
         self._loop.add_reader(self._events.fileno(), self._on_conntrack)
-        # Flows that began before we listened count too: read the table once, after subscribing.
-        try:
-            existing = dump_flows()
-        except OSError as error:
-            log.warning("least-conn: cannot read the conntrack table (%s); older flows are not counted", error)
-            existing = []
-        for event in existing:
-            self.balancer.handle(FlowStarted(event.flow_id, event.flow, event.endpoint))
-        log.info("least-conn: following conntrack events (%d flows already there)", len(existing))
+        self._dump_conntrack()  # flows that began before we listened count too: after subscribing
 
     def _on_conntrack(self) -> None:
         events: list[CtEvent] = []
+        lost = self._events.lost
         self._events.read(events)
-        handle = self.balancer.handle
+        handle, counted, resync = self.balancer.handle, self.balancer.flows, self._resync
         for event in events:
             if event.kind == "new":
-                handle(FlowStarted(event.flow_id, event.flow, event.endpoint))
+                if event.flow_id not in counted:  # a dump may have counted it first
+                    handle(FlowStarted(event.flow_id, event.flow, event.endpoint))
             else:
                 handle(FlowEnded(event.flow_id))
+                if resync is not None:
+                    resync.ended.add(event.flow_id)
+        if self._events.lost != lost:
+            log.warning("least-conn: conntrack events lost (socket overflow, %d so far); recounting from a dump",
+                        self._events.lost)
+            self._dump_conntrack()
+
+    def _dump_conntrack(self) -> None:
+        """Rebuilds least-conn's flows from a conntrack dump, read in a worker thread (seconds for a big table)."""
+        if self._resync is not None:  # one at a time: the one in flight may predate the loss, so another follows
+            self._resync.again = True
+            return
+        self._resync = resync = _Resync(set(self.balancer.flows))
+        future = self._loop.run_in_executor(None, _least_conn_flows, _LeastConnFrontends.of(self.balancer))
+
+        def done(f: asyncio.Future) -> None:
+            self._resync = None
+            if f.cancelled() or self._events is None:
+                return
+            if f.exception() is not None:
+                log.warning("least-conn: cannot read the conntrack table (%s); counts may drift", f.exception())
+            else:
+                events = resync_events(f.result(), resync.known, self.balancer.flows, resync.ended)
+                for event in events:
+                    self.balancer.handle(event)
+                self.conntrack_resyncs += 1
+                log.info("least-conn: recounted from %d conntrack entries", len(f.result()))
+            if resync.again:
+                self._dump_conntrack()
+
+        future.add_done_callback(done)
 
     def _run(self, commands: list) -> None:
         for command in commands:
@@ -192,3 +222,53 @@ class Forwarder:
             self._run(self.balancer.handle(TableBuilt(command.port, command.generation, f.result())))
 
         future.add_done_callback(done)
+
+
+class _LeastConnFrontends(NamedTuple):
+    """Where least-conn Services take flows, copied on the loop for a dump thread to filter by."""
+
+    addresses: frozenset  # (packed daddr, protocol, port)
+    nodeports: frozenset  # (protocol, port)
+    node_ips: frozenset
+
+    @classmethod
+    def of(cls, balancer: Balancer) -> _LeastConnFrontends:
+        return cls(frozenset(k for k, p in balancer.frontends.items() if p.table.algorithm == "least-conn"),
+                   frozenset(k for k, p in balancer.nodeports.items() if p.table.algorithm == "least-conn"),
+                   balancer.node_ips)
+
+    def hold(self, event: CtEvent) -> bool:
+        flow = event.flow
+        return (flow.daddr, flow.protocol, flow.dport) in self.addresses or (
+            flow.daddr in self.node_ips and (flow.protocol, flow.dport) in self.nodeports)
+
+
+def _least_conn_flows(frontends: _LeastConnFrontends) -> list[CtEvent]:
+    """The dump thread: only the flows least-conn counts go back to the loop (a node may hold a million others)."""
+    return [event for event in dump_flows() if frontends.hold(event)]
+
+
+class _Resync:
+    """A conntrack dump in flight: what was counted when it began, and what ended meanwhile."""
+
+    def __init__(self, known: set[int]):
+        self.known = known
+        self.ended: set[int] = set()
+        self.again = False  # events were lost while it ran
+
+
+def resync_events(dumped: list[CtEvent], known: set[int], counted: Mapping[int, object],
+                  ended: set[int]) -> list[FlowStarted | FlowEnded]:
+    """What brings least-conn's counts to a dump's word. Pure.
+
+    `known`: flows counted when the dump began; `counted`: those counted now
+    (events went on meanwhile); `ended`: flows whose end was seen meanwhile.
+    A flow counted before the dump and absent from it has ended; a flow in the
+    dump that is not counted, and did not end meanwhile, has started. A flow
+    that began during the dump was counted by its event and is left alone.
+    """
+    present = {event.flow_id for event in dumped}
+    found: list[FlowStarted | FlowEnded] = [FlowEnded(flow_id) for flow_id in sorted(known - present)]
+    found += [FlowStarted(event.flow_id, event.flow, event.endpoint) for event in dumped
+              if event.flow_id not in counted and event.flow_id not in ended]
+    return found

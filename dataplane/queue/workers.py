@@ -65,12 +65,12 @@ class Frames:
 
 def merge_snapshots(snapshots: list[dict]) -> dict:
     """One view of several workers: counts add up; least-conn's active flows (each worker counts all) take the max."""
-    merged = {"packets": 0, "undecided": 0, "table_builds": 0, "affinity_entries": 0,
-              "latency": None, "services": [], "per_queue": {}}
+    summed = ("packets", "undecided", "table_builds", "affinity_entries", "conntrack_overflows", "conntrack_resyncs")
+    merged = {**dict.fromkeys(summed, 0), "latency": None, "services": [], "per_queue": {}}
     ports: dict[str, dict] = {}
     for snap in snapshots:
-        for key in ("packets", "undecided", "table_builds", "affinity_entries"):
-            merged[key] += snap[key]
+        for key in summed:
+            merged[key] += snap.get(key, 0)
         merged["per_queue"].update(snap.get("per_queue", {}))
         latency = snap["latency"]
         if merged["latency"] is None:

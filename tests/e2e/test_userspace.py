@@ -236,6 +236,25 @@ def test_cleanup_removes_the_queue_rules(lab, daemon):
         daemon.start()
 
 
+def test_a_full_sync_repairs_a_flushed_queue_rule(lab, daemon, manifests, tmp_path):
+    if status(lab)["queue_mechanism"] != "iptables":
+        pytest.skip("this kernel has nft's queue: no iptables rule to repair")
+    daemon.stop()
+    resyncing = Daemon.for_source(lab.node, manifests.path, tmp_path / "resync.log",
+                                  extra=["-v", "--proxy-mode", "userspace", "--sync-period", "1"])
+    try:
+        resyncing.start()
+        lab.node.run("iptables", "-w", "-t", "mangle", "-F", "DATAPLANE-QUEUE")  # someone else's iptables-restore
+        before = status(lab)["packets_queued"]
+        wait_until(lambda: "NFQUEUE" in lab.node.run("iptables", "-w", "-t", "mangle", "-S", "DATAPLANE-QUEUE").stdout,
+                   timeout=10, what="the next full sync puts the queue rule back")
+        outcome = tcp_request(lab.client, "10.96.0.30", 80)
+        assert outcome.ok and status(lab)["packets_queued"] > before  # new flows reach the forwarder again
+    finally:
+        resyncing.stop()
+        daemon.start()
+
+
 SPREAD = r"""
 import socket, struct, sys
 count, dst, dport, base = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

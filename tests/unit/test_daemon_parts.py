@@ -1,10 +1,11 @@
-"""Health reporting and stale-flow detection: the daemon's pure parts."""
+"""Health reporting (read from the sync schedule) and stale-flow detection: the daemon's pure parts."""
 
 from __future__ import annotations
 
 import json
 
 from dataplane.daemon.app import Health
+from dataplane.daemon.schedule import Schedule
 from dataplane.daemon.proxier import stale_flows
 from dataplane.model import Backend, Protocol, Service, ServicePort, ServiceState, Snapshot
 from dataplane.netlink.conntrack import StaleFlows
@@ -18,35 +19,57 @@ class Clock:
         return self.now
 
 
-def test_health_is_503_until_the_first_sync_is_live() -> None:
+def health(stale_after: float = 30.0) -> tuple[Health, Schedule, Clock]:
     clock = Clock()
-    health = Health(stale_after=30, clock=clock)
-    health.queued()
-    assert health.report()[0] == 503
-    health.synced(True, health.pending_since)
-    status, kind, body = health.report()
+    schedule = Schedule(min_interval=1.0, full_interval=300.0)
+    return Health(schedule, stale_after=stale_after, clock=clock, wall=lambda: 1_800_000_000.0), schedule, clock
+
+
+def test_health_is_503_until_the_first_sync_is_live() -> None:
+    probe, schedule, clock = health()
+    schedule.request(clock.now)
+    assert probe.report()[0] == 503
+    schedule.ran(clock.now, True, True, schedule.pending_since, ended=clock.now + 0.5)
+    status, kind, body = probe.report()
     assert (status, kind) == (200, "application/json")
     assert json.loads(body)["nodeEligible"] is True
 
 
+def test_health_reports_wall_times_of_the_schedule_s_monotonic_stamps() -> None:
+    probe, schedule, clock = health()
+    schedule.ran(clock.now, True, True, None, ended=clock.now)
+    clock.now += 10
+    schedule.request(clock.now - 4)
+    body = json.loads(probe.report()[2])
+    assert body["currentTime"] == "2027-01-15T08:00:00Z"
+    assert body["lastUpdated"] == "2027-01-15T07:59:50Z"
+    assert body["pendingSince"] == "2027-01-15T07:59:56Z"
+
+
 def test_health_turns_503_on_a_failed_sync_and_back_on_success() -> None:
-    clock = Clock()
-    health = Health(clock=clock)
-    health.synced(True, None)
-    health.queued()
-    health.synced(False, health.pending_since)
-    assert health.report()[0] == 503
-    health.synced(True, health.pending_since)
-    assert health.report()[0] == 200
+    probe, schedule, clock = health()
+    schedule.ran(clock.now, True, True, None)
+    schedule.request(clock.now)
+    schedule.ran(clock.now, False, False, schedule.pending_since)
+    assert probe.report()[0] == 503
+    schedule.ran(clock.now, True, True, schedule.pending_since)
+    assert probe.report()[0] == 200
+
+
+def test_health_turns_503_when_a_periodic_full_sync_fails_with_nothing_pending() -> None:
+    probe, schedule, clock = health()
+    schedule.ran(clock.now, True, True, None)
+    clock.now += 300
+    schedule.ran(clock.now, True, False, None)
+    assert schedule.pending_since is None and probe.report()[0] == 503
 
 
 def test_health_turns_503_when_a_change_waits_too_long() -> None:
-    clock = Clock()
-    health = Health(stale_after=30, clock=clock)
-    health.synced(True, None)
-    health.queued()
+    probe, schedule, clock = health(stale_after=30)
+    schedule.ran(clock.now, True, True, None)
+    schedule.request(clock.now)
     clock.now += 31
-    assert health.report()[0] == 503
+    assert probe.report()[0] == 503
 
 
 def _state(protocol: Protocol, *ips: str, ready: bool = True) -> ServiceState:
@@ -103,14 +126,13 @@ def test_udp_service_gaining_endpoints_clears_untranslated_flows() -> None:
 
 
 def test_health_keeps_a_change_queued_during_a_sync_pending() -> None:
-    clock = Clock()
-    health = Health(stale_after=30, clock=clock)
-    health.synced(True, None)
-    health.queued()
-    started = clock.now = clock.now + 1  # the sync takes its snapshot
-    clock.now += 0.5
-    health.queued()  # a newer change arrives while it runs
-    health.synced(True, started)
-    assert health.pending_since == clock.now
+    probe, schedule, clock = health(stale_after=30)
+    schedule.ran(clock.now, True, True, None)
+    schedule.request(clock.now)
+    started, pending = clock.now + 1, schedule.pending_since  # the sync takes its snapshot
+    clock.now += 1.5
+    schedule.request(clock.now)  # a newer change arrives while it runs
+    schedule.ran(started, False, True, pending, ended=clock.now)
+    assert schedule.pending_since == clock.now
     clock.now += 31
-    assert health.report()[0] == 503
+    assert probe.report()[0] == 503

@@ -3,7 +3,7 @@
 Address plan
     clients     192.168.50.0/24 (a flow per source port)
     ClusterIP   10.96.0.10:80/TCP, 10.96.0.11:53/UDP; NodePort 30080 on node 192.168.50.1
-    endpoints   10.244.1.11-.. :80 with ids 1..N (marks via nat.userspace.mark_for)
+    endpoints   10.244.1.11-.. :80 with ids 1..N (marks via dataplane.marks.mark_for)
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ def test_frames_survive_any_split():
 
 def snapshot(packets, decided, active, queue):
     return {"packets": packets, "undecided": 1, "table_builds": 2, "affinity_entries": 3,
+            "conntrack_overflows": 1, "conntrack_resyncs": 2,
             "latency": {"buckets": [0.001, 0.01], "counts": [packets, 0, 0], "total": 0.5, "count": packets},
             "per_queue": {queue: packets},
             "services": [{"service": "default/web:http", "algorithm": "least-conn", "affinity_timeout": None,
@@ -32,6 +33,7 @@ def snapshot(packets, decided, active, queue):
 def test_merged_counts_add_up_and_active_flows_are_not_double_counted():
     merged = merge_snapshots([snapshot(10, 4, 7, "0"), snapshot(5, 6, 8, "1")])
     assert (merged["packets"], merged["undecided"], merged["affinity_entries"]) == (15, 2, 6)
+    assert (merged["conntrack_overflows"], merged["conntrack_resyncs"]) == (2, 4)  # each worker has its own socket
     assert merged["per_queue"] == {"0": 10, "1": 5}
     assert merged["latency"]["counts"] == [15, 0, 0] and merged["latency"]["count"] == 15
     (endpoint,) = merged["services"][0]["endpoints"]
@@ -42,4 +44,4 @@ def test_merged_counts_add_up_and_active_flows_are_not_double_counted():
 def test_no_report_yet_merges_to_zeros():
     # WorkerPool.snapshot() relies on this before any worker has reported.
     assert merge_snapshots([]) == {"packets": 0, "undecided": 0, "table_builds": 0, "affinity_entries": 0,
-                                   "latency": None, "services": [], "per_queue": {}}
+                                   "conntrack_overflows": 0, "conntrack_resyncs": 0, "latency": None, "services": [], "per_queue": {}}

@@ -88,3 +88,43 @@ def test_loop_coalesces_a_burst_and_survives_a_crashing_sync() -> None:
 
     asyncio.run(scenario())
     assert calls[:3] == [True, False, True]
+
+
+def test_a_sync_fails_by_raising_and_the_schedule_knows_before_the_failure_is_reported() -> None:
+    clock = [10.0]
+    seen: list[tuple[str, bool, float | None]] = []
+    plan = Schedule(min_interval=1.0, full_interval=60.0)
+
+    async def sync(full: bool) -> None:
+        clock[0] += 0.5
+        raise OverflowError("more than 3 endpoints in userspace mode")
+
+    loop = SyncLoop(plan, sync, clock=lambda: clock[0],
+                    failed=lambda error: seen.append((str(error), plan.failed, plan.last_ok)))
+    assert asyncio.run(loop.step(True)) is False
+    assert seen == [("more than 3 endpoints in userspace mode", True, None)]
+    assert plan.next_sync(clock[0]) == (0.5, True)  # retry_interval after it began, full
+
+
+def test_last_ok_is_when_the_last_successful_sync_ended() -> None:
+    clock = [10.0]
+
+    async def sync(full: bool) -> None:
+        clock[0] += 0.25
+
+    plan = Schedule(min_interval=1.0, full_interval=60.0)
+    loop = SyncLoop(plan, sync, clock=lambda: clock[0])
+    assert asyncio.run(loop.step(True)) is True
+    assert (plan.last_ok, plan.last_run, plan.failed) == (10.25, 10.0, False)
+
+
+def test_a_failure_report_that_raises_does_not_stop_the_loop() -> None:
+    async def sync(full: bool) -> None:
+        raise RuntimeError("a bug in one sync")
+
+    def report(error: Exception) -> None:
+        raise ValueError("a bug in the report")
+
+    plan = Schedule(min_interval=1.0, full_interval=60.0)
+    assert asyncio.run(SyncLoop(plan, sync, clock=lambda: 5.0, failed=report).step(False)) is False
+    assert plan.failed
