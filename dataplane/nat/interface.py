@@ -41,3 +41,7 @@ class Interface(Protocol):
     def delete_table(self, family: str, table: str) -> None:
         """Deletes the table; a missing one is already deleted."""
         ...
+
+    def counters(self, family: str, table: str) -> dict[str, tuple[int, int]]:
+        """Named counters of the table, name -> (packets, bytes); NftError when the table is missing."""
+        ...
