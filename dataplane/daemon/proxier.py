@@ -16,7 +16,7 @@ from typing import Callable
 
 from ..config import NodeSettings
 from ..model import Protocol, Snapshot
-from ..nat import plan
+from ..nat import layout, plan
 from ..nat.interface import Interface
 from ..nat.nftables import NftError
 from ..nat.ruleset import Ruleset
@@ -89,7 +89,7 @@ class Proxier:
         self.synced = snapshot
         services = len(snapshot.services)
         endpoints = sum(count for state in self.programmed for name, count in state.sizes.items()
-                        if name.startswith(("endpoints-", "local-endpoints-")))
+                        if layout.holds_endpoints(state.ruleset.declarations.get(name)))
         timings = (rendered - started, planned - rendered, applied - planned)
         return SyncResult(len(tx), stale, services, endpoints, timings)
 

@@ -308,6 +308,13 @@ def _slot_map(name: str, family: Family, by_address: bool) -> Container:
     return Container(name, key, (family.daddr, DPORT), typeof=True)
 
 
+def holds_endpoints(declaration: Declaration) -> bool:
+    """A map of endpoints by Service address and slot (not the NodePort copy): one entry per endpoint
+    of each Service address, which is what the programmed-endpoints figure counts."""
+    return (isinstance(declaration, Container) and declaration.typeof and bool(declaration.key)
+            and declaration.key[0] == declaration.value[0] and any(part.modulus for part in declaration.key))
+
+
 def _dnat(family: Family, key: Expr, n: int, map_name: str) -> Rule:
     # The slot is `numgen random mod n`: uniform over the n endpoints in the map.
     return Rule.of(L4_PROTOCOLS, Nat("dnat", family.nft, expr=(*key, numgen(n)), map=map_name))
