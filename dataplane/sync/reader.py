@@ -212,6 +212,12 @@ class ParserProcess:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._child.stdout.fileno(), selectors.EVENT_READ)
         self._buffer = bytearray()
+        # Started when it says so: the per-file timeout is for parsing, not for the interpreter's start.
+        try:
+            self._take(self._child, _FRAME.unpack(self._take(self._child, _FRAME.size, time.monotonic() + 30))[0],
+                       time.monotonic() + 30)
+        except Refused:
+            pass  # it died at once: the first answer says how
         return self._child
 
     def _stop(self) -> None:
@@ -298,6 +304,10 @@ def _serve(arguments: str) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash here is expected now and then: no core dumps
     gc.disable()  # parsed documents hold no cycles; the collector would only cost time
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    import yaml_rs  # noqa: F401  (before "ready": its import is start-up, not parsing)
+
+    _write_frame(stdout, b'{"ready": true}')
+    stdout.flush()
     while True:
         header = stdin.read(_FRAME.size)
         if len(header) < _FRAME.size:
