@@ -140,6 +140,9 @@ def parse_service(obj: dict[str, Any], problems: list[InvalidObject] | None = No
     service_type = ServiceType(spec.choice("type", tuple(ServiceType), ServiceType.CLUSTER_IP))
 
     cluster_ips = _cluster_ips(spec, problems) if service_type != ServiceType.EXTERNAL_NAME else ()
+    if not cluster_ips and service_type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER) \
+            and spec.str("clusterIP") == "None":
+        raise spec.fail(f"may not be 'None' (headless) for type {service_type}", "clusterIP")
     ports = tuple(_parse_port(item, service_type, problems) for item in spec.items("ports"))
     _check_unique_ports(spec, ports)
     external_name = spec.str("externalName")
