@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import resource
 import selectors
 import signal
@@ -112,9 +113,9 @@ def parse_text(text: str, path: Path, limits: Limits) -> list:
             documents = [json.loads(text)] if text.strip() else []
         else:
             # parse_datetime=False: timestamps stay the strings they were written as.
-            documents = yaml_rs.loads(text, parse_datetime=False,
-                                      alias_limits=yaml_rs.AliasLimits(max_total_replayed_events=limits.max_alias_events))
-            documents = documents if isinstance(documents, list) else [documents]
+            value = yaml_rs.loads(text, parse_datetime=False,
+                                  alias_limits=yaml_rs.AliasLimits(max_total_replayed_events=limits.max_alias_events))
+            documents = value if isinstance(value, list) and _stream_count(text) > 1 else [value]
     except RecursionError:
         raise Refused(f"{path}: nests too deep to parse (more than {limits.max_depth} levels)") from None
     except (yaml_rs.YAMLDecodeError, json.JSONDecodeError, ValueError) as error:
@@ -123,6 +124,17 @@ def parse_text(text: str, path: Path, limits: Limits) -> list:
     if depth > limits.max_depth + 1:
         raise Refused(f"{path}: nests deeper than {limits.max_depth} levels; not read")
     return documents
+
+
+def _stream_count(text: str) -> int:
+    """How many documents a YAML stream holds, from its `---` lines: yaml_rs returns one document
+    as itself and several as a list, so a document that is a list needs telling apart."""
+    markers = _DOCUMENT_START.findall(text)
+    first = next((line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", "%"))), "")
+    return len(markers) + (0 if _DOCUMENT_START.match(first) else 1)
+
+
+_DOCUMENT_START = re.compile(r"^---(?=[ \t]|$)", re.MULTILINE)
 
 
 def nesting_depth(value: Any, give_up: int) -> int:

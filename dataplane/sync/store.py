@@ -29,6 +29,8 @@ from ..model.claims import Claim, claims_of, precedence, without
 
 log = logging.getLogger(__name__)
 
+MAX_PROBLEMS_PER_ORIGIN = 100
+
 
 class Store:
     def __init__(self) -> None:
@@ -70,6 +72,11 @@ class Store:
         if problems is None:
             self._reported.pop(origin, None)
             return
+        problems = list(problems)
+        if len(problems) > MAX_PROBLEMS_PER_ORIGIN:
+            # A file of a million bad documents must not become a million log lines and strings.
+            more = len(problems) - MAX_PROBLEMS_PER_ORIGIN
+            problems = problems[:MAX_PROBLEMS_PER_ORIGIN] + [f"{origin}: {more} more problems not shown"]
         messages = tuple(str(problem) for problem in problems)
         _log_new(problems, self._reported.get(origin, ()))
         self._reported[origin] = messages

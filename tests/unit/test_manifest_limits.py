@@ -181,3 +181,22 @@ def test_in_process_helpers(tmp_path):
     path.write_text("a: 1\na: 2\n")
     with pytest.raises(Refused, match="duplicate mapping key"):
         read_documents(path, tmp_path, Limits())
+
+
+def test_a_document_that_is_a_list_is_one_problem_not_one_per_item(tmp_path):
+    root = folder(tmp_path)
+    listed = root / "listed.yaml"
+    listed.write_text("".join(f"- {i}\n" for i in range(100_000)))
+    source = load(root)
+    assert source.errors[str(listed)] == [f"{listed}: document <none>: <document>: is not a mapping"]
+
+
+def test_a_file_of_countless_bad_documents_is_reported_with_a_bound(tmp_path, caplog):
+    root = folder(tmp_path)
+    many = root / "many.yaml"
+    many.write_text("---\n".join(f"{i}\n" for i in range(5000)))
+    with caplog.at_level(logging.ERROR):
+        source = load(root)
+    problems = source.errors[str(many)]
+    assert len(problems) == 101 and problems[-1] == f"{many}: 4900 more problems not shown"
+    assert len(caplog.records) == 101
