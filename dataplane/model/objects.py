@@ -31,6 +31,7 @@ _PARSERS = {
     "Pod": parse_pod,
 }
 
+SERVED_KINDS = frozenset(_PARSERS)  # what parse_objects reads; every other kind is ignored silently
 _KEEPING = ("Service", "EndpointSlice")  # parsers that report problems an object survives
 
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..model.objects import SERVED_KINDS
+
 _FRAME = struct.Struct("!I")
 
 
@@ -48,6 +50,9 @@ class Limits:
     allow_links: bool = False  # follow symlinks whose target leaves the folder
     timeout: float = 20.0  # seconds one file may take to parse
     memory: int = 2 * 2**30  # bytes of address space for the parser process
+
+
+RECYCLE_ABOVE = 256 * 2**20  # bytes resident in the parser process after a batch
 
 
 class Refused(ValueError):
@@ -73,7 +78,8 @@ def read_bytes(path: Path, root: Path, limits: Limits, real_dirs: dict[str, str]
         inside = real_dirs[""] = os.path.realpath(root)
     inside = Path(inside)
     if not limits.allow_links and target != inside and inside not in target.parents:
-        raise Refused(f"{path}: is a symlink to {target}, outside {root}; not followed (--allow-links follows it)")
+        how = "is a symlink to" if os.path.islink(path) else "is in a linked directory, at"
+        raise Refused(f"{path}: {how} {target}, outside {root}; not followed (--allow-links follows it)")
     # O_NONBLOCK: opening a FIFO must not wait for a writer. O_NOFOLLOW: the target checked above is what opens.
     fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
     try:
@@ -129,12 +135,13 @@ def parse_text(text: str, path: Path, limits: Limits) -> list:
 def _stream_count(text: str) -> int:
     """How many documents a YAML stream holds, from its `---` lines: yaml_rs returns one document
     as itself and several as a list, so a document that is a list needs telling apart."""
-    markers = _DOCUMENT_START.findall(text)
-    first = next((line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", "%"))), "")
-    return len(markers) + (0 if _DOCUMENT_START.match(first) else 1)
+    markers = sum(1 for _ in _DOCUMENT_START.finditer(text))
+    first = _FIRST_CONTENT.search(text)  # before it, only blank lines, comments and directives
+    return markers + (0 if first is not None and _DOCUMENT_START.match(first.group()) else 1)
 
 
 _DOCUMENT_START = re.compile(r"^---(?=[ \t]|$)", re.MULTILINE)
+_FIRST_CONTENT = re.compile(r"^(?![ \t]*(?:#|%|$)).+", re.MULTILINE)
 
 
 def nesting_depth(value: Any, give_up: int) -> int:
@@ -203,6 +210,18 @@ class ParserProcess:
                 else:
                     yield path, answer["documents"]
             pending = pending[done:]
+        self._recycle()
+
+    def _recycle(self) -> None:
+        """Ends a child that a big file left big (Python keeps its heap): the next read starts a fresh one."""
+        if self._child is None:
+            return
+        try:
+            resident = int(Path(f"/proc/{self._child.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return
+        if resident > RECYCLE_ABOVE:
+            self._stop()
 
     def close(self) -> None:
         self._stop()
@@ -289,6 +308,31 @@ class _collector_paused:
             gc.enable()
 
 
+def _served(document: Any, in_list: bool = False) -> Any:
+    """What the daemon needs of one document: kinds it serves whole, and a stand-in for the rest.
+
+    A 16 MiB file of ConfigMaps (or of nested lists) then costs the daemon nothing to decode:
+    only the parser process holds it. IGNORED marks a kind nobody here reads.
+    """
+    if document is None:
+        return NOT_A_MAPPING if in_list else None  # None: an empty document
+    if not isinstance(document, dict):
+        return NOT_A_MAPPING  # still reported as "is not a mapping", without its bulk
+    kind = document.get("kind")
+    if str(kind or "").endswith("List") and "items" in document:
+        items = document["items"]
+        if isinstance(items, list):
+            items = [kept for kept in (_served(item, True) for item in items) if kept is not IGNORED]
+        return {**document, "items": items}
+    if kind in SERVED_KINDS:
+        return document
+    return IGNORED if in_list else None
+
+
+IGNORED = object()
+NOT_A_MAPPING = "<not a mapping>"
+
+
 def _write_frame(stream, body: bytes) -> None:
     stream.write(_FRAME.pack(len(body)) + body)
 
@@ -335,6 +379,8 @@ def _serve(arguments: str) -> None:
                 answer = {"error": f"{path}: cannot be read: {error.strerror or error}"}
             except MemoryError:
                 answer = {"error": f"{path}: parsing it needs more memory than the limit of {memory} bytes; not read"}
+            if "documents" in answer:
+                answer["documents"] = [_served(document) for document in answer["documents"]]
             try:
                 body = json.dumps(answer, default=str).encode()
             except (ValueError, TypeError, RecursionError) as error:

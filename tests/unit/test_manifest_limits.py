@@ -200,3 +200,20 @@ def test_a_file_of_countless_bad_documents_is_reported_with_a_bound(tmp_path, ca
     problems = source.errors[str(many)]
     assert len(problems) == 101 and problems[-1] == f"{many}: 4900 more problems not shown"
     assert len(caplog.records) == 101
+
+
+def test_only_served_kinds_cross_to_the_daemon(tmp_path):
+    root = tmp_path / "m"
+    root.mkdir()
+    path = root / "mixed.yaml"
+    path.write_text("---\n".join([
+        "kind: ConfigMap\nmetadata: {name: big}\ndata: {blob: '" + "x" * 100_000 + "'}\n",
+        "kind: List\nitems:\n- {kind: Secret, metadata: {name: s}}\n- 42\n- " + GOOD.replace("\n", "\n  ") + "\n",
+        "[1, 2, 3]\n",
+    ]))
+    parser = ParserProcess(root)
+    ((_, documents),) = parser.read([path])
+    parser.close()
+    assert documents[0] is None and documents[2] == "<not a mapping>"
+    assert [item if isinstance(item, str) else item["kind"] for item in documents[1]["items"]] == [
+        "<not a mapping>", "Service"]
