@@ -207,6 +207,17 @@ def test_algorithm_annotation_and_a_bad_one_named():
                         "random, round-robin, maglev, least-conn, got 'fastest'; the daemon's --lb-algorithm applies"]
 
 
+def test_weights_annotation_reaches_the_targets_and_a_bad_item_is_reported_once():
+    annotations = {"dataplane.io/weights": "10.244.1.1=0, node:node-b=3, pod1=2"}
+    slice_ = {**endpoint_slice("a", "10.244.1.1"), "endpoints": [
+        {"addresses": ["10.244.1.1"], "nodeName": "node-a"}, {"addresses": ["10.244.2.1"], "nodeName": "node-b"},
+        {"addresses": ["10.244.3.1"], "nodeName": "node-c"}]}
+    tables, problems = tables_for(service("a", "10.96.0.1", annotations=annotations), slice_, expect_errors=1)
+    assert [(t.ip, t.weight) for t in tables[0].targets] == [("10.244.1.1", 0), ("10.244.2.1", 3), ("10.244.3.1", 1)]
+    assert problems == ["x: Service default/a: metadata.annotations[dataplane.io/weights]: items must be IP=N, "
+                        "node:NAME=N or zone:NAME=N with N in 0..1000, got 'pod1=2'; those are ignored"]
+
+
 def test_internal_traffic_policy_local_splits_internal_and_external_tables():
     tables, _ = tables_for(
         service("a", "10.96.0.1", node_port=30080, internalTrafficPolicy="Local"),
