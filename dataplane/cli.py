@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     proxy_flags = argparse.ArgumentParser(add_help=False)
     proxy_flags.add_argument("--source", default="/etc/dataplane/manifests",
                              help="a manifest file or a directory of them (YAML/JSON), or `kube`: the Kubernetes API")
+    proxy_flags.add_argument("--allow-links", action="store_true",
+                             help="follow symlinks in the manifest folder whose target lies outside it "
+                                  "(default: refused, and logged)")
     proxy_flags.add_argument("--kubeconfig", default="",
                              help="with --source kube: a kubeconfig file (default: in-cluster service account)")
     proxy_flags.add_argument("--master", default="",
@@ -166,7 +169,9 @@ def _render(args: argparse.Namespace) -> int:
     if api_settings(args) is not None:
         raise ValueError("render reads manifests (--source PATH); --source kube is for `run`")
     store = Store()
-    ManifestSource(Path(args.source), store).load_all()
+    from .sync.reader import Limits
+
+    ManifestSource(Path(args.source), store, Limits(allow_links=args.allow_links)).load_all()
     if args.node_ips is not None:
         found = [ip.strip() for ip in args.node_ips.split(",") if ip.strip()]
         primary = found[0] if found else None
@@ -235,6 +240,7 @@ def _run(args: argparse.Namespace, nft) -> int:
         proxy_mode=args.proxy_mode,
         queues=args.queues,
         lb_algorithm=args.lb_algorithm,
+        allow_links=args.allow_links,
     )
     logging.getLogger("dataplane").info(
         "starting: source=%s node=%s nftables=%s", options.source, options.settings.node_name, nft.backend_name

@@ -27,6 +27,7 @@ from ..nat.nftables import NftError, Nftables
 from ..nat.xtables import XtablesError
 from ..netlink import addresses, conntrack
 from ..sync.manifests import ManifestSource
+from ..sync.reader import Limits
 from ..sync.store import Store
 from . import http, status
 from .healthcheck import HealthCheckServers
@@ -58,6 +59,7 @@ class Options:
     queues: int = 1  # userspace: NFQUEUE queues, the kernel spreads flows over them by hash
     lb_algorithm: str = "random"  # userspace: for Services without a dataplane.io/lb-algorithm annotation
     kube: ApiSettings | None = None  # set: the Kubernetes API is the source (`--source kube`), not `source`
+    allow_links: bool = False  # follow symlinks out of the manifest folder (`--allow-links`)
 
 
 class Health:
@@ -112,7 +114,7 @@ class Daemon:
             self.source = KubeSource(options.kube, self.store, options.settings.node_name,
                                      registry=self.metrics.registry, on_node=self._node_changed)
         else:
-            self.source = ManifestSource(options.source, self.store)
+            self.source = ManifestSource(options.source, self.store, Limits(allow_links=options.allow_links))
         self.proxier = Proxier(options.settings, nft)
         if userspace is None and options.proxy_mode == "userspace":
             userspace = UserspaceMode(options.settings, nft, options.queues, options.lb_algorithm)

@@ -5,29 +5,25 @@ flows arrive (Service addresses, NodePort), its endpoints with their ids
 and weights (the same usable endpoints kernel mode programs: `usable_endpoints`),
 its algorithm and its ClientIP affinity.
 
-Annotations on the Service (untrusted input: a bad value is reported,
-naming the Service and the annotation, and the default applies):
-- `dataplane.io/lb-algorithm`: random | round-robin | maglev | least-conn
-  (default: the daemon's --lb-algorithm);
-- `dataplane.io/weights`: comma-separated `KEY=WEIGHT`, KEY an endpoint IP,
-  `node:NAME` or `zone:NAME`; WEIGHT an integer 0-1000 (0: no new flows
-  while another endpoint has weight). An IP beats a node, a node beats a
-  zone; endpoints matched by nothing weigh 1.
+Annotations on the Service (`dataplane.io/lb-algorithm`, `dataplane.io/weights`,
+see model/annotations.py) are parsed and checked with the Service, and a
+bad one is reported there, once per change, like any invalid field; here
+only their valid values are used: an IP beats a node, a node beats a zone,
+endpoints matched by nothing weigh 1, and weight 0 takes no new flows while
+another endpoint has weight.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from dataclasses import dataclass
 from typing import Callable
 
 from ..model import Protocol, Selection, ServiceState, TrafficPolicy
+from ..model.annotations import ALGORITHM_ANNOTATION, ALGORITHMS, MAX_WEIGHT, WEIGHTS_ANNOTATION, weight_items
 
-ALGORITHM_ANNOTATION = "dataplane.io/lb-algorithm"
-WEIGHTS_ANNOTATION = "dataplane.io/weights"
-ALGORITHMS = ("random", "round-robin", "maglev", "least-conn")
-MAX_WEIGHT = 1000
+__all__ = ["ALGORITHM_ANNOTATION", "ALGORITHMS", "MAX_WEIGHT", "WEIGHTS_ANNOTATION", "PortTable", "Target",
+           "frontends", "packed", "parse_weights", "port_tables", "weight_of"]
 PROTOCOL_NUMBERS = {Protocol.TCP: 6, Protocol.UDP: 17, Protocol.SCTP: 132}
 
 
@@ -65,7 +61,8 @@ def port_tables(
     state: ServiceState, ids: Callable[[tuple[str, int]], int | None], default_algorithm: str, family: int = 4,
     node_name: str = "", zone: str = "",
 ) -> tuple[tuple[PortTable, ...], list[str]]:
-    """The Service's ports as the balancer sees them, and problems found in its annotations.
+    """The Service's ports as the balancer sees them, and problems (none since annotations are
+    checked with the Service, in model/annotations.py; kept for callers that log them).
 
     Endpoints are those kernel mode would pick among (model.Selection):
     for Service addresses, Cluster or, with internalTrafficPolicy Local, this
@@ -78,15 +75,9 @@ def port_tables(
     service = state.service
     if not service.proxied:
         return (), []
-    problems: list[str] = []
-    annotations = dict(service.annotations)
-    algorithm = annotations.get(ALGORITHM_ANNOTATION, "").strip() or default_algorithm
-    if algorithm not in ALGORITHMS:
-        problems.append(f"Service {service.namespace}/{service.name}: annotation {ALGORITHM_ANNOTATION}: "
-                        f"{algorithm!r} is not one of {', '.join(ALGORITHMS)}; using {default_algorithm}")
-        algorithm = default_algorithm
-    rules = parse_weights(annotations.get(WEIGHTS_ANNOTATION, ""), f"Service {service.namespace}/{service.name}",
-                          problems)
+    problems: list[str] = []  # annotations are checked (and reported) when the Service is parsed
+    algorithm = service.lb_algorithm or default_algorithm
+    rules = dict(service.lb_weights)
     holds = (lambda ip: ":" in ip) if family == 6 else (lambda ip: ":" not in ip)
     internal, external = frontends(state, holds)
     tables = []
@@ -133,27 +124,11 @@ def frontends(state: ServiceState, holds: Callable[[str], bool]) -> tuple[tuple[
 
 
 def parse_weights(text: str, where: str, problems: list[str]) -> dict[str, int]:
-    """`10.0.0.1=3, node:n1=2, zone:a=1` -> {'10.0.0.1': 3, 'node:n1': 2, 'zone:a': 1}; bad items are reported and skipped."""
-    rules: dict[str, int] = {}
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        key, sep, value = item.rpartition("=")
-        key = key.strip()
-        try:
-            weight = int(value)
-            if not sep or not 0 <= weight <= MAX_WEIGHT:
-                raise ValueError
-            if key.startswith(("node:", "zone:")):
-                if not key[5:]:
-                    raise ValueError
-            else:
-                key = str(ipaddress.ip_address(key))
-        except ValueError:
-            problems.append(f"{where}: annotation {WEIGHTS_ANNOTATION}: {item[:80]!r} is not IP=N, node:NAME=N "
-                            f"or zone:NAME=N with N in 0..{MAX_WEIGHT}; ignored")
-            continue
-        rules[key] = weight
+    """`10.0.0.1=3, node:n1=2, zone:a=1` -> {'10.0.0.1': 3, 'node:n1': 2, 'zone:a': 1}; bad items are described in
+    `problems` and skipped. The daemon reads weights from `Service.lb_weights`; this is for tools and tests."""
+    rules, bad = weight_items(text)
+    problems.extend(f"{where}: annotation {WEIGHTS_ANNOTATION}: {item[:80]!r} is not IP=N, node:NAME=N "
+                    f"or zone:NAME=N with N in 0..{MAX_WEIGHT}; ignored" for item in bad)
     return rules
 
 

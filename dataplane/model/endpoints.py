@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InvalidObject
 from .fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, Reader
 from .service import Protocol, object_ref, read_metadata
 
@@ -66,7 +67,10 @@ class Pod:
     subdomain: str = ""
 
 
-def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
+def parse_endpoint_slice(obj: dict[str, Any], problems: list[InvalidObject] | None = None) -> EndpointSlice:
+    """Builds an EndpointSlice; raises InvalidObject. An endpoint without an address is left out
+    alone and appended to `problems` (the slice's other endpoints still serve)."""
+    problems = problems if problems is not None else []
     reader = Reader("EndpointSlice", object_ref(obj), obj)
     namespace, name = read_metadata(reader)
     labels = dict(reader.child("metadata").str_map("labels"))
@@ -87,10 +91,21 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
             zone_hints=hints,
         )
         addresses = list(item.items("addresses"))
+        if not addresses:
+            problems.append(item.fail("must hold one address at least; this endpoint is ignored", "addresses").kept())
+            continue
         # Kubernetes: consumers use only the first address; FQDN slices are never proxied.
-        if addresses and address_type != "FQDN":
-            endpoints.append(Endpoint(address=addresses[0].parse_ip(addresses[0].data, ""), **common))
+        if address_type != "FQDN":
+            address = addresses[0].parse_ip(addresses[0].data, "")
+            if (":" in address) != (address_type == "IPv6"):
+                raise addresses[0].fail(f"must be an {address_type} address (the slice's addressType), "
+                                        f"got {address!r}")
+            endpoints.append(Endpoint(address=address, **common))
     ports = _ports(reader)
+    if not labels.get(SERVICE_NAME_LABEL):
+        # kube-proxy too refuses a slice that names no Service: nothing could ever use it.
+        raise reader.child("metadata").fail("is required: the Service this slice belongs to",
+                                            f"labels[{SERVICE_NAME_LABEL}]")
     return EndpointSlice(
         namespace=namespace,
         name=name,

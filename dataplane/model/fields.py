@@ -74,6 +74,26 @@ def canonical_ip(text: str) -> str | None:
         return None
 
 
+def special_address(ip: str) -> str | None:
+    """What makes `ip` an address no Service may have (loopback, unspecified, multicast,
+    broadcast, link-local; IPv4-mapped IPv6 ones too), or None. As the API server refuses
+    them for ClusterIPs and external IPs: one manifest must not capture the node's own 127.0.0.1:80."""
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_unspecified:
+        return "unspecified"
+    if address.is_loopback:
+        return "loopback"
+    if address.is_multicast:
+        return "multicast"
+    if isinstance(address, ipaddress.IPv4Address) and address == ipaddress.IPv4Address("255.255.255.255"):
+        return "broadcast"
+    if address.is_link_local:
+        return "link-local"
+    return None
+
+
 class Reader:
     """Reads one object's fields, remembering the path for error messages."""
 
@@ -206,8 +226,20 @@ class Reader:
             raise self.fail(f"is not a valid IP address: {value!r}", field)
         return canonical
 
+    def service_ip(self, value: Any, field: str) -> str:
+        """An address a Service may be reached at: valid, and not loopback, multicast and the like."""
+        ip = self.parse_ip(value, field)
+        kind = special_address(ip)
+        if kind is not None:
+            raise self.fail(f"may not be a {kind} address, got {value!r}", field)
+        return ip
+
     def ip_list(self, field: str) -> tuple[str, ...]:
         return tuple(item.parse_ip(item.data, "") for item in self.items(field))
+
+    def service_ip_list(self, field: str) -> tuple[str, ...]:
+        """Distinct Service addresses, in their order."""
+        return tuple(dict.fromkeys(item.service_ip(item.data, "") for item in self.items(field)))
 
     def cidr_list(self, field: str) -> tuple[str, ...]:
         cidrs = []

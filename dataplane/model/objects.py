@@ -1,7 +1,9 @@
 """Sorts raw Kubernetes documents into model values, one bad object at a time.
 
 An invalid object is reported and skipped; the others in the same document
-stream are still used. Kinds we do not serve are ignored silently.
+stream are still used. A problem that leaves the object usable (a bad
+annotation) is reported too, with `skipped` False. Kinds we do not serve are
+ignored silently.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ _PARSERS = {
     "Pod": parse_pod,
 }
 
+SERVED_KINDS = frozenset(_PARSERS)  # what parse_objects reads; every other kind is ignored silently
+_KEEPING = ("Service", "EndpointSlice")  # parsers that report problems an object survives
+
 
 def parse_objects(documents: Iterable[Any], source: str = "") -> tuple[ObjectSet, list[InvalidObject]]:
     """Parses every usable object; returns them with one error per bad object."""
@@ -42,7 +47,9 @@ def parse_objects(documents: Iterable[Any], source: str = "") -> tuple[ObjectSet
         if kind not in _PARSERS or (kind == "Service" and is_foreign(obj)):
             continue
         try:
-            found[kind].append(_PARSERS[kind](obj))
+            kept: list[InvalidObject] = []
+            found[kind].append(_PARSERS[kind](obj, kept) if kind in _KEEPING else _PARSERS[kind](obj))
+            errors.extend(problem.with_source(source) for problem in kept)
         except InvalidObject as error:
             errors.append(error.with_source(source))
         except (TypeError, ValueError, AttributeError) as error:  # shapes the readers did not foresee

@@ -7,11 +7,14 @@ canonical strings, enums hold known values. Nothing downstream re-checks them.
 from __future__ import annotations
 
 import ipaddress
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from .fields import DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, NameRule, Reader
+from .annotations import read_annotations
+from .errors import InvalidObject
+from .fields import DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, NameRule, Reader, special_address
 
 # A Service carrying this label belongs to another proxy (kube-proxy skips it too).
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
@@ -73,6 +76,9 @@ class Service:
     labels: tuple[tuple[str, str], ...] = ()
     annotations: tuple[tuple[str, str], ...] = ()
     external_name: str = ""
+    created: str = ""  # metadata.creationTimestamp, as UTC "YYYY-MM-DDTHH:MM:SSZ"; "" when not given
+    lb_algorithm: str = ""  # dataplane.io/lb-algorithm, valid or ""
+    lb_weights: tuple[tuple[str, int], ...] = ()  # dataplane.io/weights: (IP | node:NAME | zone:NAME, weight)
 
     @property
     def key(self) -> ServiceKey:
@@ -120,17 +126,28 @@ def read_metadata(reader: Reader, name_rule: NameRule = DNS1123_SUBDOMAIN) -> tu
     return meta.name("namespace", DNS1123_LABEL) or "default", name
 
 
-def parse_service(obj: dict[str, Any]) -> Service:
-    """Builds a Service from a v1 Service object; raises InvalidObject."""
+def parse_service(obj: dict[str, Any], problems: list[InvalidObject] | None = None) -> Service:
+    """Builds a Service from a v1 Service object; raises InvalidObject.
+
+    Problems that leave the Service usable (a bad annotation, an ignored
+    field) are appended to `problems` instead, each marked not skipped.
+    """
+    problems = problems if problems is not None else []
     reader = Reader("Service", object_ref(obj), obj)
     namespace, name = read_metadata(reader, DNS1035_LABEL)
     meta = reader.child("metadata")
     spec = reader.child("spec")
     service_type = ServiceType(spec.choice("type", tuple(ServiceType), ServiceType.CLUSTER_IP))
 
-    cluster_ips = _cluster_ips(spec)
-    ports = tuple(_parse_port(item, service_type) for item in spec.items("ports"))
+    cluster_ips = _cluster_ips(spec, problems) if service_type != ServiceType.EXTERNAL_NAME else ()
+    if not cluster_ips and service_type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER) \
+            and spec.str("clusterIP") == "None":
+        raise spec.fail(f"may not be 'None' (headless) for type {service_type}", "clusterIP")
+    ports = tuple(_parse_port(item, service_type, problems) for item in spec.items("ports"))
     _check_unique_ports(spec, ports)
+    external_name = spec.str("externalName")
+    if service_type == ServiceType.EXTERNAL_NAME and not external_name:
+        raise spec.fail("is required for type ExternalName", "externalName")
 
     affinity = spec.choice("sessionAffinity", ("None", "ClientIP"), "None")
     timeout = None
@@ -138,44 +155,87 @@ def parse_service(obj: dict[str, Any]) -> Service:
         timeout = (
             spec.child("sessionAffinityConfig").child("clientIP").int("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT, 1, 86400)
         )
-    ingress_ips = tuple(
-        ip for ip in (item.ip("ip") for item in reader.child("status").child("loadBalancer").items("ingress")) if ip
-    )
+    external_ips = []
+    for index, item in enumerate(spec.items("externalIPs")):
+        ip = item.service_ip(item.data, "")
+        if ip in cluster_ips:
+            # Its own ClusterIP again: two entries for one address and port would contradict each other.
+            problems.append(item.fail(f"is the Service's own clusterIP, got {ip!r}; ignored").kept())
+        elif ip not in external_ips:
+            external_ips.append(ip)
+    ingress_ips = []
+    if service_type == ServiceType.LOAD_BALANCER:
+        for item in reader.child("status").child("loadBalancer").items("ingress"):
+            # Written by a cloud controller, not by the Service's author: a bad entry is left out alone.
+            ip = item.ip("ip")
+            kind = special_address(ip) if ip else None
+            if kind is not None or ip in cluster_ips:
+                why = f"a {kind} address" if kind else "the Service's own clusterIP"
+                problems.append(item.fail(f"may not be {why}, got {ip!r}; this entry is ignored", "ip").kept())
+            elif ip and ip not in ingress_ips:
+                ingress_ips.append(ip)
+    labels = meta.str_map("labels")
+    annotations = meta.str_map("annotations")
+    algorithm, weights, annotation_problems = read_annotations(meta, dict(annotations))
+    problems.extend(annotation_problems)
     return Service(
         namespace=namespace,
         name=name,
         type=service_type,
-        cluster_ips=cluster_ips if service_type != ServiceType.EXTERNAL_NAME else (),
+        cluster_ips=cluster_ips,
         ports=ports,
-        external_ips=spec.ip_list("externalIPs"),
-        load_balancer_ips=ingress_ips if service_type == ServiceType.LOAD_BALANCER else (),
+        external_ips=tuple(external_ips),
+        load_balancer_ips=tuple(ingress_ips),
         session_affinity_timeout=timeout,
         external_traffic_policy=TrafficPolicy(spec.choice("externalTrafficPolicy", tuple(TrafficPolicy), "Cluster")),
         internal_traffic_policy=TrafficPolicy(spec.choice("internalTrafficPolicy", tuple(TrafficPolicy), "Cluster")),
         load_balancer_source_ranges=spec.cidr_list("loadBalancerSourceRanges"),
         health_check_node_port=spec.port("healthCheckNodePort"),
         selector=spec.str_map("selector"),
-        labels=meta.str_map("labels"),
-        annotations=meta.str_map("annotations"),
-        external_name=spec.str("externalName"),
+        labels=labels,
+        annotations=annotations,
+        external_name=external_name,
+        created=_timestamp(meta, "creationTimestamp", problems),
+        lb_algorithm=algorithm,
+        lb_weights=weights,
     )
 
 
-def _cluster_ips(spec: Reader) -> tuple[str, ...]:
+def _timestamp(meta: Reader, field: str, problems: list[InvalidObject]) -> str:
+    """An RFC 3339 time as UTC "YYYY-MM-DDTHH:MM:SSZ" (which sorts as text), or "" when absent or bad."""
+    value = meta.data.get(field) if isinstance(meta.data, dict) else None
+    if value is None or value == "":
+        return ""
+    try:
+        when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        if when.tzinfo is None:
+            raise ValueError("no time zone")
+        return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, TypeError, OverflowError):
+        problems.append(meta.fail(f"must be an RFC 3339 time, got {str(value)[:80]!r}; ignored", field).kept())
+        return ""
+
+
+def _cluster_ips(spec: Reader, problems: list[InvalidObject]) -> tuple[str, ...]:
     listed = list(spec.items("clusterIPs"))
+    single = spec.str("clusterIP")
     if listed:
         raw = [(item.data, f"clusterIPs[{index}]") for index, item in enumerate(listed)]
+        if single and single != raw[0][0]:
+            # The API server keeps clusterIP == clusterIPs[0]; here clusterIPs wins, and says so.
+            problems.append(spec.fail(f"must be clusterIPs[0] ({raw[0][0]!r}) when both are set, got {single!r}; "
+                                      "clusterIPs is used", "clusterIP").kept())
     else:
-        raw = [(spec.str("clusterIP"), "clusterIP")]
+        raw = [(single, "clusterIP")]
     if raw[0][0] in ("None", ""):
         return ()
-    ips = tuple(spec.parse_ip(value, field) for value, field in raw)
+    ips = tuple(spec.service_ip(value, field) for value, field in raw)
     if len({ipaddress.ip_address(ip).version for ip in ips}) != len(ips):
         raise spec.fail("must hold at most one address per IP family", "clusterIPs")
     return ips
 
 
-def _parse_port(item: Reader, service_type: ServiceType) -> ServicePort:
+def _parse_port(item: Reader, service_type: ServiceType, problems: list[InvalidObject]) -> ServicePort:
     port = item.port("port", required=True)
     assert port is not None
     target = item.data.get("targetPort") if isinstance(item.data, dict) else None
@@ -189,7 +249,11 @@ def _parse_port(item: Reader, service_type: ServiceType) -> ServicePort:
         raise item.fail(f"must be between 1 and 65535, got {target}", "targetPort")
     if isinstance(target, str):
         item.name("targetPort", IANA_SVC_NAME)
-    node_port = item.port("nodePort") if service_type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER) else None
+    node_port = item.port("nodePort")
+    if node_port is not None and service_type not in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER):
+        problems.append(item.fail(f"is only used with type NodePort or LoadBalancer, not {service_type}; "
+                                  "ignored", "nodePort").kept())
+        node_port = None
     return ServicePort(
         # Kubernetes: Service port names are DNS-1123 labels (container port names are IANA names).
         name=item.name("name", DNS1123_LABEL),

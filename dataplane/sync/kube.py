@@ -440,13 +440,9 @@ class _ObjectHandler(_Handler):
 
     def _parse(self, origin: str, obj: dict) -> ObjectSet:
         obj.setdefault("kind", self.resource.kind)  # a list's items carry no kind
-        objects, problems = parse_objects([obj])
-        if problems:
-            for problem in problems:
-                log.error("skipping invalid object from the API server: %s", problem)
-            self.source.errors[origin] = [str(p) for p in problems]
-        else:
-            self.source.errors.pop(origin, None)
+        objects, problems = parse_objects([obj], "the API server")
+        # The one error path (Store.report): logged once per change, counted in dataplane_invalid_objects.
+        self.source.store.report(origin, problems or None)
         return objects
 
     def prepare(self, obj: dict) -> tuple[str, str, Any]:
@@ -474,7 +470,7 @@ class _ObjectHandler(_Handler):
 
     def _withdraw(self, origin: str) -> None:
         self.versions.pop(origin, None)
-        self.source.errors.pop(origin, None)
+        self.source.store.report(origin, None)
         self.source.changed(self.source.store.replace(origin, None))
 
 
@@ -539,7 +535,6 @@ class KubeSource:
         self.node_name = node_name
         self.node: NodeInfo | None = None
         self.on_node = on_node
-        self.errors: dict[str, list[str]] = {}  # origin -> why its object was skipped
         self.synced = asyncio.Event()
         self._clock = clock
         self._last_heard: float | None = None
@@ -548,6 +543,11 @@ class KubeSource:
         self._client: client.ApiClient | None = None
         self._reflectors: list[_Reflector] = []
         self.metrics = KubeMetrics(registry, self.seconds_since_heard)
+
+    @property
+    def errors(self) -> dict[str, list[str]]:
+        """Origin -> why its object was skipped or partly ignored (the store's conflicts included)."""
+        return self.store.problems()
 
     async def connect(self) -> None:
         """Loads the client configuration; raises ValueError when it cannot be loaded. Does no request."""

@@ -2,21 +2,24 @@
 
 Invariant: a file that fails to parse keeps its last good content in the
 store; a bad object inside a good file is skipped alone. Each problem is
-logged once per change, naming the file and the object.
+reported once per change through the store (`Store.report`), naming the file
+and the object. Files are read with limits, and parsed in a child process
+(`reader.py`): a FIFO, a device, a symlink out of the folder, an endless or
+deeply nested file is refused alone and never stalls or crashes the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import os
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterable
 
-import yaml_rs
 import watchfiles
 
 from ..model import ServiceKey, parse_objects
+from .reader import Limits, ParserProcess, Refused
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -34,54 +37,56 @@ def is_manifest(path: Path) -> bool:
     )
 
 
-def read_documents(path: Path) -> list:
-    """All documents in one file; raises ValueError naming the file when it does not parse."""
-    text = path.read_text(encoding="utf-8")
+def read_documents(path: Path, limits: Limits = Limits()) -> list:
+    """All documents in one file, parsed in a child process; raises Refused (a ValueError) naming the file."""
+    parser = ParserProcess(Path(path).absolute().parent, limits)
     try:
-        if path.suffix == ".json":
-            return [json.loads(text)] if text.strip() else []
-        # yaml_rs (Rust) parses 10,000 Services five times faster than PyYAML's C loader.
-        documents = yaml_rs.loads(text)
-        return documents if isinstance(documents, list) else [documents]
-    except (yaml_rs.YAMLDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: does not parse: {error}".replace("\n", " ")) from None
+        ((_, documents),) = parser.read([Path(path).absolute()])
+    finally:
+        parser.close()
+    if isinstance(documents, Refused):
+        raise documents
+    return documents
 
 
 class ManifestSource:
     """Feeds a Store from a file or a directory tree of manifests."""
 
-    def __init__(self, root: Path, store: Store):
+    def __init__(self, root: Path, store: Store, limits: Limits = Limits()):
         # Absolute, because watchfiles reports absolute paths and origins must compare equal.
         self.root = Path(root).absolute()
         self.store = store
-        self.errors: dict[str, list[str]] = {}  # file -> problems seen at its last read
+        self.limits = limits
+        self.parser = ParserProcess(self.root if self.root.is_dir() else self.root.parent, limits)
+        self._read: set[str] = set()  # files read (or refused) at least once, each with an entry in `errors`
         self._stats: dict[str, tuple[int, int, int] | None] = {}  # file -> _stat() at its last read
 
+    @property
+    def errors(self) -> dict[str, list[str]]:
+        """File -> the problems its last read found (and the store's about its objects): what is counted."""
+        found = self.store.problems()
+        return {origin: found.get(origin, []) for origin in self._read} | found
+
     def files(self) -> list[Path]:
-        if self.root.is_file():
+        """Manifest files below the root; a FIFO or device named like one is listed, to be refused by name."""
+        if self.root.is_file() or (self.root.exists() and not self.root.is_dir()):
             return [self.root]
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.rglob("*") if p.is_file() and is_manifest(p.relative_to(self.root)))
+        found = []
+        for directory, subdirectories, names in os.walk(self.root, followlinks=self.limits.allow_links):
+            subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+            for name in names:
+                path = Path(directory, name)
+                if is_manifest(path.relative_to(self.root)):
+                    found.append(path)
+        return sorted(found)
 
     def load(self, path: Path) -> set[ServiceKey]:
         """(Re)reads one file; a missing file withdraws its objects."""
-        origin = str(path)
-        if not path.exists():
-            return self._withdraw(origin)
-        try:
-            self._stats[origin] = _stat(path)
-            documents = read_documents(path)
-        except (ValueError, OSError, UnicodeDecodeError) as error:
-            kept = "keeping its last good content" if origin in self.store.origins else "nothing loaded from it"
-            log.error("%s (%s)", error, kept)
-            self.errors[origin] = [str(error)]
-            return set()
-        objects, problems = parse_objects(documents, origin)
-        for problem in problems:
-            log.error("skipping invalid object: %s", problem)
-        self.errors[origin] = [str(p) for p in problems]
-        return self.store.replace(origin, objects)
+        if not os.path.lexists(path):
+            return self._withdraw(str(path))
+        return self._load_many([path])
 
     def load_all(self, only_changed: bool = False) -> set[ServiceKey]:
         """(Re)reads every file, or with `only_changed` those whose mtime, size or inode moved."""
@@ -89,10 +94,27 @@ class ManifestSource:
         changed: set[ServiceKey] = set()
         for origin in (self.store.origins | set(self._stats)) - present:
             changed |= self._withdraw(origin)
-        for path in sorted(present):
-            if only_changed and self._stats.get(path) == _stat(Path(path)):
+        wanted = [Path(p) for p in sorted(present) if not (only_changed and self._stats.get(p) == _stat(Path(p)))]
+        return changed | self._load_many(wanted)
+
+    def close(self) -> None:
+        self.parser.close()
+
+    def _load_many(self, paths: Iterable[Path]) -> set[ServiceKey]:
+        paths = list(paths)
+        for path in paths:
+            self._stats[str(path)] = _stat(path)
+        changed: set[ServiceKey] = set()
+        for path, documents in self.parser.read(paths):
+            origin = str(path)
+            self._read.add(origin)
+            if isinstance(documents, Refused):
+                kept = "keeping its last good content" if origin in self.store.origins else "nothing loaded from it"
+                self.store.report(origin, [f"{documents} ({kept})"])
                 continue
-            changed |= self.load(Path(path))
+            objects, problems = parse_objects(documents, origin)
+            self.store.report(origin, problems)
+            changed |= self.store.replace(origin, objects)
         return changed
 
     async def watch(self, debounce_ms: int = 50) -> AsyncIterator[set[ServiceKey]]:
@@ -130,7 +152,8 @@ class ManifestSource:
             await asyncio.sleep(0)
 
     def _withdraw(self, origin: str) -> set[ServiceKey]:
-        self.errors.pop(origin, None)
+        self._read.discard(origin)
+        self.store.report(origin, None)
         self._stats.pop(origin, None)
         return self.store.replace(origin, None)
 

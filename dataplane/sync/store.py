@@ -4,6 +4,15 @@ Objects arrive grouped by origin (a file, or one API object); replacing an
 origin's objects rejoins only the Services those objects can affect, which is
 what keeps one change cheap when 10,000 Services exist. Snapshots are values:
 a consumer may hold an old one while the store moves on.
+
+Two Services claiming one address:port (or NodePort) are decided here,
+before any snapshot, by `model.claims` (the older keeps it): a snapshot
+never holds a contested claim twice.
+
+The store is also the one error path: every invalid object or field, from
+any source, is `report`ed by origin, logged once when it appears, and counted
+(`problems()`, which the daemon's `dataplane_invalid_objects` sums), together
+with the conflicts decided here.
 """
 
 from __future__ import annotations
@@ -12,9 +21,15 @@ import logging
 import weakref
 from collections import defaultdict
 
-from ..model import EndpointSlice, ObjectSet, Pod, Service, ServiceKey, ServiceState, Snapshot, join_service
+from typing import Iterable
+
+from ..model import (EndpointSlice, InvalidObject, ObjectSet, Pod, Service, ServiceKey, ServiceState, Snapshot,
+                     join_service)
+from ..model.claims import Claim, claims_of, precedence, without
 
 log = logging.getLogger(__name__)
+
+MAX_PROBLEMS_PER_ORIGIN = 100
 
 
 class Store:
@@ -25,8 +40,14 @@ class Store:
         self._slices: dict[ServiceKey, dict[tuple[str, str], EndpointSlice]] = defaultdict(dict)
         self._legacy: dict[ServiceKey, dict[tuple[str, str], EndpointSlice]] = defaultdict(dict)
         self._pods: dict[str, dict[tuple[str, str], Pod]] = defaultdict(dict)  # by namespace
-        self._states: dict[ServiceKey, ServiceState] = {}
+        self._joined: dict[ServiceKey, ServiceState] = {}  # before conflicts are decided
+        self._states: dict[ServiceKey, ServiceState] = {}  # what snapshots hold
+        self._claims: dict[ServiceKey, dict[Claim, int]] = {}
+        self._claimants: dict[Claim, set[ServiceKey]] = defaultdict(set)
+        self._reported: dict[str, tuple[str, ...]] = {}  # origin -> its problems, as reported
+        self._derived: dict[ServiceKey, tuple[tuple[str, str], ...]] = {}  # conflicts decided here: (origin, problem)
         self._pod_index: dict[tuple[str, str], Pod] = {}
+        self._contested: dict[ServiceKey, set[ServiceKey]] = {}  # Service -> rivals to decide again when it changes
         self._last: weakref.ref[Snapshot] | None = None
         self._changed: set[ServiceKey] = set()
 
@@ -39,9 +60,34 @@ class Store:
         if objects is not None:
             self._origins[origin] = objects
             affected |= self._index(origin, objects, add=True)
-        changed = {key for key in affected if self._rejoin(key)}
+        rejoined = {key for key in affected if self._rejoin(key)}
+        # A second definition of a Service may leave its state as it was, and must still be reported.
+        rejoined |= {key for key in affected if len(self._services.get(key, ())) > 1 or key in self._derived}
+        changed = {key for key in self._contenders(rejoined) if self._resolve(key)}
         self._changed |= changed
         return changed
+
+    def report(self, origin: str, problems: Iterable[InvalidObject | str] | None) -> None:
+        """Records the problems an origin's last read found (None: the origin is gone); logs the new ones."""
+        if problems is None:
+            self._reported.pop(origin, None)
+            return
+        problems = list(problems)
+        if len(problems) > MAX_PROBLEMS_PER_ORIGIN:
+            # A file of a million bad documents must not become a million log lines and strings.
+            more = len(problems) - MAX_PROBLEMS_PER_ORIGIN
+            problems = problems[:MAX_PROBLEMS_PER_ORIGIN] + [f"{origin}: {more} more problems not shown"]
+        messages = tuple(str(problem) for problem in problems)
+        _log_new(problems, self._reported.get(origin, ()))
+        self._reported[origin] = messages
+
+    def problems(self) -> dict[str, list[str]]:
+        """Origin -> every problem reported for it, conflicts decided here included; origins without any left out."""
+        found: dict[str, list[str]] = {origin: list(messages) for origin, messages in self._reported.items() if messages}
+        for entries in self._derived.values():
+            for origin, message in entries:
+                found.setdefault(origin, []).append(message)
+        return found
 
     def snapshot(self) -> Snapshot:
         """The current state; records what changed since the previous snapshot."""
@@ -83,12 +129,12 @@ class Store:
         return affected
 
     def _rejoin(self, key: ServiceKey) -> bool:
+        """Joins one Service again; True when its joined state (before conflicts) changed."""
         definitions = self._services.get(key)
         if not definitions:
             self._services.pop(key, None)
-            return self._states.pop(key, None) is not None
-        if len(definitions) > 1:
-            log.warning("Service %s is defined in %s; using the last", key, ", ".join(sorted(definitions)))
+            self._set_claims(key, {})
+            return self._joined.pop(key, None) is not None
         service = definitions[max(definitions)]
         state = join_service(
             service,
@@ -96,14 +142,92 @@ class Store:
             self._legacy.get(key, {}).values(),
             self._pods.get(key.namespace, {}).values(),
         )
+        if self._joined.get(key) == state:
+            return False
+        self._joined[key] = state
+        self._set_claims(key, claims_of(state))
+        return True
+
+    def _set_claims(self, key: ServiceKey, claims: dict[Claim, int]) -> None:
+        for claim in self._claims.pop(key, {}):
+            holders = self._claimants[claim]
+            holders.discard(key)
+            if not holders:
+                del self._claimants[claim]
+        if claims:
+            self._claims[key] = claims
+            for claim in claims:
+                self._claimants[claim].add(key)
+
+    def _contenders(self, rejoined: set[ServiceKey]) -> set[ServiceKey]:
+        """The rejoined Services and every Service sharing a claim with one of them, now or before."""
+        keys = set(rejoined)
+        for key in rejoined:
+            for claim in self._claims.get(key, ()):
+                holders = self._claimants.get(claim)
+                if holders is not None and len(holders) > 1:
+                    keys |= holders
+            keys |= self._contested.pop(key, set())
+        return keys
+
+    def _resolve(self, key: ServiceKey) -> bool:
+        """Decides the Service's contested claims; True when the state snapshots hold for it changed."""
+        joined = self._joined.get(key)
+        if joined is None:
+            self._derived.pop(key, None)
+            return self._states.pop(key, None) is not None
+        lost: dict[Claim, ServiceKey] = {}
+        rivals: set[ServiceKey] = set()
+        for claim in self._claims.get(key, ()):
+            holders = self._claimants[claim]
+            if len(holders) > 1:
+                rivals |= holders
+                winner = min(holders, key=lambda k: precedence(self._joined[k].service))
+                if winner != key:
+                    lost[claim] = winner
+        rivals.discard(key)
+        for rival in rivals:  # so that when this Service changes, they are decided again
+            self._contested.setdefault(rival, set()).add(key)
+        definitions = self._services[key]
+        origin = max(definitions)
+        derived = [(other, InvalidObject(
+            "Service", str(key), "metadata.name", f"is also defined in {origin}, which is used; this one is ignored",
+            other)) for other in sorted(definitions) if other != origin]
+        state = joined
+        if lost:
+            state, problems = without(joined, lost, origin)
+            derived += [(origin, problem) for problem in problems]
+        self._set_derived(key, tuple(derived))
         if self._states.get(key) == state:
             return False
         self._states[key] = state
         return True
 
+    def _set_derived(self, key: ServiceKey, derived: tuple[tuple[str, InvalidObject], ...]) -> None:
+        before = tuple(message for _, message in self._derived.get(key, ()))
+        entries = tuple((origin, str(problem)) for origin, problem in derived)
+        if entries == self._derived.get(key, ()):
+            return
+        _log_new([problem for _, problem in derived], before)
+        if entries:
+            self._derived[key] = entries
+        else:
+            self._derived.pop(key, None)
 
 def _put(bucket: dict, key: object, value: object, add: bool) -> None:
     if add:
         bucket[key] = value
     else:
         bucket.pop(key, None)
+
+
+def _log_new(problems: Iterable[InvalidObject | str], before: tuple[str, ...]) -> None:
+    for problem in problems:
+        message = str(problem)
+        if message in before:
+            continue
+        if isinstance(problem, InvalidObject):
+            log.error("%s: %s", "skipping invalid object" if problem.skipped else "ignoring part of an object",
+                      message)
+        else:
+            log.error("%s", message)

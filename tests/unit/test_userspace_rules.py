@@ -204,24 +204,38 @@ def test_weight_precedence_ip_then_node_then_zone():
     assert weight_of(rules, "10.0.0.2", "n2", "y") == 1
 
 
-def tables_for(*objects, algorithm="random"):
+def tables_for(*objects, algorithm="random", expect_errors=0):
     store = Store()
     parsed, errors = parse_objects(objects, "x")
-    assert not errors
+    assert len(errors) == expect_errors, errors
     store.replace("x", parsed)
     (state,) = store.snapshot().services.values()
     ids = {}
-    return port_tables(state, lambda e: ids.setdefault(e, len(ids) + 1), algorithm, 4, "node-a")
+    tables, problems = port_tables(state, lambda e: ids.setdefault(e, len(ids) + 1), algorithm, 4, "node-a")
+    return tables, [str(error) for error in errors] + problems
 
 
 def test_algorithm_annotation_and_a_bad_one_named():
     tables, problems = tables_for(service("a", "10.96.0.1", annotations={"dataplane.io/lb-algorithm": "maglev"}),
                                   endpoint_slice("a", "10.244.1.1"))
     assert tables[0].algorithm == "maglev" and not problems
+    # Reported once, when the Service is parsed, as an invalid field; the daemon's default applies.
     tables, problems = tables_for(service("a", "10.96.0.1", annotations={"dataplane.io/lb-algorithm": "fastest"}),
-                                  endpoint_slice("a", "10.244.1.1"), algorithm="least-conn")
+                                  endpoint_slice("a", "10.244.1.1"), algorithm="least-conn", expect_errors=1)
     assert tables[0].algorithm == "least-conn"
-    assert problems and "default/a" in problems[0] and "dataplane.io/lb-algorithm" in problems[0]
+    assert problems == ["x: Service default/a: metadata.annotations[dataplane.io/lb-algorithm]: must be one of "
+                        "random, round-robin, maglev, least-conn, got 'fastest'; the daemon's --lb-algorithm applies"]
+
+
+def test_weights_annotation_reaches_the_targets_and_a_bad_item_is_reported_once():
+    annotations = {"dataplane.io/weights": "10.244.1.1=0, node:node-b=3, pod1=2"}
+    slice_ = {**endpoint_slice("a", "10.244.1.1"), "endpoints": [
+        {"addresses": ["10.244.1.1"], "nodeName": "node-a"}, {"addresses": ["10.244.2.1"], "nodeName": "node-b"},
+        {"addresses": ["10.244.3.1"], "nodeName": "node-c"}]}
+    tables, problems = tables_for(service("a", "10.96.0.1", annotations=annotations), slice_, expect_errors=1)
+    assert [(t.ip, t.weight) for t in tables[0].targets] == [("10.244.1.1", 0), ("10.244.2.1", 3), ("10.244.3.1", 1)]
+    assert problems == ["x: Service default/a: metadata.annotations[dataplane.io/weights]: items must be IP=N, "
+                        "node:NAME=N or zone:NAME=N with N in 0..1000, got 'pod1=2'; those are ignored"]
 
 
 def test_internal_traffic_policy_local_splits_internal_and_external_tables():
