@@ -27,7 +27,7 @@ from ..netlink import addresses, conntrack
 from ..sync.manifests import ManifestSource
 from ..sync.store import Store
 from . import http
-from .healthcheck import HealthCheckServers
+from .healthcheck import HealthCheckServers, ProxyHealth
 from .metrics import Metrics
 from .proxier import Proxier
 from .userspace import UserspaceMode, remove_queue_rules
@@ -55,6 +55,10 @@ class Options:
     queues: int = 1  # userspace: NFQUEUE queues, the kernel spreads flows over them by hash
     lb_algorithm: str = "random"  # userspace: for Services without a dataplane.io/lb-algorithm annotation
     kube: ApiSettings | None = None  # set: the Kubernetes API is the source (`--source kube`), not `source`
+    # kube-proxy's (issue 12): --bind-address as the primary node IP; a bind failure fatal or not; gates
+    primary_ip: str = ""
+    bind_hard_fail: bool = False
+    feature_gates: dict | None = None
 
 
 class Health:
@@ -102,7 +106,7 @@ class Daemon:
     def __init__(self, options: Options, nft: Nftables):
         self.options = options
         self.store = Store()
-        self.metrics = Metrics()
+        self.metrics = Metrics(feature_gates=options.feature_gates)
         if options.kube is not None:
             from ..sync.kube import KubeSource
 
@@ -110,7 +114,12 @@ class Daemon:
                                      registry=self.metrics.registry, on_node=self._node_changed)
         else:
             self.source = ManifestSource(options.source, self.store)
+        if options.kube is not None:
+            self.source.on_endpoint_slice = self.metrics.triggers.record
         self.health = Health()
+        # kube-proxy's /healthz and /livez around Health's verdict (issue 12).
+        self.proxy_health = ProxyHealth(lambda: (self.health.report()[0] == 200, self.health.last_updated),
+                                        self.metrics.healthz, self.metrics.livez)
         self.proxier = Proxier(options.settings, nft)
         self.userspace = None
         if options.proxy_mode == "userspace":
@@ -118,7 +127,7 @@ class Daemon:
             self.proxier.extend = self.userspace.extend
             self.metrics.registry.register(self.userspace.collector())
         self.node_ips: tuple[str, ...] = ()
-        self.health_checks = HealthCheckServers(options.settings.node_name)
+        self.health_checks = HealthCheckServers(options.settings.node_name, healthy=self.proxy_health.healthy)
         self.dns = None if not options.dns_bind else DnsServer(
             options.dns_bind, options.cluster_domain, options.dns_ttl, parse_list(options.dns_upstream) or None
         )
@@ -132,6 +141,8 @@ class Daemon:
         node = getattr(self.source, "node", None)
         if node is not None and node.primary_ip in found:
             primary = node.primary_ip  # the Node object's InternalIP, as kube-proxy takes it
+        if self.options.primary_ip:
+            primary = self.options.primary_ip  # --bind-address overrides it, as in kube-proxy
         ips = select_nodeport_ips(self.options.settings, found, primary)
         if ips == self.node_ips:
             return False
@@ -143,7 +154,7 @@ class Daemon:
 
     def changed(self, what: str) -> None:
         log.debug("change queued: %s", what)
-        self.metrics.last_queued.set_to_current_time()
+        self.metrics.queued()
         self.health.queued()
         self.loop.request()
 
@@ -151,19 +162,21 @@ class Daemon:
         snapshot = self.store.snapshot()
         started_wall, pending_mono = self.health.clock(), self.loop.schedule.pending_since
         started = time.perf_counter()
+        triggers = self.metrics.triggers.checkout()
         try:
             result = await asyncio.to_thread(self.proxier.sync, snapshot, self.node_ips, full)
         except NftError as error:
-            self.metrics.sync_failures.inc()
+            self.metrics.triggers.restore(triggers)
+            self.metrics.sync_failed()
             log.error("sync failed, rules left as they were: %s", error)
             self.health.synced(False, started_wall)
             return False
         elapsed = time.perf_counter() - started
-        self.metrics.sync_duration.observe(elapsed)
-        (self.metrics.full_sync_duration if full else self.metrics.partial_sync_duration).observe(elapsed)
+        self.metrics.synced(elapsed, full, snapshot, self.options.settings.node_name)
+        self.metrics.programmed(triggers)
+        self.metrics.changes.synced(self.store.state, snapshot)
         if pending_mono is not None:
-            self.metrics.programming_latency.observe(time.monotonic() - pending_mono)
-        self.metrics.last_sync.set_to_current_time()
+            self.metrics.change_latency.observe(time.monotonic() - pending_mono)
         self.metrics.services.set(result.services)
         self.metrics.endpoints.set(result.endpoints)
         self.metrics.invalid_objects.set(sum(len(p) for p in self.source.errors.values()))
@@ -179,17 +192,22 @@ class Daemon:
         if self.dns is not None:
             # After the rules are live, so that a name never resolves to a ClusterIP that does not work yet.
             self.dns.publish(snapshot)
-        await self.health_checks.update(snapshot)
+        await self.health_checks.update(snapshot, self.node_ips)
         render, plan, apply = (round(s * 1000, 1) for s in result.seconds)
         log.info(
             "%s sync: %d commands in %.1f ms (render %s, plan %s, apply %s; %d services, %d endpoint entries)",
             "full" if full else "partial", result.commands, elapsed * 1000, render, plan, apply,
             result.services, result.endpoints,
+            extra={"full": full, "commands": result.commands, "ms": round(elapsed * 1000, 1), "render_ms": render,
+                   "plan_ms": plan, "apply_ms": apply, "services": result.services,
+                   "endpoints": result.endpoints},
         )
         if result.stale:
             try:
+                cleared = time.perf_counter()
                 deleted = await asyncio.to_thread(conntrack.clear, list(result.stale))
                 self.metrics.conntrack_deleted.inc(deleted)
+                self.metrics.conntrack_cleared(deleted, time.perf_counter() - cleared, result.stale)
                 log.info("deleted %d stale conntrack entries for %d endpoints", deleted, len(result.stale))
             except Exception as error:  # the rules are live; a cleanup failure must not fail the sync
                 log.warning("conntrack cleanup failed: %s", error)
@@ -197,10 +215,11 @@ class Daemon:
 
     async def _watch_files(self) -> None:
         async for changed in self.source.watch():
-            self.metrics.service_changes.inc(len(changed))
+            self.metrics.changes.changed(changed, self.store.state, self.proxier.synced)
             self.changed(f"{len(changed)} services")
 
     def _node_changed(self, node: NodeInfo | None) -> None:
+        self.proxy_health.sync_node(node)
         asyncio.get_running_loop().create_task(self._refresh_after_node())
 
     async def _refresh_after_node(self) -> None:
@@ -227,10 +246,11 @@ class Daemon:
             await self.userspace.start()
         else:
             await asyncio.to_thread(remove_queue_rules)  # left by a userspace run before this one
-        servers = [
-            await http.serve(self.options.healthz_bind, {"/healthz": self.health.report, "/livez": self.health.report}),
-            await http.serve(self.options.metrics_bind, {"/metrics": self._metrics, "/status": self._status}),
-        ]
+        servers = [server for server in (
+            await self._serve(self.options.healthz_bind, {"/healthz": self.proxy_health.healthz,
+                                                          "/livez": self.proxy_health.livez}),
+            await self._serve(self.options.metrics_bind, {"/metrics": self._metrics, "/status": self._status}),
+        ) if server is not None]
         ready = True
         if self.options.kube is not None:
             # No sync before the first lists are in: an empty store would wipe the rules a
@@ -259,6 +279,19 @@ class Daemon:
             if task is not stopper and task.exception():
                 raise task.exception()
         log.info("stopping; rules stay in place")
+
+    async def _serve(self, bind: str, routes) -> asyncio.AbstractServer | None:
+        """A server on `bind` ("" : off). A bind failure is fatal only with --bind-address-hard-fail (kube-proxy)."""
+        if not bind:
+            return None
+        try:
+            return await http.serve(bind, routes)
+        except OSError as error:
+            if self.options.bind_hard_fail:
+                raise
+            log.error("cannot serve %s on %s: %s (going on without it; --bind-address-hard-fail makes this fatal)",
+                      ", ".join(routes), bind, error)
+            return None
 
     async def _wait_synced(self, watcher: asyncio.Task, stop: asyncio.Event) -> bool:
         """Waits for the source's first lists; False when stopped (or the watcher died) first."""
