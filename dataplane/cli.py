@@ -225,6 +225,7 @@ def apply_config(args: argparse.Namespace, argv: list[str], parser: argparse.Arg
         setattr(args, dest, value)
     if "source" not in given and "source" not in loaded.extension:
         args.source = "kube"  # kube-proxy always reads the API server
+    _configure_logging(args)  # the file may set the format and verbosity
     log.info("config %s: mode %r: kernel mode (nftables)", args.config, loaded.mode)
     for name, why in loaded.ignored:
         log.info("config %s: %s is ignored: %s", args.config, name, why)
@@ -320,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             apply_config(args, argv[1:], parser, log)
-            _configure_logging(args)  # the file may set the format and verbosity
             if args.cleanup:
                 args.command, args.kube_proxy = "cleanup", True
         if args.command == "render":

@@ -28,7 +28,7 @@ from ..sync.manifests import ManifestSource
 from ..sync.store import Store
 from . import http
 from .healthcheck import HealthCheckServers, ProxyHealth
-from .metrics import Metrics
+from .metrics import DnsMetrics, Metrics
 from .proxier import Proxier
 from .userspace import UserspaceMode, remove_queue_rules
 from .schedule import Schedule, SyncLoop
@@ -131,6 +131,8 @@ class Daemon:
         self.dns = None if not options.dns_bind else DnsServer(
             options.dns_bind, options.cluster_domain, options.dns_ttl, parse_list(options.dns_upstream) or None
         )
+        if self.dns is not None:
+            DnsMetrics(self.metrics.registry).attach(self.dns)
         self.loop = SyncLoop(
             Schedule(min_interval=options.min_sync_period, full_interval=options.sync_period), self._sync
         )

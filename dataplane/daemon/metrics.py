@@ -294,3 +294,89 @@ def _service(state):
 
 def _endpoints(state):
     return None if state is None else (state.backends, state.endpoints)
+
+
+# ---- the built-in DNS server's figures
+
+_QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV",
+           41: "OPT", 65: "HTTPS", 255: "ANY"}
+_RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+_DNS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def query_type(wire: bytes) -> str:
+    """The first question's type from a DNS message ("other" when it cannot be read)."""
+    position = 12
+    try:
+        while wire[position]:
+            if wire[position] & 0xC0:
+                return "other"  # a query's question name is never compressed
+            position += wire[position] + 1
+        code = int.from_bytes(wire[position + 1:position + 3], "big")
+    except IndexError:
+        return "other"
+    return _QTYPES.get(code, "other") if len(wire) >= position + 3 else "other"
+
+
+def response_code(wire: bytes) -> str:
+    return _RCODES.get(wire[3] & 0x0F, "other") if len(wire) >= 4 else "other"
+
+
+class DnsMetrics:
+    """Queries by type and rcode, forwarded queries, answer latency, and the server's own event counts.
+
+    `attach(server)` wraps its responder's `handle` and `relay`, the two calls
+    every answer goes through, so the DNS package stays free of Prometheus.
+    """
+
+    def __init__(self, registry: CollectorRegistry):
+        self.queries = Counter("dataplane_dns_queries", "DNS queries answered, by query type and response code",
+                               ["type", "rcode"], registry=registry)
+        self.forwarded = Counter("dataplane_dns_forwarded_queries", "DNS queries forwarded to an upstream resolver",
+                                 registry=registry)
+        self.latency = Histogram("dataplane_dns_answer_duration_seconds",
+                                 "From a DNS query read to its answer built (forwarded ones included)",
+                                 ["forwarded"], registry=registry, buckets=_DNS_BUCKETS)
+        self.events = Gauge("dataplane_dns_server_events", "The DNS server's own counts: udp, tcp, dropped, "
+                            "forward_dropped, tcp_refused, upstream_errors, internal_errors, icmp_errors",
+                            ["event"], registry=registry)
+        self._server = None
+        self._forwards: dict[int, tuple[float, str]] = {}
+        for rcode in ("NOERROR", "NXDOMAIN"):
+            for qtype in ("A", "AAAA", "SRV"):
+                self.queries.labels(qtype, rcode)
+        for forwarded in ("false", "true"):
+            self.latency.labels(forwarded)
+
+    def attach(self, server) -> None:
+        self._server = server
+        responder = server.responder
+        handle, relay = responder.handle, responder.relay
+
+        def timed_handle(wire: bytes, tcp: bool):
+            started = time.perf_counter()
+            command = handle(wire, tcp)
+            reply = getattr(command, "wire", None)
+            if isinstance(reply, bytes):
+                self.queries.labels(query_type(wire), response_code(reply)).inc()
+                self.latency.labels("false").observe(time.perf_counter() - started)
+            elif command is not None:
+                if len(self._forwards) > 10_000:  # forwards dropped before relay never come back
+                    self._forwards.clear()
+                self._forwards[id(command)] = (started, query_type(wire))
+            return command
+
+        def timed_relay(forward, upstream):
+            wire = relay(forward, upstream)
+            started, qtype = self._forwards.pop(id(forward), (None, "other"))
+            self.forwarded.inc()
+            self.queries.labels(qtype, response_code(wire)).inc()
+            if started is not None:
+                self.latency.labels("true").observe(time.perf_counter() - started)
+            return wire
+
+        responder.handle, responder.relay = timed_handle, timed_relay
+        self.events.labels("udp").set_function(lambda: server.stats["udp"])
+        for event in ("tcp", "dropped", "forward_dropped", "tcp_refused", "upstream_errors", "internal_errors",
+                      "icmp_errors"):
+            self.events.labels(event).set_function(lambda event=event: server.stats[event])
