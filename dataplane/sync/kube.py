@@ -216,12 +216,30 @@ async def api_client(settings: ApiSettings) -> client.ApiClient:
             )
         elif not settings.master:
             config.load_incluster_config(client_configuration=configuration)
+        elif settings.master.startswith("https://"):
+            _service_account_credentials(configuration)
     except (ConfigException, OSError) as error:
         where = f"--kubeconfig {settings.kubeconfig}" if settings.kubeconfig else "in-cluster configuration"
         raise ValueError(f"{where}: {error} (give --kubeconfig or --master)") from None
     if settings.master:
         configuration.host = settings.master.rstrip("/")
     return client.ApiClient(configuration)
+
+
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _service_account_credentials(configuration: client.Configuration, folder: str = SERVICE_ACCOUNT) -> None:
+    """--master https://... without --kubeconfig: this Pod's service-account token and CA, when mounted
+    (issue 12: the DaemonSet can then name the control plane instead of the `kubernetes` Service).
+    Never sent to a plain http:// master."""
+    loader = config.incluster_config.InClusterConfigLoader(
+        token_filename=f"{folder}/token", cert_filename=f"{folder}/ca.crt",
+        environ={"KUBERNETES_SERVICE_HOST": "unused", "KUBERNETES_SERVICE_PORT": "443"})
+    try:
+        loader.load_and_set(configuration)
+    except ConfigException:
+        log.info("--master without --kubeconfig and no service account mounted: no credentials")
 
 
 class _Api:
