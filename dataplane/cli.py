@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     render = commands.add_parser("render", parents=[proxy_flags], help="print the ruleset; touches nothing")
     render.add_argument("--node-ips", default=None,
                         help="node addresses to assume, comma-separated (default: this host's)")
-    status = commands.add_parser("status", help="ask the running daemon how it balances (userspace mode)")
+    status = commands.add_parser("status", help="ask the running daemon what it programmed and how it balances")
     status.add_argument("--metrics-bind-address", default="127.0.0.1:10249", help="where the daemon serves /status")
     status.add_argument("--json", action="store_true", help="print the daemon's JSON as it is")
     status.add_argument("-v", "--verbose", action="count", default=0)
@@ -450,7 +450,8 @@ def _status(args: argparse.Namespace) -> int:
 
     from .daemon.userspace import format_status
 
-    host, port = http.split_host_port(args.metrics_bind_address)
+    host, port = http.split_host_port(
+        kpc.bind_address(args.metrics_bind_address, kpc.METRICS_PORT, "metrics-bind-address") or "127.0.0.1:10249")
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/status"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -460,6 +461,10 @@ def _status(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(body, indent=1))
+    elif body.get("mode") == "kernel":
+        from .daemon.status import format_kernel_status
+
+        format_kernel_status(body)
     else:
         format_status(body)
     return 0

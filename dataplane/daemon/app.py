@@ -311,4 +311,17 @@ class Daemon:
         """`dataplane status` reads this: the mode, and in userspace mode each Service port's balancing."""
         if self.userspace is not None:
             return self.userspace.status()
-        return 200, "application/json", (json.dumps({"mode": "kernel", "services": []}) + "\n").encode()
+        from .status import answer, kernel_status
+
+        registry = self.metrics.registry
+        figures = {
+            "services_programmed": int(registry.get_sample_value("dataplane_services_programmed") or 0),
+            "endpoint_entries": int(registry.get_sample_value("dataplane_endpoints_programmed") or 0),
+            "syncs": int(registry.get_sample_value("kubeproxy_sync_proxy_rules_duration_seconds_count",
+                                                   {"ip_family": "IPv4"}) or 0),
+            "sync_failures": int(registry.get_sample_value(
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures_total", {"ip_family": "IPv4"}) or 0),
+            "conntrack_entries_deleted": int(registry.get_sample_value("dataplane_conntrack_entries_deleted_total")
+                                             or 0),
+        }
+        return answer(kernel_status(self.proxier.synced, self.options.settings.node_name, figures))

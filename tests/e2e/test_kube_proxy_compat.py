@@ -129,6 +129,21 @@ def test_kubeadms_config_starts_the_daemon_and_its_fields_take_effect(lab, api, 
     assert any("kernel mode" in e["msg"] for e in entries)
 
 
+def test_status_in_kernel_mode_shows_each_service_port(lab, api, daemon):
+    for obj in web("web", "10.96.6.10"):
+        api.apply(obj)
+    wait_until(lambda: answering(lab, "10.96.6.10") == ALL, timeout=10, what="web serves")
+    done = lab.node.run(dataplane_executable(), "status")
+    assert done.stdout.startswith("mode kernel on node1:")
+    lines = done.stdout.splitlines()
+    at = lines.index("default/web:http/TCP  ClusterIP")
+    assert lines[at + 1].strip() == "addresses  10.96.6.10:80"
+    assert lines[at + 2].strip().startswith("endpoints  3 (3 serving), 3 on this node: 10.244.1.11:80")
+    body = json.loads(lab.node.run(dataplane_executable(), "status", "--json").stdout)
+    (entry,) = [s for s in body["services"] if s["service"] == "default/web:http/TCP"]
+    assert entry["endpoints"] == 3 and body["syncs"] >= 1
+
+
 def test_every_kube_proxy_metric_on_a_live_daemon(lab, api, daemon):
     text = metrics(lab)
     for line in METRICS_LIST.read_text().splitlines():

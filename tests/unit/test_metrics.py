@@ -250,3 +250,21 @@ def test_health_check_node_ports_answer_503_while_the_proxy_is_unhealthy():
         servers.close()
 
     asyncio.run(scenario())
+
+
+def test_kernel_status_lists_each_service_port_with_addresses_and_local_endpoints():
+    from dataplane.daemon.status import format_kernel_status, kernel_status
+
+    state = web(TrafficPolicy.LOCAL, backends=[REMOTE, LOCAL, Backend("10.244.1.2", 8080, serving=False,
+                                                                        node_name="node-a")],
+                type=ServiceType.NODE_PORT)
+    body = kernel_status(Snapshot({state.service.key: state}), "node-a", {"syncs": 3})
+    (entry,) = body["services"]
+    assert entry["addresses"] == ["10.96.0.1:80", "nodes:31000"]
+    assert (entry["endpoints"], entry["serving"], entry["local"]) == (3, 2, ["10.244.1.1:8080"])
+    lines = []
+    format_kernel_status(body, lines.append)
+    assert lines == ["mode kernel on node-a: syncs 3",
+                     "shop/web:http/TCP  NodePort  internalTrafficPolicy Local",
+                     "    addresses  10.96.0.1:80, nodes:31000",
+                     "    endpoints  3 (2 serving), 1 on this node: 10.244.1.1:8080"]
