@@ -108,8 +108,8 @@ def test_the_daemonset_runs_the_kube_source_on_the_host_network_with_net_admin_o
     assert security.get("privileged") is not True
     assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
     assert security["allowPrivilegeEscalation"] is False
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": 10256}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 10256}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": 10256}  # not restarted when draining
     command = container["command"]
     assert command[:2] == ["dataplane", "run"]
     args = _parser().parse_args(command[1:])  # the flags exist and parse
