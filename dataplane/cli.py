@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from .config import NodeSettings, parse_cidrs, select_nodeport_ips
@@ -26,30 +28,23 @@ EXIT_RUNTIME = 5
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+def _figures(record: logging.LogRecord) -> dict:
+    """What a log call passed with `extra=`: the structured figures of the message."""
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS and not k.startswith("_")}
+
+
 class JsonFormatter(logging.Formatter):
     """--logging-format json: one object a line; figures passed with `extra=` are keys of their own."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        import json
+    converter = time.gmtime
 
+    def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
-        entry = {"ts": f"{stamp}.{int(record.msecs):03d}Z" if self.converter is _utc else stamp,
-                 "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
-        for key, value in vars(record).items():
-            if key not in _RECORD_FIELDS and not key.startswith("_"):
-                entry[key] = value
+        entry = {"ts": f"{stamp}.{int(record.msecs):03d}Z", "level": record.levelname.lower(),
+                 "logger": record.name, "msg": record.getMessage(), **_figures(record)}
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
-
-
-def _utc(stamp):
-    import time
-
-    return time.gmtime(stamp)
-
-
-JsonFormatter.converter = staticmethod(_utc)
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -61,7 +56,9 @@ class LogfmtFormatter(logging.Formatter):
             message += " " + self.formatException(record.exc_info).replace("\n", " | ")
         message = message.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
         stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
-        return f'time={stamp}.{int(record.msecs):03d} level={record.levelname.lower()} logger={record.name} msg="{message}"'
+        figures = "".join(f" {key}={json.dumps(value, default=str)}" for key, value in _figures(record).items())
+        return (f'time={stamp}.{int(record.msecs):03d} level={record.levelname.lower()} logger={record.name} '
+                f'msg="{message}"{figures}')
 
 
 def _parser() -> argparse.ArgumentParser:

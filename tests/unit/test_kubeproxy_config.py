@@ -318,3 +318,49 @@ def test_ignored_fields_are_logged_once(caplog):
     lines = [r.getMessage() for r in caplog.records if "winkernel.networkName is ignored" in r.getMessage()]
     assert len(lines) == 1
     assert any("kernel mode" in r.getMessage() and "'nftables'" in r.getMessage() for r in caplog.records)
+
+
+def test_json_logs_carry_the_figures_as_keys_and_text_logs_as_key_value():
+    record = logging.LogRecord("dataplane", logging.INFO, "", 0, "full sync: %d commands", (91,), None)
+    record.commands, record.ms = 91, 12.5
+    entry = json.loads(cli.JsonFormatter().format(record))
+    assert entry["msg"] == "full sync: 91 commands" and entry["commands"] == 91 and entry["ms"] == 12.5
+    assert entry["level"] == "info" and entry["logger"] == "dataplane" and entry["ts"].endswith("Z")
+    line = cli.LogfmtFormatter().format(record)
+    assert line.endswith('msg="full sync: 91 commands" commands=91 ms=12.5')
+
+
+def test_logging_format_and_verbosity_flags_configure_the_root_logger():
+    cli._configure_logging(resolved("--logging-format=json", "--v=4"))
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if getattr(h, "_dataplane", False)]
+    assert len(ours) == 1 and isinstance(ours[0].formatter, cli.JsonFormatter) and root.level == logging.DEBUG
+    cli._configure_logging(resolved())
+    ours = [h for h in root.handlers if getattr(h, "_dataplane", False)]
+    assert len(ours) == 1 and isinstance(ours[0].formatter, cli.LogfmtFormatter) and root.level == logging.INFO
+
+
+def test_node_tuning_writes_only_what_differs_and_warns_where_it_cannot(tmp_path, caplog):
+    netfilter = tmp_path / "net" / "netfilter"
+    netfilter.mkdir(parents=True)
+    (netfilter / "nf_conntrack_tcp_timeout_established").write_text("432000\n")
+    (netfilter / "nf_conntrack_tcp_timeout_close_wait").write_text("3600\n")
+    writes = nodetuning.plan(nodetuning.Conntrack(), cpus=4)  # kube-proxy's defaults
+    assert [w.path.rsplit("/", 1)[1] for w in writes] == [
+        "nf_conntrack_max", "nf_conntrack_tcp_timeout_established", "nf_conntrack_tcp_timeout_close_wait"]
+    assert writes[0].value == 131072  # 32768 x 4 = 131072 = the minimum
+    with caplog.at_level(logging.INFO):
+        warnings = nodetuning.apply(writes, root=tmp_path)
+    assert (netfilter / "nf_conntrack_tcp_timeout_established").read_text() == "86400\n"
+    assert "set sysctl net.netfilter.nf_conntrack_tcp_timeout_established to 86400 (was 432000)" in caplog.text
+    assert "close_wait" not in caplog.text  # already right: not written, not logged
+    assert len(warnings) == 1 and "nf_conntrack_max" in warnings[0]  # missing entry: a warning, not a failure
+    assert nodetuning.plan(nodetuning.Conntrack(max_per_core=0, tcp_established_timeout=0,
+                                                tcp_close_wait_timeout=0), cpus=4) == []
+
+
+def test_oom_score_adj(tmp_path):
+    path = tmp_path / "oom_score_adj"
+    path.write_text("0\n")
+    assert nodetuning.set_oom_score_adj(-999, path) is None and path.read_text() == "-999\n"
+    assert "cannot set" in nodetuning.set_oom_score_adj(5, tmp_path / "missing" / "x")
