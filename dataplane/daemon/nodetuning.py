@@ -32,16 +32,22 @@ class Conntrack:
     udp_stream_timeout: float = 0.0
 
 
+HASHSIZE = "/sys/module/nf_conntrack/parameters/hashsize"
+
+
 @dataclass(frozen=True, slots=True)
 class Write:
-    path: str  # under /proc/sys
+    path: str  # under /proc/sys, or absolute (the conntrack hash size, in /sys)
     value: int
+    only_raise: bool = False  # written only when the current value is smaller
 
 
 def plan(conntrack: Conntrack, cpus: int) -> list[Write]:
     writes = []
     if conntrack.max_per_core > 0:
-        writes.append(Write(f"{NETFILTER}/nf_conntrack_max", max(conntrack.max_per_core * cpus, conntrack.min)))
+        limit = max(conntrack.max_per_core * cpus, conntrack.min)
+        writes.append(Write(f"{NETFILTER}/nf_conntrack_max", limit))
+        writes.append(Write(HASHSIZE, limit // 4, only_raise=True))  # as kube-proxy: buckets for max/4
     for name, seconds in (("nf_conntrack_tcp_timeout_established", conntrack.tcp_established_timeout),
                           ("nf_conntrack_tcp_timeout_close_wait", conntrack.tcp_close_wait_timeout),
                           ("nf_conntrack_udp_timeout", conntrack.udp_timeout),
@@ -53,15 +59,17 @@ def plan(conntrack: Conntrack, cpus: int) -> list[Write]:
     return writes
 
 
-def apply(writes: list[Write], root: Path = Path("/proc/sys")) -> list[str]:
+def apply(writes: list[Write], root: Path = Path("/proc/sys"), sys_root: Path = Path("/")) -> list[str]:
     """Makes the writes that change something; returns the warnings (never raises for a sysctl)."""
     warnings = []
     for write in writes:
-        entry = root / write.path
-        name = write.path.replace("/", ".")
+        absolute = write.path.startswith("/")
+        entry = sys_root / write.path.lstrip("/") if absolute else root / write.path
+        name = write.path if absolute else write.path.replace("/", ".")
         try:
             current = entry.read_text().strip()
-            if current == str(write.value):
+            if current == str(write.value) or (write.only_raise and current.isdigit()
+                                               and int(current) >= write.value):
                 continue
             entry.write_text(f"{write.value}\n")
             log.info("set sysctl %s to %d (was %s)", name, write.value, current,

@@ -181,6 +181,7 @@ def test_every_field_set():
     assert args.oom_score_adj == -500
     assert nodetuning.plan(_conntrack(args), cpus=2) == [
         nodetuning.Write("net/netfilter/nf_conntrack_max", 4096),  # max(1024 x 2, min 4096)
+        nodetuning.Write(nodetuning.HASHSIZE, 1024, only_raise=True),
         nodetuning.Write("net/netfilter/nf_conntrack_tcp_timeout_established", 7200),
         nodetuning.Write("net/netfilter/nf_conntrack_tcp_timeout_close_wait", 1800),
         nodetuning.Write("net/netfilter/nf_conntrack_udp_timeout", 45),
@@ -347,10 +348,14 @@ def test_node_tuning_writes_only_what_differs_and_warns_where_it_cannot(tmp_path
     (netfilter / "nf_conntrack_tcp_timeout_close_wait").write_text("3600\n")
     writes = nodetuning.plan(nodetuning.Conntrack(), cpus=4)  # kube-proxy's defaults
     assert [w.path.rsplit("/", 1)[1] for w in writes] == [
-        "nf_conntrack_max", "nf_conntrack_tcp_timeout_established", "nf_conntrack_tcp_timeout_close_wait"]
+        "nf_conntrack_max", "hashsize", "nf_conntrack_tcp_timeout_established", "nf_conntrack_tcp_timeout_close_wait"]
     assert writes[0].value == 131072  # 32768 x 4 = 131072 = the minimum
+    hashsize = tmp_path / nodetuning.HASHSIZE.lstrip("/")
+    hashsize.parent.mkdir(parents=True)
+    hashsize.write_text("65536\n")  # bigger than 131072 / 4 already: kept
     with caplog.at_level(logging.INFO):
-        warnings = nodetuning.apply(writes, root=tmp_path)
+        warnings = nodetuning.apply(writes, root=tmp_path, sys_root=tmp_path)
+    assert hashsize.read_text() == "65536\n"
     assert (netfilter / "nf_conntrack_tcp_timeout_established").read_text() == "86400\n"
     assert "set sysctl net.netfilter.nf_conntrack_tcp_timeout_established to 86400 (was 432000)" in caplog.text
     assert "close_wait" not in caplog.text  # already right: not written, not logged
