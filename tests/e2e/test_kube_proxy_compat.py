@@ -13,7 +13,7 @@ Address plan
     client          192.168.50.2/24, default route via the node
     node            node1: 192.168.50.1, 10.244.1.1; API server 127.0.0.1:6443; DNS 127.0.0.1:5353
     pods            pod1 10.244.1.11, pod2 10.244.1.12, pod3 10.244.1.13; echo on TCP 80
-    ClusterIPs      10.96.6.10 web, 10.96.6.20 trigger
+    ClusterIPs      10.96.6.10 web, 10.96.6.20 trigger, 10.96.6.30 lb (NodePort 30631, health 32631)
 """
 
 from __future__ import annotations
@@ -214,6 +214,26 @@ def test_a_node_marked_for_deletion_turns_healthz_503_with_traffic_still_flowing
     wait_until(lambda: daemon.health() == 200, timeout=10, what="/healthz 200 once the taint is gone")
     status, body = http_get(lab.node, "127.0.0.1", 10256, "/healthz")
     assert json.loads(body)["nodeEligible"] is True
+
+
+def test_health_check_node_port_on_the_node_addresses(lab, api, daemon):
+    lb = service("lb", "10.96.6.30", [port("http", 80, node_port=30631)], type="LoadBalancer",
+                 externalTrafficPolicy="Local", healthCheckNodePort=32631)
+    api.apply(lb)
+    api.apply(endpoint_slice("lb", sorted(POD_IPS.values()), [("http", 80, "TCP")]))
+
+    def probe():
+        try:
+            return http_get(lab.client, NODE_IP, 32631, "/")
+        except OSError:
+            return None
+
+    wait_until(lambda: probe() is not None, timeout=10, what="healthCheckNodePort 32631 on the node address")
+    status, body = probe()
+    assert status == 200 and json.loads(body) == {"service": {"namespace": "default", "name": "lb"},
+                                                  "localEndpoints": 3, "serviceProxyHealthy": True}
+    with pytest.raises(OSError):  # as kube-proxy's: the node addresses, not every address
+        http_get(lab.node, "127.0.0.1", 32631, "/")
 
 
 def _sample(text: str, name: str) -> float:
