@@ -369,3 +369,84 @@ def test_oom_score_adj(tmp_path):
     path.write_text("0\n")
     assert nodetuning.set_oom_score_adj(-999, path) is None and path.read_text() == "-999\n"
     assert "cannot set" in nodetuning.set_oom_score_adj(5, tmp_path / "missing" / "x")
+
+
+# ---- what reaches the daemon
+
+
+def test_every_honoured_field_reaches_the_daemons_options(monkeypatch):
+    import uvloop
+
+    from dataplane.daemon import app
+
+    started, tuned = [], []
+    monkeypatch.setattr(app, "Daemon", lambda options, nft: started.append(options) or _Runner())
+    monkeypatch.setattr(uvloop, "run", lambda coroutine: coroutine)
+    # Never the host's /proc: the writes are recorded, not made.
+    monkeypatch.setattr(nodetuning, "apply", lambda writes: tuned.append(writes) or [])
+    monkeypatch.setattr(nodetuning, "set_oom_score_adj", lambda value: tuned.append(value))
+    monkeypatch.setattr(nodetuning, "cpu_count", lambda: 2)
+    args = resolved("--config", str(EVERY))
+    args.proxy_mode, args.source = "kernel", "kube"  # the extension's userspace/manifests need more set-up
+    assert cli._run(args, _FakeNft()) == 0
+    (options,) = started
+    assert (options.min_sync_period, options.sync_period) == (0.25, 3600)
+    assert (options.healthz_bind, options.metrics_bind) == ("192.168.60.1:10256", "192.168.60.1:19249")
+    assert options.primary_ip == "192.168.60.1" and options.bind_hard_fail is True
+    assert options.feature_gates == {"KubeProxyNFTablesLocalhostNodePorts": False, "TopologyAwareHints": True}
+    assert options.kube.kubeconfig == "/etc/dataplane/kubeconfig.conf"
+    assert options.settings.masquerade_bit == 1 << 12 and options.settings.masquerade_all
+    assert options.dns_bind == "192.168.60.1:53" and options.cluster_domain == "cluster.example"
+    assert tuned[0] == -500 and tuned[1][0] == nodetuning.Write("net/netfilter/nf_conntrack_max", 4096)
+
+
+class _Runner:
+    def run(self):
+        return None
+
+
+class _FakeNft:
+    backend_name = "fake"
+
+
+def test_bind_address_overrides_the_primary_node_ip(monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    from dataplane.daemon import app
+
+    found = (["192.168.60.1", "192.168.60.2"], "192.168.60.2")
+    monkeypatch.setattr(app.addresses, "node_addresses", lambda: found)
+    settings = NodeSettings(node_name="n", nodeport_primary_only=True)
+
+    def node_ips(primary_ip: str) -> tuple[str, ...]:
+        fake = SimpleNamespace(options=SimpleNamespace(settings=settings, primary_ip=primary_ip), source=None,
+                               node_ips=(), userspace=None)
+        asyncio.run(app.Daemon.refresh_node_ips(fake))
+        return fake.node_ips
+
+    assert node_ips("") == ("192.168.60.2",)
+    assert node_ips("192.168.60.1") == ("192.168.60.1",)
+
+
+def test_bind_address_hard_fail(caplog):
+    import asyncio
+    import socket
+    from types import SimpleNamespace
+
+    from dataplane.daemon import app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bind = f"127.0.0.1:{taken.getsockname()[1]}"
+
+        def serve(hard_fail: bool):
+            fake = SimpleNamespace(options=SimpleNamespace(bind_hard_fail=hard_fail))
+            return asyncio.run(app.Daemon._serve(fake, bind, {"/healthz": lambda: (200, "text/plain", b"")}))
+
+        assert serve(False) is None and "going on without it" in caplog.text
+        with pytest.raises(OSError):
+            serve(True)
+        fake = SimpleNamespace(options=SimpleNamespace(bind_hard_fail=True))
+        assert asyncio.run(app.Daemon._serve(fake, "", {})) is None  # "": that server is off
