@@ -313,15 +313,4 @@ class Daemon:
             return self.userspace.status()
         from .status import answer, kernel_status
 
-        registry = self.metrics.registry
-        figures = {
-            "services_programmed": int(registry.get_sample_value("dataplane_services_programmed") or 0),
-            "endpoint_entries": int(registry.get_sample_value("dataplane_endpoints_programmed") or 0),
-            "syncs": int(registry.get_sample_value("kubeproxy_sync_proxy_rules_duration_seconds_count",
-                                                   {"ip_family": "IPv4"}) or 0),
-            "sync_failures": int(registry.get_sample_value(
-                "kubeproxy_sync_proxy_rules_nftables_sync_failures_total", {"ip_family": "IPv4"}) or 0),
-            "conntrack_entries_deleted": int(registry.get_sample_value("dataplane_conntrack_entries_deleted_total")
-                                             or 0),
-        }
-        return answer(kernel_status(self.proxier.synced, self.options.settings.node_name, figures))
+        return answer(kernel_status(self.proxier.synced, self.options.settings.node_name, self.metrics.figures()))

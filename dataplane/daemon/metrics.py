@@ -164,6 +164,18 @@ class Metrics:
             self.conntrack_reconciler_duration.labels(ip_family).observe(seconds)
         self.conntrack_reconciler_deleted.labels(sorted(families)[0]).inc(deleted)
 
+    def figures(self) -> dict[str, int]:
+        """The daemon-wide counts `dataplane status` shows in kernel mode."""
+        sample = self.registry.get_sample_value
+        ipv4 = {"ip_family": "IPv4"}
+        return {
+            "services_programmed": int(sample("dataplane_services_programmed") or 0),
+            "endpoint_entries": int(sample("dataplane_endpoints_programmed") or 0),
+            "syncs": int(sample("kubeproxy_sync_proxy_rules_duration_seconds_count", ipv4) or 0),
+            "sync_failures": int(sample("kubeproxy_sync_proxy_rules_nftables_sync_failures_total", ipv4) or 0),
+            "conntrack_entries_deleted": int(sample("dataplane_conntrack_entries_deleted_total") or 0),
+        }
+
     def programmed(self, batch: list[tuple[str, float]], now: float | None = None) -> None:
         """The EndpointSlice changes of `batch` ((ip_family, trigger time)) are live now."""
         now = time.time() if now is None else now

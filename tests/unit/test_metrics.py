@@ -268,3 +268,11 @@ def test_kernel_status_lists_each_service_port_with_addresses_and_local_endpoint
                      "shop/web:http/TCP  NodePort  internalTrafficPolicy Local",
                      "    addresses  10.96.0.1:80, nodes:31000",
                      "    endpoints  3 (2 serving), 1 on this node: 10.244.1.1:8080"]
+
+
+def test_figures_for_status():
+    metrics = m.Metrics()
+    metrics.synced(0.01, True, Snapshot(), "node-a")
+    metrics.sync_failed()
+    assert metrics.figures() == {"services_programmed": 0, "endpoint_entries": 0, "syncs": 1, "sync_failures": 1,
+                                 "conntrack_entries_deleted": 0}
