@@ -276,3 +276,39 @@ def test_figures_for_status():
     metrics.sync_failed()
     assert metrics.figures() == {"services_programmed": 0, "endpoint_entries": 0, "syncs": 1, "sync_failures": 1,
                                  "conntrack_entries_deleted": 0}
+
+
+def test_dns_metrics_count_queries_by_type_and_rcode_and_time_them():
+    import collections
+    from types import SimpleNamespace
+
+    import dns.message
+    import dns.rcode
+    from prometheus_client import CollectorRegistry
+
+    query = dns.message.make_query("web.shop.svc.cluster.local", "AAAA")
+    nxdomain = dns.message.make_response(query)
+    nxdomain.set_rcode(dns.rcode.NXDOMAIN)
+    forward = object()
+
+    class Responder:
+        def handle(self, wire, tcp):
+            return SimpleNamespace(wire=nxdomain.to_wire()) if not tcp else forward
+
+        def relay(self, command, upstream):
+            return dns.message.make_response(query).to_wire()
+
+    server = SimpleNamespace(responder=Responder(), stats=collections.Counter(udp=2))
+    registry = CollectorRegistry()
+    m.DnsMetrics(registry).attach(server)
+    server.responder.handle(query.to_wire(), False)
+    command = server.responder.handle(query.to_wire(), True)
+    server.responder.relay(command, None)
+    sample = registry.get_sample_value
+    assert sample("dataplane_dns_queries_total", {"type": "AAAA", "rcode": "NXDOMAIN"}) == 1
+    assert sample("dataplane_dns_queries_total", {"type": "AAAA", "rcode": "NOERROR"}) == 1
+    assert sample("dataplane_dns_forwarded_queries_total") == 1
+    assert sample("dataplane_dns_answer_duration_seconds_count", {"forwarded": "true"}) == 1
+    assert sample("dataplane_dns_answer_duration_seconds_count", {"forwarded": "false"}) == 1
+    assert sample("dataplane_dns_server_events", {"event": "udp"}) == 2
+    assert m.query_type(b"\x00" * 5) == "other" and m.response_code(b"") == "other"
