@@ -89,17 +89,6 @@ def _non_negative(seconds: float, text: str) -> float:
     return seconds
 
 
-def format_duration(seconds: float) -> str:
-    """Seconds as a short Go duration, for logs: 90.0 -> "1m30s"."""
-    if seconds == 0:
-        return "0s"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{int(hours)}h" if hours else "", f"{int(minutes)}m" if minutes else "",
-             f"{secs:g}s" if secs else ""]
-    return "".join(parts)
-
-
 def bind_address(text: str, default_port: int, what: str) -> str:
     """kube-proxy's IP:port spelling -> "HOST:PORT", or "" (server off).
 
@@ -452,7 +441,7 @@ def _describe(value: Any) -> str:
 def _is_zero(value: Any) -> bool:
     if isinstance(value, dict):
         return all(_is_zero(v) for v in value.values())
-    return value in (None, "", False, 0, [], "0s", "0") and not (value is True)
+    return value is None or value is False or value in ("", 0, [], "0s", "0")
 
 
 def _near(key: str, schema: dict) -> str:
