@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Iterable
 
-from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter,
-                               Gauge, Histogram, disable_created_metrics)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
     from ..model import ServiceKey, ServiceState, Snapshot
 
 disable_created_metrics()  # kube-proxy exposes no *_created series
-del GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR  # ours register on our own registry
 
 KUBE_PROXY_VERSION = "v1.34"  # the kube-proxy release whose metric names, labels and buckets these are
 IP_FAMILIES = ("IPv4", "IPv6")
@@ -53,7 +51,7 @@ class Metrics:
     def __init__(self, build_version: str = "", feature_gates: dict[str, bool] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        ProcessCollector(registry=r)
+        ProcessCollector(registry=r)  # the standard process_* and python_* families, on our own registry
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         family = ["ip_family"]

@@ -312,3 +312,36 @@ def test_dns_metrics_count_queries_by_type_and_rcode_and_time_them():
     assert sample("dataplane_dns_answer_duration_seconds_count", {"forwarded": "false"}) == 1
     assert sample("dataplane_dns_server_events", {"event": "udp"}) == 2
     assert m.query_type(b"\x00" * 5) == "other" and m.response_code(b"") == "other"
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dataplane.json"
+
+
+def test_the_grafana_dashboard_is_importable_and_queries_only_exported_metrics():
+    """The unit half of the check (the e2e half scrapes a live daemon): names and grouping labels."""
+    import re
+
+    from dataplane.sync.kube import KubeMetrics
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 30
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "job", "instance"}
+    metrics = m.Metrics()
+    m.DnsMetrics(metrics.registry)
+    kube = KubeMetrics(metrics.registry, lambda: 0.0)
+    kube.events.labels("Service", "ADDED").inc()
+    names: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            names.setdefault(sample.name, set()).update(sample.labels)
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for name in re.findall(r"\b((?:kubeproxy|dataplane|process|python|kubernetes)_\w+)", expr):
+                assert name in names, f"{name} in {panel['title']!r}"
+                for group in re.findall(r"by \(([^)]*)\)", expr):
+                    wanted = {label.strip() for label in group.split(",")} - {"le", "instance", "job"}
+                    assert wanted <= names[name] | {"le"}, f"{expr}: {wanted - names[name]}"
