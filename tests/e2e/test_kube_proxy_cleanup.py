@@ -86,7 +86,8 @@ def saved(ns: Netns, tool: str) -> str:
     return ns.run(f"{tool}-save").stdout
 
 
-@pytest.mark.parametrize("spelling", [["cleanup", "--kube-proxy"], ["cleanup", "--cleanup"], ["--cleanup"]])
+@pytest.mark.parametrize("spelling", [["cleanup", "--kube-proxy"], ["cleanup", "--cleanup"], ["--cleanup"],
+                                      ["run", "--cleanup"]])
 def test_cleanup_removes_kube_proxys_leftovers_and_nothing_else(ns, spelling):
     ns.nft(NFT_LEFTOVERS)
     for tool, script in IPTABLES_LEFTOVERS.items():
