@@ -316,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args)
     log = logging.getLogger("dataplane")
     try:
-        if args.command == "run":
+        if args.command in ("run", "render"):
             apply_config(args, argv[1:], parser, log)
+        if args.command == "run":
             if args.cleanup:
                 args.command, args.kube_proxy = "cleanup", True
         if args.command == "render":
@@ -400,7 +401,8 @@ def _proxy_mode(text: str) -> str:
 def api_settings(args: argparse.Namespace):
     """ApiSettings for `--source kube`, None for manifests; raises ValueError for API flags without it."""
     if args.source != "kube":
-        if args.kubeconfig or args.master:
+        # (A config file's clientConnection.kubeconfig is simply unused with a manifest source.)
+        if args.master or (args.kubeconfig and not getattr(args, "config", "")):
             raise ValueError("--kubeconfig and --master need --source kube")
         return None
     from .sync.kube import ApiSettings

@@ -450,3 +450,11 @@ def test_bind_address_hard_fail(caplog):
             serve(True)
         fake = SimpleNamespace(options=SimpleNamespace(bind_hard_fail=True))
         assert asyncio.run(app.Daemon._serve(fake, "", {})) is None  # "": that server is off
+
+
+def test_render_takes_the_config_file_too(capsys):
+    assert cli.main(["render", "--config", str(EVERY), "--source", str(ROOT / "examples"),
+                     "--node-ips", "192.168.60.1"]) == 0
+    out = capsys.readouterr().out
+    assert "meta mark set meta mark | 0x1000" in out  # nftables.masqueradeBit 12
+    assert "# userspace mode" in out  # the extension document's proxyMode
