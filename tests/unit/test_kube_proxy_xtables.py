@@ -50,3 +50,15 @@ def test_plan_deletes_foreign_jumps_then_flushes_and_deletes_its_chains():
     ]
     assert plan("filter", SAVED).chains == ("KUBE-FORWARD",)
     assert not plan("mangle", SAVED)
+
+
+def test_ipvs_is_probed_and_reported_not_removed(tmp_path):
+    from dataplane.daemon.kubeproxy_cleanup import ipvs_probe
+
+    assert "not in this kernel" in ipvs_probe(tmp_path)
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "ip_vs").write_text(
+        "IP Virtual Server version 1.2.1 (size=4096)\nProt LocalAddress:Port Scheduler Flags\n"
+        "  -> RemoteAddress:Port Forward Weight ActiveConn InActConn\nTCP  0A600001:01BB rr\n"
+        "  -> 0AF4010B:192B      Masq    1      0          0\n")
+    assert "present with 1 virtual servers; not removed" in ipvs_probe(tmp_path)
