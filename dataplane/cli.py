@@ -166,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     cleanup.add_argument("-v", "--verbose", action="count", default=0)
     cleanup.add_argument("--kube-proxy", "--cleanup", dest="kube_proxy", action="store_true",
                          help="also remove what kube-proxy left: its nftables tables, iptables KUBE-* chains")
+    # `kube-proxy --cleanup --config FILE --v=2` spelled for us: the file and verbosity change nothing to clean.
+    cleanup.add_argument("--config", default="", help=argparse.SUPPRESS)
+    cleanup.add_argument("--v", dest="v", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
 
