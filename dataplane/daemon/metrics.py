@@ -197,8 +197,11 @@ def no_local_endpoints(snapshot: "Snapshot", node_name: str) -> dict[tuple[str, 
     externalTrafficPolicy Local Service that has external addresses or NodePorts.
     """
     counts = {(f, p): 0 for f in IP_FAMILIES for p in ("internal", "external")}
+    local = TrafficPolicy.LOCAL
     for state in snapshot.services.values():
         service = state.service
+        if service.internal_traffic_policy is not local and service.external_traffic_policy is not local:
+            continue  # most Services: kept cheap, this runs after every sync
         external = (service.type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER)
                     or bool(service.external_ips_all))
         for ip in service.cluster_ips:
