@@ -30,8 +30,8 @@ from ..sync.manifests import ManifestSource
 from ..sync.reader import Limits
 from ..sync.store import Store
 from . import http, status
-from .healthcheck import HealthCheckServers
-from .metrics import Metrics
+from .healthcheck import HealthCheckServers, ProxyHealth
+from .metrics import DnsMetrics, Metrics
 from .proxier import Proxier, SyncResult
 from .userspace import UserspaceMode, remove_queue_rules
 from .userspace_metrics import UserspaceCollector
@@ -60,6 +60,10 @@ class Options:
     lb_algorithm: str = "random"  # userspace: for Services without a dataplane.io/lb-algorithm annotation
     kube: ApiSettings | None = None  # set: the Kubernetes API is the source (`--source kube`), not `source`
     allow_links: bool = False  # follow symlinks out of the manifest folder (`--allow-links`)
+    # kube-proxy's (issue 12): --bind-address as the primary node IP; a bind failure fatal or not; gates
+    primary_ip: str = ""
+    bind_hard_fail: bool = False
+    feature_gates: dict | None = None
 
 
 class Health:
@@ -80,6 +84,11 @@ class Health:
         schedule, now = self.schedule, self.clock()
         overdue = schedule.pending_since is not None and now - schedule.pending_since > self.stale_after
         return schedule.last_ok is not None and not schedule.failed and not overdue
+
+    def last_updated(self) -> float | None:
+        """Wall time of the last sync that succeeded, or None."""
+        last = self.schedule.last_ok
+        return None if last is None else self.wall() - (self.clock() - last)
 
     def report(self) -> tuple[int, str, bytes]:
         now, wall = self.clock(), self.wall()
@@ -107,7 +116,7 @@ class Daemon:
     def __init__(self, options: Options, nft: Nftables, userspace: UserspaceMode | None = None):
         self.options = options
         self.store = Store()
-        self.metrics = Metrics()
+        self.metrics = Metrics(feature_gates=options.feature_gates)
         if options.kube is not None:
             from ..sync.kube import KubeSource
 
@@ -115,6 +124,8 @@ class Daemon:
                                      registry=self.metrics.registry, on_node=self._node_changed)
         else:
             self.source = ManifestSource(options.source, self.store, Limits(allow_links=options.allow_links))
+        if options.kube is not None:
+            self.source.on_endpoint_slice = self.metrics.triggers.record
         self.proxier = Proxier(options.settings, nft)
         if userspace is None and options.proxy_mode == "userspace":
             userspace = UserspaceMode(options.settings, nft, options.queues, options.lb_algorithm)
@@ -123,15 +134,20 @@ class Daemon:
             self.proxier.extend = userspace.extend
             self.metrics.registry.register(UserspaceCollector(userspace))
         self.node_ips: tuple[str, ...] = ()
-        self.health_checks = HealthCheckServers(options.settings.node_name)
+        self.health_checks = HealthCheckServers(options.settings.node_name, healthy=lambda: self.health.healthy())
         self.dns = None if not options.dns_bind else DnsServer(
             options.dns_bind, options.cluster_domain, options.dns_ttl, parse_list(options.dns_upstream) or None
         )
+        if self.dns is not None:
+            DnsMetrics(self.metrics.registry).attach(self.dns)
         self.loop = SyncLoop(
             Schedule(min_interval=options.min_sync_period, full_interval=options.sync_period), self._sync,
             failed=self._sync_failed,
         )
         self.health = Health(self.loop.schedule, clock=self.loop.clock)
+        # kube-proxy's /healthz and /livez around Health's verdict (issue 12).
+        self.proxy_health = ProxyHealth(lambda: (self.health.healthy(), self.health.last_updated()),
+                                        self.metrics.healthz, self.metrics.livez)
 
     async def refresh_node_ips(self) -> bool:
         # pyroute2 runs an event loop of its own: keep it off ours.
@@ -139,6 +155,8 @@ class Daemon:
         node = getattr(self.source, "node", None)
         if node is not None and node.primary_ip in found:
             primary = node.primary_ip  # the Node object's InternalIP, as kube-proxy takes it
+        if self.options.primary_ip:
+            primary = self.options.primary_ip  # --bind-address overrides it, as in kube-proxy
         ips = select_nodeport_ips(self.options.settings, found, primary)
         if ips == self.node_ips:
             return False
@@ -150,7 +168,7 @@ class Daemon:
 
     def changed(self, what: str) -> None:
         log.debug("change queued: %s", what)
-        self.metrics.last_queued.set_to_current_time()
+        self.metrics.queued()
         self.loop.request()
 
     async def _sync(self, full: bool) -> None:
@@ -158,13 +176,18 @@ class Daemon:
         snapshot = self.store.snapshot()
         pending_mono = self.loop.schedule.pending_since
         started = time.perf_counter()
-        result = await asyncio.to_thread(self._program, snapshot, full)
+        triggers = self.metrics.triggers.checkout()
+        try:
+            result = await asyncio.to_thread(self._program, snapshot, full)
+        except BaseException:
+            self.metrics.triggers.restore(triggers)  # still owed: measured when a later sync programs them
+            raise
         elapsed = time.perf_counter() - started
-        self.metrics.sync_duration.observe(elapsed)
-        (self.metrics.full_sync_duration if full else self.metrics.partial_sync_duration).observe(elapsed)
+        self.metrics.synced(elapsed, full, snapshot, self.options.settings.node_name)
+        self.metrics.programmed(triggers)
+        self.metrics.changes.synced(self.store.state, snapshot)
         if pending_mono is not None:
-            self.metrics.programming_latency.observe(self.loop.clock() - pending_mono)
-        self.metrics.last_sync.set_to_current_time()
+            self.metrics.change_latency.observe(self.loop.clock() - pending_mono)
         self.metrics.services.set(result.services)
         self.metrics.endpoints.set(result.endpoints)
         self.metrics.invalid_objects.set(sum(len(p) for p in self.source.errors.values()))
@@ -178,17 +201,22 @@ class Daemon:
         if self.dns is not None:
             # After the rules are live, so that a name never resolves to a ClusterIP that does not work yet.
             self.dns.publish(snapshot)
-        await self.health_checks.update(snapshot)
+        await self.health_checks.update(snapshot, self.node_ips)
         render, plan, apply = (round(s * 1000, 1) for s in result.seconds)
         log.info(
             "%s sync: %d commands in %.1f ms (render %s, plan %s, apply %s; %d services, %d endpoint entries)",
             "full" if full else "partial", result.commands, elapsed * 1000, render, plan, apply,
             result.services, result.endpoints,
+            extra={"full": full, "commands": result.commands, "ms": round(elapsed * 1000, 1), "render_ms": render,
+                   "plan_ms": plan, "apply_ms": apply, "services": result.services,
+                   "endpoints": result.endpoints},
         )
         if result.stale:
             try:
+                cleared = time.perf_counter()
                 deleted = await asyncio.to_thread(conntrack.clear, list(result.stale))
                 self.metrics.conntrack_deleted.inc(deleted)
+                self.metrics.conntrack_cleared(deleted, time.perf_counter() - cleared, result.stale)
                 log.info("deleted %d stale conntrack entries for %d endpoints", deleted, len(result.stale))
             except Exception as error:  # the rules are live; a cleanup failure must not fail the sync
                 log.warning("conntrack cleanup failed: %s", error)
@@ -204,7 +232,7 @@ class Daemon:
 
     def _sync_failed(self, error: Exception) -> None:
         """Every failed sync, whatever raised: counted, logged; health is 503 from the schedule until one succeeds."""
-        self.metrics.sync_failures.inc()
+        self.metrics.sync_failed()
         if isinstance(error, (NftError, XtablesError, OverflowError)):
             log.error("sync failed, a full sync follows: %s", error)
         else:  # a bug: its traceback is what it takes to fix it
@@ -212,10 +240,11 @@ class Daemon:
 
     async def _watch_files(self) -> None:
         async for changed in self.source.watch():
-            self.metrics.service_changes.inc(len(changed))
+            self.metrics.changes.changed(changed, self.store.state, self.proxier.synced)
             self.changed(f"{len(changed)} services")
 
     def _node_changed(self, node: NodeInfo | None) -> None:
+        self.proxy_health.sync_node(node)
         asyncio.get_running_loop().create_task(self._refresh_after_node())
 
     async def _refresh_after_node(self) -> None:
@@ -242,10 +271,11 @@ class Daemon:
             await self.userspace.start()
         else:
             await asyncio.to_thread(remove_queue_rules)  # left by a userspace run before this one
-        servers = [
-            await http.serve(self.options.healthz_bind, {"/healthz": self.health.report, "/livez": self.health.report}),
-            await http.serve(self.options.metrics_bind, {"/metrics": self._metrics, "/status": self._status}),
-        ]
+        servers = [server for server in (
+            await self._serve(self.options.healthz_bind, {"/healthz": self.proxy_health.healthz,
+                                                          "/livez": self.proxy_health.livez}),
+            await self._serve(self.options.metrics_bind, {"/metrics": self._metrics, "/status": self._status}),
+        ) if server is not None]
         ready = True
         if self.options.kube is not None:
             # No sync before the first lists are in: an empty store would wipe the rules a
@@ -275,6 +305,19 @@ class Daemon:
                 raise task.exception()
         log.info("stopping; rules stay in place")
 
+    async def _serve(self, bind: str, routes) -> asyncio.AbstractServer | None:
+        """A server on `bind` ("" : off). A bind failure is fatal only with --bind-address-hard-fail (kube-proxy)."""
+        if not bind:
+            return None
+        try:
+            return await http.serve(bind, routes)
+        except OSError as error:
+            if self.options.bind_hard_fail:
+                raise
+            log.error("cannot serve %s on %s: %s (going on without it; --bind-address-hard-fail makes this fatal)",
+                      ", ".join(routes), bind, error)
+            return None
+
     async def _wait_synced(self, watcher: asyncio.Task, stop: asyncio.Event) -> bool:
         """Waits for the source's first lists; False when stopped (or the watcher died) first."""
         synced = asyncio.create_task(self.source.synced.wait())
@@ -293,4 +336,6 @@ class Daemon:
         """`dataplane status` reads this: the mode, and in userspace mode each Service port's balancing."""
         if self.userspace is not None:
             await self.userspace.refresh_counters()
-        return 200, "application/json", (json.dumps(status.body(self.userspace), indent=1) + "\n").encode()
+            return 200, "application/json", (json.dumps(status.body(self.userspace), indent=1) + "\n").encode()
+        return status.answer(status.kernel_status(self.proxier.synced, self.options.settings.node_name,
+                                                  self.metrics.figures()))

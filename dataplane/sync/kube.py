@@ -104,6 +104,13 @@ class NodeInfo:
     name: str
     addresses: tuple[tuple[str, str], ...] = ()  # (type, address): InternalIP, ExternalIP, Hostname
     labels: tuple[tuple[str, str], ...] = ()
+    deleting: bool = False  # metadata.deletionTimestamp is set
+    taints: tuple[str, ...] = ()  # spec.taints' keys
+
+    @property
+    def eligible(self) -> bool:
+        """kube-proxy's node eligibility: not being deleted, not marked ToBeDeletedByClusterAutoscaler."""
+        return not self.deleting and "ToBeDeletedByClusterAutoscaler" not in self.taints
 
     @property
     def ips(self) -> tuple[str, ...]:
@@ -134,10 +141,14 @@ def parse_node(obj: dict[str, Any]) -> NodeInfo:
         if isinstance(item, dict) and isinstance(item.get("type"), str) and isinstance(item.get("address"), str):
             addresses.append((item["type"], item["address"]))
     labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
+    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    taints = [t["key"] for t in spec.get("taints") or () if isinstance(t, dict) and isinstance(t.get("key"), str)]
     return NodeInfo(
         str(meta.get("name") or ""),
         tuple(addresses),
         tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+        deleting=bool(meta.get("deletionTimestamp")),
+        taints=tuple(sorted(set(taints))),
     )
 
 
@@ -205,12 +216,30 @@ async def api_client(settings: ApiSettings) -> client.ApiClient:
             )
         elif not settings.master:
             config.load_incluster_config(client_configuration=configuration)
+        elif settings.master.startswith("https://"):
+            _service_account_credentials(configuration)
     except (ConfigException, OSError) as error:
         where = f"--kubeconfig {settings.kubeconfig}" if settings.kubeconfig else "in-cluster configuration"
         raise ValueError(f"{where}: {error} (give --kubeconfig or --master)") from None
     if settings.master:
         configuration.host = settings.master.rstrip("/")
     return client.ApiClient(configuration)
+
+
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _service_account_credentials(configuration: client.Configuration, folder: str = SERVICE_ACCOUNT) -> None:
+    """--master https://... without --kubeconfig: this Pod's service-account token and CA, when mounted
+    (issue 12: the DaemonSet can then name the control plane instead of the `kubernetes` Service).
+    Never sent to a plain http:// master."""
+    loader = config.incluster_config.InClusterConfigLoader(
+        token_filename=f"{folder}/token", cert_filename=f"{folder}/ca.crt",
+        environ={"KUBERNETES_SERVICE_HOST": "unused", "KUBERNETES_SERVICE_PORT": "443"})
+    try:
+        loader.load_and_set(configuration)
+    except ConfigException:
+        log.info("--master without --kubeconfig and no service account mounted: no credentials")
 
 
 class _Api:
@@ -464,6 +493,8 @@ class _ObjectHandler(_Handler):
         origin, version = self._identify(obj)
         self.versions[origin] = version
         self.source.changed(self.source.store.replace(origin, self._parse(origin, obj)))
+        if self.resource is ENDPOINT_SLICES and self.source.on_endpoint_slice is not None:
+            self.source.on_endpoint_slice(obj)  # its last-change-trigger-time (network programming latency)
 
     def delete(self, obj: dict) -> None:
         self._withdraw(self._identify(obj)[0])
@@ -535,6 +566,7 @@ class KubeSource:
         self.node_name = node_name
         self.node: NodeInfo | None = None
         self.on_node = on_node
+        self.on_endpoint_slice: Callable[[dict], None] | None = None  # each EndpointSlice event, raw
         self.synced = asyncio.Event()
         self._clock = clock
         self._last_heard: float | None = None
@@ -577,8 +609,9 @@ class KubeSource:
             return
         self.node = node
         if node is not None:
-            log.info("Node %s: addresses %s, zone %s", node.name,
-                     ", ".join(f"{t}={a}" for t, a in node.addresses) or "none", node.zone or "none")
+            log.info("Node %s: addresses %s, zone %s%s", node.name,
+                     ", ".join(f"{t}={a}" for t, a in node.addresses) or "none", node.zone or "none",
+                     "" if node.eligible else " (being deleted or marked ToBeDeletedByClusterAutoscaler)")
         if self.on_node is not None:
             self.on_node(node)
 

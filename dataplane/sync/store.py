@@ -102,6 +102,10 @@ class Store:
         self._changed = set()
         return snapshot
 
+    def state(self, key: ServiceKey) -> ServiceState | None:
+        """A Service's joined state now (None: no such Service), without taking a snapshot."""
+        return self._states.get(key)
+
     @property
     def origins(self) -> frozenset[str]:
         return frozenset(self._origins)

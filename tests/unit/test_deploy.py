@@ -40,6 +40,7 @@ def one(kind: str) -> dict:
 
 
 REQUIRED = {
+    "ConfigMap": ("v1", ["metadata.name", "metadata.namespace", "data"]),
     "ServiceAccount": ("v1", ["metadata.name", "metadata.namespace"]),
     "ClusterRole": ("rbac.authorization.k8s.io/v1", ["metadata.name", "rules"]),
     "ClusterRoleBinding": ("rbac.authorization.k8s.io/v1", ["metadata.name", "roleRef.kind", "roleRef.name",
@@ -107,15 +108,15 @@ def test_the_daemonset_runs_the_kube_source_on_the_host_network_with_net_admin_o
     assert security.get("privileged") is not True
     assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
     assert security["allowPrivilegeEscalation"] is False
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": 10256}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 10256}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": 10256}  # not restarted when draining
     command = container["command"]
     assert command[:2] == ["dataplane", "run"]
     args = _parser().parse_args(command[1:])  # the flags exist and parse
-    assert args.source == "kube" and args.hostname_override == "$(NODE_NAME)"
+    assert args.config == "/var/lib/dataplane/config.conf" and args.hostname_override == "$(NODE_NAME)"
     env = {e["name"]: e for e in container["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
-    assert args.healthz_bind_address.endswith(":10256")
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
 
 
 def test_the_containerfile_installs_the_project_and_the_nftables_library():
@@ -145,3 +146,58 @@ def test_systemd_analyze_verifies_the_unit(tmp_path):
     done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "dataplane.service" not in done.stderr, done.stderr  # no warning about our unit
+
+
+# ---- issue 12: the ConfigMap, the mounts, and a schema validation of every manifest
+
+
+def _mounts(container: dict) -> dict[str, str]:
+    return {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+
+
+def test_the_daemonset_mounts_its_config_map_and_the_xtables_lock():
+    spec = one("DaemonSet")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = _mounts(container)
+    assert volumes["config"]["configMap"]["name"] == one("ConfigMap")["metadata"]["name"]
+    assert mounts["config"] == "/var/lib/dataplane"
+    assert volumes["xtables-lock"]["hostPath"] == {"path": "/run/xtables.lock", "type": "FileOrCreate"}
+    assert mounts["xtables-lock"] == "/run/xtables.lock"
+
+
+def test_the_config_maps_config_reads_as_the_daemonset_runs_it(tmp_path):
+    from dataplane import cli
+
+    data = one("ConfigMap")["data"]
+    for key, text in data.items():
+        (tmp_path / key).write_text(text)
+    command = one("DaemonSet")["spec"]["template"]["spec"]["containers"][0]["command"]
+    argv = [a.replace("/var/lib/dataplane", str(tmp_path)) for a in command[1:]]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    cli.apply_config(args, argv[1:], parser, __import__("logging").getLogger("test"))
+    assert args.source == "kube" and args.proxy_mode == "kernel"
+    assert args.kubeconfig == "/var/lib/dataplane/kubeconfig.conf"  # where the DaemonSet mounts it
+    assert cli.bind_addresses(args) == ("0.0.0.0:10256", "127.0.0.1:10249")
+    kubeconfig = yaml.safe_load(data["kubeconfig.conf"])
+    (cluster,) = kubeconfig["clusters"]
+    assert cluster["cluster"]["server"].startswith("https://")
+    assert "kubernetes.default" not in cluster["cluster"]["server"], "not through the Service we program"
+    assert cluster["cluster"]["certificate-authority"].startswith("/var/run/secrets/kubernetes.io/serviceaccount/")
+    assert kubeconfig["users"][0]["user"]["tokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+
+@pytest.mark.parametrize("document", documents(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_every_manifest_validates_against_the_kubernetes_schema(document):
+    kubernetes_validate.validate(document, "1.31", strict=True)  # raises ValidationError naming the field
+
+
+def test_the_validator_catches_a_wrong_field():
+    daemonset = one("DaemonSet")
+    daemonset["spec"]["template"]["spec"]["nodeSelectr"] = {"kubernetes.io/os": "linux"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, "1.31", strict=True)
