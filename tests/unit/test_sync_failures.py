@@ -65,7 +65,10 @@ def change(daemon: Daemon, manifests: ManifestDir) -> None:
 
 
 def failures(daemon: Daemon) -> float:
-    return daemon.metrics.registry.get_sample_value(FAILURES) or 0.0
+    """Failures counted, as kube-proxy counts them: once per sync in each IP family's series."""
+    counts = {daemon.metrics.registry.get_sample_value(FAILURES, {"ip_family": f}) or 0.0 for f in ("IPv4", "IPv6")}
+    assert len(counts) == 1, "both families count every failed sync"
+    return counts.pop()
 
 
 async def sync(daemon: Daemon, full: bool | None = None) -> bool:
