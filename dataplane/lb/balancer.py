@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple
 
 from ..marks import KEEP_MASK, mark_for
-from ..packet import Flow, parse
+from ..packet import Flow, PacketQueued, parse
 from . import maglev
 from .policy import PortTable, Target, packed
 
@@ -44,13 +44,6 @@ _PORTS = struct.Struct("!HH").pack
 
 
 # -- events ---------------------------------------------------------------------------------------
-
-class PacketQueued(NamedTuple):
-    queue: int
-    packet_id: int
-    mark: int
-    payload: bytes
-
 
 @dataclass(frozen=True, slots=True)
 class PacketsQueued:
@@ -148,6 +141,7 @@ class PortState:
     sequence: list[int] = field(default_factory=list)  # round-robin: target indices, weighted and interleaved
     cursor: int = 0
     position: dict = field(default_factory=dict)  # target id -> index into targets
+    by_address: dict = field(default_factory=dict)  # (packed ip, port) -> target id, for conntrack's reply tuples
     maglev: list[int] = field(default_factory=list)  # slot -> index into maglev_ids
     maglev_ids: tuple[int, ...] = ()  # the target ids the table was built for
     generation: int = 0
@@ -167,6 +161,7 @@ class PortState:
         self.targets = weighted or table.targets
         self.marks = [mark_for(t.id) for t in self.targets]
         self.position = {t.id: i for i, t in enumerate(self.targets)}
+        self.by_address = {(packed(t.ip), t.port): t.id for t in self.targets}
         weights = [max(t.weight, 1) for t in self.targets] if weighted else [1] * len(self.targets)
         total, self.cumulative = 0, []
         for weight in weights:
@@ -379,12 +374,10 @@ class Balancer:
             port = self.nodeports.get((flow.protocol, flow.dport))
         if port is None or port.table.algorithm != "least-conn":
             return
-        ip, port_number = event.endpoint
-        for target in port.targets:
-            if target.port == port_number and _packed(target.ip) == ip:
-                port.active[target.id] = port.active.get(target.id, 0) + 1
-                self.flows[event.flow_id] = (port, target.id)
-                return
+        target_id = port.by_address.get(event.endpoint)
+        if target_id is not None:
+            port.active[target_id] = port.active.get(target_id, 0) + 1
+            self.flows[event.flow_id] = (port, target_id)
 
     def _tick(self) -> list:
         now = self.now
@@ -419,12 +412,3 @@ class Balancer:
             })
         return out
 
-
-_packed_cache: dict[str, bytes] = {}
-
-
-def _packed(ip: str) -> bytes:
-    value = _packed_cache.get(ip)
-    if value is None:
-        value = _packed_cache[ip] = packed(ip)
-    return value
