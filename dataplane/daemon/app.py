@@ -52,7 +52,9 @@ class Options:
     dns_upstream: str = ""  # comma-separated; empty: the nameservers of /etc/resolv.conf
     dns_ttl: int = 5
     proxy_mode: str = "kernel"  # or "userspace": new flows are balanced by the forwarder (issue 3)
-    queues: int = 1  # userspace: NFQUEUE queues, the kernel spreads flows over them by hash
+    queues: int | None = None  # userspace: NFQUEUE queues; None: one per CPU, fanned out by CPU
+    forwarder_cpus: tuple[int, ...] | None = None  # userspace: CPUs of the forwarders by hand; None: their queue's
+    busy_poll: float = 0.0  # userspace: seconds a forwarder spins after a batch
     lb_algorithm: str = "random"  # userspace: for Services without a dataplane.io/lb-algorithm annotation
     kube: ApiSettings | None = None  # set: the Kubernetes API is the source (`--source kube`), not `source`
 
@@ -114,7 +116,8 @@ class Daemon:
         self.proxier = Proxier(options.settings, nft)
         self.userspace = None
         if options.proxy_mode == "userspace":
-            self.userspace = UserspaceMode(options.settings, nft, options.queues, options.lb_algorithm)
+            self.userspace = UserspaceMode(options.settings, nft, options.queues, options.lb_algorithm,
+                                           pinned=options.forwarder_cpus, busy_poll=options.busy_poll)
             self.proxier.extend = self.userspace.extend
             self.metrics.registry.register(self.userspace.collector())
         self.node_ips: tuple[str, ...] = ()

@@ -26,7 +26,7 @@ from ..nat.ruleset import Ruleset
 from ..nat.userspace import FAIL_OPEN, QueueSpec, UserspaceRules, probe_nft_queue
 from ..nat.xtables import Xtables
 from ..queue.forwarder import Forwarder
-from ..queue.workers import WorkerPool
+from ..queue.workers import WorkerPool, default_queue_count, forwarder_cpus
 from ..queue.nfqueue import queue_stats
 
 log = logging.getLogger(__name__)
@@ -41,20 +41,24 @@ def remove_queue_rules() -> None:
 
 
 class UserspaceMode:
-    def __init__(self, settings: NodeSettings, nft: Nftables, queues: int = 1, algorithm: str = "random",
-                 maglev_size: int = 65537):
+    def __init__(self, settings: NodeSettings, nft: Nftables, queues: int | None = None, algorithm: str = "random",
+                 maglev_size: int = 65537, pinned: tuple[int, ...] | None = None, busy_poll: float = 0.0):
+        """`queues` None: one per CPU, fanned out by CPU; `pinned`: forwarder CPUs by hand (workers.forwarder_cpus)."""
         self.nft = nft
-        self.queue = QueueSpec(count=queues, in_nft=probe_nft_queue(nft))
+        count = queues or default_queue_count()
+        self.queue = QueueSpec(count=count, in_nft=probe_nft_queue(nft), fanout=count > 1)
+        self._pinned = pinned
         self.rules = {family: UserspaceRules(settings, layout.Family(version), self.queue)
                       for family, version in FAMILIES.items()}
         self.algorithm = algorithm
         self.settings = settings
         numbers = tuple(range(self.queue.first, self.queue.last + 1))
-        # One queue: decided on the daemon's own loop. More: a process per queue, to use every core.
-        self.forwarder = Forwarder(numbers, Balancer(maglev_size)) if queues == 1 else WorkerPool(numbers, maglev_size)
+        # --queues 1 by hand: decided on the daemon's own loop. Otherwise a process per queue, on its queue's CPU.
+        self.forwarder = (Forwarder(numbers, Balancer(maglev_size), busy_poll=busy_poll) if queues == 1
+                          else WorkerPool(numbers, maglev_size, busy_poll=busy_poll))
         self._seen: Snapshot | None = None
         self._fail_open = _CounterReader(nft)
-        log.info("userspace mode: %d queue(s) via %s, default algorithm %s", queues,
+        log.info("userspace mode: %d queue(s) via %s, default algorithm %s", count,
                  "nft queue" if self.queue.in_nft else "iptables NFQUEUE (this kernel has no nft queue)", algorithm)
 
     # the sync thread
@@ -71,7 +75,7 @@ class UserspaceMode:
         as the worker processes of --queues N do (workers.py), so that new flows
         do not wait behind batch work on a busy node.
         """
-        if self.queue.count == 1:
+        if not isinstance(self.forwarder, WorkerPool):
             try:
                 os.setpriority(os.PRIO_PROCESS, 0, -10)
             except OSError:
@@ -80,7 +84,14 @@ class UserspaceMode:
             for family in (4, 6):
                 xt = Xtables(family)
                 if xt.available():
-                    xt.install(self.queue)
+                    installed = xt.install_probing(self.queue)
+                    if installed != self.queue:
+                        log.warning("iptables refuses --queue-cpu-fanout here: the %d queues take new flows by "
+                                    "address hash, and their forwarders are not pinned", self.queue.count)
+                        self.queue = installed
+        if isinstance(self.forwarder, WorkerPool):
+            self.forwarder.place(forwarder_cpus(self.queue.count, self.queue.fanout,
+                                                frozenset(os.sched_getaffinity(0)), self._pinned))
         await self.forwarder.start()
 
     def synced(self, snapshot: Snapshot) -> None:
@@ -123,6 +134,8 @@ class UserspaceMode:
             "packets_queued": snapshot["packets"],
             "packets_per_queue": snapshot["per_queue"],
             "undecided": snapshot["undecided"],
+            "queue_fanout": self.queue.fanout,
+            "forwarder_cpu_seconds": snapshot.get("cpu_seconds"),
             "fail_open": self._fail_open.read(),
             "services": snapshot["services"],
         }

@@ -31,6 +31,7 @@ from .nfqueue import QueueSocket
 
 log = logging.getLogger(__name__)
 
+MAX_SPIN = 0.01  # seconds one busy-polling callback may hold the loop
 LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3)
 
 
@@ -56,11 +57,13 @@ class LatencyHistogram:
 
 class Forwarder:
     def __init__(self, queues: tuple[int, ...], balancer: Balancer | None = None,
-                 clock: Callable[[], float] = time.monotonic, batch: int = 1024):
+                 clock: Callable[[], float] = time.monotonic, batch: int = 1024, busy_poll: float = 0.0):
+        """`busy_poll`: seconds to keep reading (spinning) after a batch before sleeping again; 0: never spin."""
         self.queues = queues
         self.balancer = balancer or Balancer()
         self.clock = clock
         self.batch = batch
+        self.busy_poll = busy_poll
         self.latency = LatencyHistogram()
         self.packets = 0
         self.table_builds = 0
@@ -102,6 +105,7 @@ class Forwarder:
         balancer, latency = self.balancer, self.latency
         return {
             "packets": self.packets, "undecided": balancer.undecided, "table_builds": self.table_builds,
+            "cpu_seconds": time.process_time(),  # this process's, threads included: a worker is one forwarder
             "affinity_entries": balancer.affinity_entries(),
             "latency": {"buckets": list(latency.buckets), "counts": list(latency.counts), "total": latency.total,
                         "count": latency.count},
@@ -112,11 +116,23 @@ class Forwarder:
     # I/O
 
     def _on_packets(self) -> None:
+        self._decide_waiting()
+        if self.busy_poll:
+            # Spin while packets keep coming, up to busy_poll after the last one; the callback still
+            # returns within MAX_SPIN so that the loop's other work (control, ticks) is not starved.
+            perf = time.perf_counter
+            started = last = perf()
+            while (now := perf()) - last < self.busy_poll and now - started < MAX_SPIN:
+                if self._decide_waiting():
+                    last = perf()
+
+    def _decide_waiting(self) -> int:
+        """Reads what is waiting, decides it, sends the verdicts; returns how many packets."""
         started = time.perf_counter()
         packets: list = []
         self._socket.read(packets, self.batch)
         if not packets:
-            return
+            return 0
         try:
             commands = self.balancer.handle(PacketsQueued(packets, self.clock()))
         except Exception:  # a bug must not strand packets in the queue: let them all go on, undecided
@@ -125,6 +141,7 @@ class Forwarder:
         self._run(commands)
         self.packets += len(packets)
         self.latency.observe(time.perf_counter() - started, len(packets))
+        return len(packets)
 
     def _follow_conntrack(self) -> None:
         try:

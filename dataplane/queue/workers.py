@@ -1,23 +1,33 @@
-"""`--queues N` (N > 1): one forwarder process per queue, so new flows are decided on every core.
+"""Userspace mode's forwarders: one process per queue, each pinned to the CPU its packets arrive on.
 
-The kernel spreads new flows over the queues by a hash of their addresses
-(`--queue-balance`), so a client and a Service address always meet in the
-same queue, and so in the same worker: ClientIP affinity holds within a
-worker without sharing state. Maglev is a pure function of the endpoints
-(every worker builds the same table) and least-conn workers each follow
-conntrack's events, which count every worker's flows.
+Placement (`forwarder_cpus`). By default there is one queue per CPU, and the
+queue rule fans out by CPU (`--queue-cpu-fanout`: queue = first + CPU % N),
+so a packet is queued on the CPU where it arrived, its forwarder is pinned
+there, and its verdict reinjects it there: no wake-up crosses CPUs (on a
+2-CPU VM a cross-CPU wake-up costs about 30 us, a same-CPU one about 4 us).
+Where the kernel refuses fanout, the kernel spreads flows by an address hash
+(`--queue-balance`) and the forwarders are not pinned. Under the hash a
+client and a Service address always meet in the same worker; under fanout a
+client's flows meet the worker of the CPU they arrive on, and each worker
+keeps its own ClientIP affinity table (a known limit: see queue/README.md).
+Maglev is a pure function of the endpoints (every worker builds the same
+table) and least-conn workers each follow conntrack's events, which count
+every worker's flows.
 
-The daemon keeps the control: `WorkerPool` has the Forwarder's interface
-(services_changed, node_addresses, snapshot, close). Each worker is
-`python -m dataplane.queue.workers QUEUE` with two socketpairs:
-control (daemon -> worker: the daemon's whole view, then changes) and
-report (worker -> daemon: ready, then a snapshot each second). Messages are
-length-prefixed pickles between processes of this same program.
+The daemon keeps the control, off the packet CPUs' loops: `WorkerPool` has
+the Forwarder's interface (services_changed, node_addresses, snapshot,
+close). Each worker is `python -m dataplane.queue.workers QUEUE ...` with two
+socketpairs: control (daemon -> worker: the daemon's whole view, then
+changes, and snapshot requests) and report (worker -> daemon: ready, then
+snapshots when asked). Messages are length-prefixed pickles between
+processes of this same program. Workers report only when asked (/status,
+/metrics), so an idle packet CPU does no bookkeeping.
 
-Invariant: the daemon never blocks on a worker. Control messages leave
-through a sender thread per worker; a worker that dies leaves its queue
-unbound (new flows fail open to the kernel's pick) and is started again,
-with the whole view, a second later.
+Invariant: the daemon never blocks on a worker for long. Control messages
+leave through a sender thread per worker; a snapshot waits at most
+SNAPSHOT_WAIT for the answers and uses the last one of a worker that is
+late; a worker that dies leaves its queue unbound (new flows fail open to
+the kernel's pick) and is started again, with the whole view, a second later.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import logging
 import os
 import pickle
 import queue
+import select
 import signal
 import socket
 import struct
@@ -38,6 +49,29 @@ import time
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!I")
+SNAPSHOT_WAIT = 0.5  # seconds /status and /metrics wait for the workers' answers
+
+
+def default_queue_count() -> int:
+    """One queue per CPU the kernel may queue packets on (fanout maps CPU c to queue c % N)."""
+    return os.cpu_count() or 1
+
+
+def forwarder_cpus(count: int, fanout: bool, allowed: frozenset[int], pinned: tuple[int, ...] | None = None,
+                   ) -> dict[int, frozenset[int]]:
+    """Queue index (0..count-1) -> the CPUs its forwarder may run on; an index not in the result is not pinned.
+
+    `pinned`: CPUs given by hand, queue i on pinned[i % len]; empty: pin none.
+    None (the default): under fanout, queue i's forwarder runs on the CPUs
+    whose packets go to queue i (c % count == i) that this process may use
+    (all of those allowed when none is); without fanout a packet may come from
+    any CPU, so no pinning helps and none is done.
+    """
+    if pinned is not None:
+        return {i: frozenset((pinned[i % len(pinned)],)) for i in range(count)} if pinned else {}
+    if not fanout:
+        return {}
+    return {i: frozenset(c for c in allowed if c % count == i) or allowed for i in range(count)}
 
 
 def frame(message) -> bytes:
@@ -65,12 +99,13 @@ class Frames:
 
 def merge_snapshots(snapshots: list[dict]) -> dict:
     """One view of several workers: counts add up; least-conn's active flows (each worker counts all) take the max."""
-    merged = {"packets": 0, "undecided": 0, "table_builds": 0, "affinity_entries": 0,
+    merged = {"packets": 0, "undecided": 0, "table_builds": 0, "affinity_entries": 0, "cpu_seconds": 0.0,
               "latency": None, "services": [], "per_queue": {}}
     ports: dict[str, dict] = {}
     for snap in snapshots:
         for key in ("packets", "undecided", "table_builds", "affinity_entries"):
             merged[key] += snap[key]
+        merged["cpu_seconds"] += snap.get("cpu_seconds", 0.0)
         merged["per_queue"].update(snap.get("per_queue", {}))
         latency = snap["latency"]
         if merged["latency"] is None:
@@ -99,9 +134,13 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
 
 
 class _Worker:
-    def __init__(self, queue_number: int, maglev_size: int):
+    def __init__(self, queue_number: int, maglev_size: int, cpus: frozenset[int] = frozenset(),
+                 busy_poll: float = 0.0):
         self.queue = queue_number
         self.maglev_size = maglev_size
+        self.cpus = cpus
+        self.busy_poll = busy_poll
+        self.ready = False
         self.process: subprocess.Popen | None = None
         self.control: socket.socket | None = None
         self.report: socket.socket | None = None
@@ -114,7 +153,8 @@ class _Worker:
         control_here, control_there = socket.socketpair()
         report_here, report_there = socket.socketpair()
         argv = [sys.executable, "-m", "dataplane.queue.workers", str(self.queue), str(control_there.fileno()),
-                str(report_there.fileno()), str(self.maglev_size)]
+                str(report_there.fileno()), str(self.maglev_size), ",".join(map(str, sorted(self.cpus))) or "-",
+                repr(self.busy_poll)]
         self.process = subprocess.Popen(argv, pass_fds=(control_there.fileno(), report_there.fileno()),
                                         stdin=subprocess.DEVNULL)
         control_there.close()
@@ -146,12 +186,14 @@ class _Worker:
             for message in self.frames.feed(data):
                 if message[0] == "ready":
                     self.report.setblocking(False)
+                    self.ready = True
                     return
                 if message[0] == "error":
                     raise OSError(message[1], f"queue {self.queue}: {message[2]}")
         raise OSError(f"queue {self.queue}: worker not ready within {timeout} s")
 
     def stop(self) -> None:
+        self.ready = False
         self.outbox.put(None)
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -168,19 +210,30 @@ class _Worker:
 class WorkerPool:
     """The Forwarder's interface over one worker process per queue."""
 
-    def __init__(self, queues: tuple[int, ...], maglev_size: int = 65537):
+    def __init__(self, queues: tuple[int, ...], maglev_size: int = 65537, cpus: dict[int, frozenset[int]] | None = None,
+                 busy_poll: float = 0.0):
+        """`cpus`: queue index -> CPUs of its worker (forwarder_cpus); `busy_poll`: seconds each spins after a batch."""
         self.queues = queues
-        self.workers = [_Worker(q, maglev_size) for q in queues]
+        self.workers = [_Worker(q, maglev_size, (cpus or {}).get(i, frozenset()), busy_poll)
+                        for i, q in enumerate(queues)]
+        self._asked = 0
         self.tables: dict = {}
         self.node_ips: tuple[bytes, ...] = ()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
 
+    def place(self, cpus: dict[int, frozenset[int]]) -> None:
+        """Before start(): queue index -> the CPUs of its worker (forwarder_cpus); an index left out is not pinned."""
+        for i, worker in enumerate(self.workers):
+            worker.cpus = cpus.get(i, frozenset())
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for worker in self.workers:
             await self._start(worker)
-        log.info("forwarder: %d worker processes on NFQUEUE %s", len(self.workers), ",".join(map(str, self.queues)))
+        log.info("forwarder: %d worker processes on NFQUEUE %s (%s)", len(self.workers), ",".join(map(str, self.queues)),
+                 ", ".join(f"queue {w.queue} on CPU {','.join(map(str, sorted(w.cpus)))}" if w.cpus else
+                           f"queue {w.queue} unpinned" for w in self.workers))
 
     async def _start(self, worker: _Worker) -> None:
         worker.spawn()
@@ -209,9 +262,17 @@ class WorkerPool:
                 worker.stop()
                 self._loop.call_later(1.0, lambda: asyncio.ensure_future(self._restart(worker)))
             return
+        self._take(worker, data)
+
+    @staticmethod
+    def _take(worker: _Worker, data: bytes) -> set:
+        """Feeds report bytes; returns the tokens of the snapshots they completed."""
+        tokens = set()
         for message in worker.frames.feed(data):
             if message[0] == "snapshot":
-                worker.snapshot = message[1]
+                tokens.add(message[1])
+                worker.snapshot = message[2]
+        return tokens
 
     async def _restart(self, worker: _Worker) -> None:
         if self._closing:
@@ -238,6 +299,27 @@ class WorkerPool:
             worker.send(("nodes", ips))
 
     def snapshot(self) -> dict:
+        """Every worker's counts now: each is asked, and answers within SNAPSHOT_WAIT or its last answer counts."""
+        self._asked += 1
+        token = self._asked
+        waiting = [w for w in self.workers if w.ready]
+        for worker in waiting:
+            worker.send(("snapshot", token))
+        deadline = time.monotonic() + SNAPSHOT_WAIT
+        while waiting and (remaining := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([w.report for w in waiting], [], [], remaining)
+            for sock in readable:
+                worker = next(w for w in waiting if w.report is sock)
+                try:
+                    data = sock.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:  # gone: _on_report sees the end too, and restarts it
+                    waiting.remove(worker)
+                elif token in self._take(worker, data):
+                    waiting.remove(worker)
         return merge_snapshots([w.snapshot for w in self.workers if w.snapshot is not None])
 
     def close(self) -> None:
@@ -253,18 +335,22 @@ class WorkerPool:
 
 # -- the worker process -----------------------------------------------------------------------------
 
-async def _serve(queue_number: int, control: socket.socket, report: socket.socket, maglev_size: int) -> None:
+async def _serve(queue_number: int, control: socket.socket, report: socket.socket, maglev_size: int,
+                 busy_poll: float) -> None:
     from ..lb.balancer import Balancer
     from .forwarder import Forwarder
     from .nfqueue import QueueError
 
-    forwarder = Forwarder((queue_number,), Balancer(maglev_size))
+    forwarder = Forwarder((queue_number,), Balancer(maglev_size), busy_poll=busy_poll)
     try:
         await forwarder.start()
     except (QueueError, OSError) as error:
         report.sendall(frame(("error", error.errno or 0, str(error))))
         return
     report.sendall(frame(("ready",)))
+    # Answers leave through a thread: a daemon slow to read must not stall the packet loop.
+    outbox: queue.Queue = queue.Queue()
+    threading.Thread(target=_Worker._send, args=(report, outbox), daemon=True, name="report").start()
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     frames = Frames()
@@ -283,37 +369,39 @@ async def _serve(queue_number: int, control: socket.socket, report: socket.socke
                 forwarder.services_changed(payload)
             elif kind == "nodes":
                 forwarder.node_addresses(payload)
+            elif kind == "snapshot":
+                outbox.put(("snapshot", payload, forwarder.snapshot()))
 
     loop.add_reader(control.fileno(), on_control)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
     try:
-        while not done.is_set():
-            try:
-                await asyncio.wait_for(done.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
-            try:
-                report.sendall(frame(("snapshot", forwarder.snapshot())))
-            except OSError:
-                break
+        await done.wait()
     finally:
+        outbox.put(None)
         forwarder.close()
 
 
 def main(argv: list[str]) -> int:
     import uvloop
 
-    queue_number, control_fd, report_fd, maglev_size = (int(a) for a in argv)
+    queue_number, control_fd, report_fd, maglev_size = (int(a) for a in argv[:4])
+    cpus = frozenset(int(c) for c in argv[4].split(",")) if len(argv) > 4 and argv[4] != "-" else frozenset()
+    busy_poll = float(argv[5]) if len(argv) > 5 else 0.0
     try:
         # A packet-path process, as ovs-vswitchd is: new flows wait while it waits (Debian runs that at nice -10).
         os.setpriority(os.PRIO_PROCESS, 0, -10)
     except OSError:
         pass
     logging.basicConfig(level=logging.INFO, format=f"queue-{queue_number}: %(levelname)s %(name)s %(message)s")
+    if cpus:
+        try:
+            os.sched_setaffinity(0, cpus)  # before any thread starts: the Maglev builder inherits it
+        except OSError as error:
+            logging.getLogger(__name__).warning("cannot pin to CPUs %s (%s); running unpinned", sorted(cpus), error)
     control = socket.socket(fileno=control_fd)
     report = socket.socket(fileno=report_fd)
-    uvloop.run(_serve(queue_number, control, report, maglev_size))
+    uvloop.run(_serve(queue_number, control, report, maglev_size, busy_poll))
     return 0
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
-from dataplane.queue.workers import Frames, frame, merge_snapshots
+import pytest
+
+from dataplane.queue.workers import Frames, forwarder_cpus, frame, merge_snapshots
 
 
 def test_frames_survive_any_split():
@@ -42,4 +44,21 @@ def test_merged_counts_add_up_and_active_flows_are_not_double_counted():
 def test_no_report_yet_merges_to_zeros():
     # WorkerPool.snapshot() relies on this before any worker has reported.
     assert merge_snapshots([]) == {"packets": 0, "undecided": 0, "table_builds": 0, "affinity_entries": 0,
-                                   "latency": None, "services": [], "per_queue": {}}
+                                   "cpu_seconds": 0.0, "latency": None, "services": [], "per_queue": {}}
+
+
+@pytest.mark.parametrize("count, fanout, allowed, pinned, expected", [
+    # one queue per CPU, fanned out: each forwarder on the CPU whose packets its queue gets
+    (2, True, {0, 1}, None, {0: {0}, 1: {1}}),
+    (2, True, {0, 1, 2, 3}, None, {0: {0, 2}, 1: {1, 3}}),
+    # the daemon may not use CPU 1: queue 1's forwarder runs where it can
+    (2, True, {0, 2}, None, {0: {0, 2}, 1: {0, 2}}),
+    # the kernel's hash: a packet may come from any CPU, so pinning cannot help
+    (2, False, {0, 1}, None, {}),
+    # by hand
+    (3, True, {0, 1}, (1,), {0: {1}, 1: {1}, 2: {1}}),
+    (2, True, {0, 1}, (), {}),
+])
+def test_forwarder_placement(count, fanout, allowed, pinned, expected):
+    got = forwarder_cpus(count, fanout, frozenset(allowed), pinned)
+    assert got == {i: frozenset(c) for i, c in expected.items()}
