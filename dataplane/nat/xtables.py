@@ -6,8 +6,8 @@ DATAPLANE-QUEUE in the mangle table (priority -150: after our marking chain
 at -160, before DNAT at -100), and one jump to it from PREROUTING and from
 OUTPUT; nothing else in iptables is touched.
 
-    -A DATAPLANE-QUEUE -m mark --mark 0x2000/0x2000 -j NFQUEUE --queue-balance 0:N-1 --queue-bypass \
-        --queue-bypass
+    -A DATAPLANE-QUEUE -m mark --mark 0x2000/0x2000 -j NFQUEUE --queue-balance 0:N-1 \
+        --queue-cpu-fanout --queue-bypass
 
 `--queue-bypass`: with no forwarder bound to the queue the packet goes on,
 and meets the kernel's own pick (fail-open). `--queue-cpu-fanout` (xt_NFQUEUE
