@@ -78,10 +78,12 @@ def run_blocking(queue: int, balancer: Balancer) -> None:
     try:
         while True:
             packets: list = []
-            read(packets, 1024, block=True)
-            if packets:
+            read(packets, 1, block=True)  # answer the first datagram before looking for more, as the daemon does
+            while packets:
                 balancer.now = clock()
                 send(decide(packets))
+                packets = []
+                read(packets, 1024)
     finally:
         sock.close()
 

@@ -136,6 +136,7 @@ class UserspaceMode:
             "undecided": snapshot["undecided"],
             "queue_fanout": self.queue.fanout,
             "forwarder_cpu_seconds": snapshot.get("cpu_seconds"),
+            "forwarder_cpu_user_seconds": snapshot.get("cpu_user_seconds"),
             "fail_open": self._fail_open.read(),
             "services": snapshot["services"],
         }

@@ -100,12 +100,14 @@ class Frames:
 def merge_snapshots(snapshots: list[dict]) -> dict:
     """One view of several workers: counts add up; least-conn's active flows (each worker counts all) take the max."""
     merged = {"packets": 0, "undecided": 0, "table_builds": 0, "affinity_entries": 0, "cpu_seconds": 0.0,
+              "cpu_user_seconds": 0.0,
               "latency": None, "services": [], "per_queue": {}}
     ports: dict[str, dict] = {}
     for snap in snapshots:
         for key in ("packets", "undecided", "table_builds", "affinity_entries"):
             merged[key] += snap[key]
         merged["cpu_seconds"] += snap.get("cpu_seconds", 0.0)
+        merged["cpu_user_seconds"] += snap.get("cpu_user_seconds", 0.0)
         merged["per_queue"].update(snap.get("per_queue", {}))
         latency = snap["latency"]
         if merged["latency"] is None:

@@ -44,7 +44,7 @@ def test_merged_counts_add_up_and_active_flows_are_not_double_counted():
 def test_no_report_yet_merges_to_zeros():
     # WorkerPool.snapshot() relies on this before any worker has reported.
     assert merge_snapshots([]) == {"packets": 0, "undecided": 0, "table_builds": 0, "affinity_entries": 0,
-                                   "cpu_seconds": 0.0, "latency": None, "services": [], "per_queue": {}}
+                                   "cpu_seconds": 0.0, "cpu_user_seconds": 0.0, "latency": None, "services": [], "per_queue": {}}
 
 
 @pytest.mark.parametrize("count, fanout, allowed, pinned, expected", [
