@@ -208,6 +208,13 @@ class PortState:
         return best
 
 
+def maglev_inputs(table: PortTable) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The endpoint names and weights a port's Maglev table is built from: the targets that take new flows."""
+    weighted = tuple(t for t in table.targets if t.weight > 0)
+    targets = weighted or table.targets
+    return tuple(t.name for t in targets), tuple(max(t.weight, 1) for t in targets)
+
+
 def smooth_round_robin(weights: list[int], limit: int = 10000) -> list[int]:
     """nginx's smooth weighted round-robin, unrolled: index i appears weights[i] times, spread out."""
     if not weights:
@@ -337,8 +344,7 @@ class Balancer:
                 self._index(state)
                 if table.algorithm == "maglev" and state.targets and (changed or not state.maglev):
                     state.generation += 1
-                    commands.append(BuildTable(name, state.generation, tuple(t.name for t in state.targets),
-                                               tuple(max(t.weight, 1) for t in state.targets), self.maglev_size))
+                    commands.append(BuildTable(name, state.generation, *maglev_inputs(table), self.maglev_size))
             if ports:
                 self.by_service[service] = names
         return commands

@@ -3,9 +3,11 @@
 It owns the NFQUEUE socket and the conntrack event socket, both read from
 the event loop without blocking it: on each wake-up every waiting packet is
 read, decided in one call, and answered in one sendmsg. Maglev tables are
-built in a worker thread, away from the packet path. Everything the
-balancer asks for (verdicts, table builds, wake-ups, logs) is carried out
-here and nowhere else.
+built in a thread, away from the packet path; in a worker process
+(`tables_from_daemon`) they come built from the daemon instead, so that no
+build competes with packets for this process's CPU and interpreter.
+Everything the balancer asks for (verdicts, table builds, wake-ups, logs) is
+carried out here and nowhere else.
 
 If this process dies or stalls, nothing breaks: the queue rule carries
 --queue-bypass and the queue is fail-open, so new flows take the kernel's
@@ -58,9 +60,16 @@ class LatencyHistogram:
 
 class Forwarder:
     def __init__(self, queues: tuple[int, ...], balancer: Balancer | None = None,
-                 clock: Callable[[], float] = time.monotonic, batch: int = 1024, busy_poll: float = 0.0):
-        """`busy_poll`: seconds to keep reading (spinning) after a batch before sleeping again; 0: never spin."""
+                 clock: Callable[[], float] = time.monotonic, batch: int = 1024, busy_poll: float = 0.0,
+                 tables_from_daemon: bool = False):
+        """`busy_poll`: seconds to keep reading (spinning) after a batch before sleeping again; 0: never spin.
+
+        `tables_from_daemon`: Maglev tables arrive through table_ready() instead of being built here.
+        """
         self.queues = queues
+        self.tables_from_daemon = tables_from_daemon
+        self._tables: dict[str, tuple] = {}  # port -> (names, weights, size, table), from the daemon
+        self._wanted: dict[str, BuildTable] = {}  # port -> the build the balancer waits for
         self.balancer = balancer or Balancer()
         self.clock = clock
         self.batch = batch
@@ -94,9 +103,21 @@ class Forwarder:
 
     def services_changed(self, tables: Mapping[object, tuple[PortTable, ...]]) -> None:
         self._run(self.balancer.handle(ServicesChanged(tables, self.clock())))
+        for port in [p for p in self._tables if p not in self.balancer.ports]:
+            del self._tables[port]
         if self._events is None and self._loop is not None and any(
                 p.table.algorithm == "least-conn" for p in self.balancer.ports.values()):
             self._follow_conntrack()
+
+    def table_ready(self, port: str, names: tuple[str, ...], weights: tuple[int, ...], size: int,
+                    table: list[int]) -> None:
+        """A Maglev table the daemon built; used now if the balancer waits for it, else when it asks."""
+        self._tables[port] = (names, weights, size, table)
+        wanted = self._wanted.get(port)
+        if wanted is not None and (wanted.names, wanted.weights, wanted.size) == (names, weights, size):
+            del self._wanted[port]
+            self.table_builds += 1
+            self._run(self.balancer.handle(TableBuilt(port, wanted.generation, table)))
 
     def node_addresses(self, ips: tuple[bytes, ...]) -> None:
         self._run(self.balancer.handle(NodeAddresses(ips)))
@@ -208,6 +229,12 @@ class Forwarder:
         self._run(self.balancer.handle(Tick(self.clock())))
 
     def _build(self, command: BuildTable) -> None:
+        if self.tables_from_daemon:
+            self._wanted[command.port] = command
+            have = self._tables.get(command.port)
+            if have is not None:
+                self.table_ready(command.port, *have)
+            return
         if self._loop is None:  # no loop (tests of the wiring): build in place
             table = maglev.build(command.names, command.weights, command.size)
             self._run(self.balancer.handle(TableBuilt(command.port, command.generation, table)))

@@ -220,6 +220,9 @@ class WorkerPool:
                         for i, q in enumerate(queues)]
         self._asked = 0
         self.tables: dict = {}
+        self.maglev_size = maglev_size
+        self.maglev: dict[str, tuple] = {}  # port -> (names, weights, table): built here, sent to every worker
+        self._building: dict[str, tuple] = {}  # port -> (names, weights) of the build under way
         self.node_ips: tuple[bytes, ...] = ()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -247,6 +250,8 @@ class WorkerPool:
         worker.send(("nodes", self.node_ips))
         if self.tables:
             worker.send(("services", dict(self.tables)))
+        for port, (names, weights, table) in self.maglev.items():
+            worker.send(("table", (port, names, weights, self.maglev_size, table)))
         self._loop.add_reader(worker.report.fileno(), self._on_report, worker)
 
     def _on_report(self, worker: _Worker) -> None:
@@ -294,6 +299,47 @@ class WorkerPool:
                 self.tables.pop(key, None)
         for worker in self.workers:
             worker.send(("services", dict(tables)))
+        self._build_tables(tables)
+
+    def _build_tables(self, tables) -> None:
+        """Maglev tables for the ports that changed, built in a thread of this process (never on a packet CPU's loop)."""
+        from ..lb import maglev
+        from ..lb.balancer import maglev_inputs
+
+        live = {table.name for ports in self.tables.values() for table in ports if table.algorithm == "maglev"}
+        for port in [p for p in self.maglev if p not in live]:
+            del self.maglev[port]
+        for ports in tables.values():
+            for table in ports:
+                if table.algorithm != "maglev" or not table.targets:
+                    continue
+                inputs = maglev_inputs(table)
+                have = self.maglev.get(table.name)
+                if (have is not None and have[:2] == inputs) or self._building.get(table.name) == inputs:
+                    continue
+                self._building[table.name] = inputs
+                if self._loop is None:
+                    self._built(table.name, inputs, maglev.build(*inputs, self.maglev_size))
+                    continue
+                future = self._loop.run_in_executor(None, maglev.build, *inputs, self.maglev_size)
+                future.add_done_callback(lambda f, port=table.name, inputs=inputs: self._on_built(port, inputs, f))
+
+    def _on_built(self, port: str, inputs: tuple, future: asyncio.Future) -> None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            log.error("Maglev table for %s failed: %s", port, future.exception())
+            self._building.pop(port, None)
+            return
+        self._built(port, inputs, future.result())
+
+    def _built(self, port: str, inputs: tuple, table: list[int]) -> None:
+        if self._building.get(port) != inputs:
+            return  # a newer build is under way
+        del self._building[port]
+        self.maglev[port] = (*inputs, table)
+        for worker in self.workers:
+            worker.send(("table", (port, *inputs, self.maglev_size, table)))
 
     def node_addresses(self, ips: tuple[bytes, ...]) -> None:
         self.node_ips = ips
@@ -343,7 +389,7 @@ async def _serve(queue_number: int, control: socket.socket, report: socket.socke
     from .forwarder import Forwarder
     from .nfqueue import QueueError
 
-    forwarder = Forwarder((queue_number,), Balancer(maglev_size), busy_poll=busy_poll)
+    forwarder = Forwarder((queue_number,), Balancer(maglev_size), busy_poll=busy_poll, tables_from_daemon=True)
     try:
         await forwarder.start()
     except (QueueError, OSError) as error:
@@ -371,6 +417,8 @@ async def _serve(queue_number: int, control: socket.socket, report: socket.socke
                 forwarder.services_changed(payload)
             elif kind == "nodes":
                 forwarder.node_addresses(payload)
+            elif kind == "table":
+                forwarder.table_ready(*payload)
             elif kind == "snapshot":
                 outbox.put(("snapshot", payload, forwarder.snapshot()))
 

@@ -1,12 +1,16 @@
-"""Worker processes for --queues N: message framing and merging their reports (the pure parts)."""
+"""Worker processes: message framing, merging their reports, placement, Maglev tables from the daemon (no processes)."""
 
 from __future__ import annotations
 
 import random
+import socket
 
 import pytest
 
-from dataplane.queue.workers import Frames, forwarder_cpus, frame, merge_snapshots
+from dataplane.lb.balancer import Balancer
+from dataplane.lb.policy import PortTable, Target
+from dataplane.queue.forwarder import Forwarder
+from dataplane.queue.workers import Frames, WorkerPool, forwarder_cpus, frame, merge_snapshots
 
 
 def test_frames_survive_any_split():
@@ -62,3 +66,45 @@ def test_no_report_yet_merges_to_zeros():
 def test_forwarder_placement(count, fanout, allowed, pinned, expected):
     got = forwarder_cpus(count, fanout, frozenset(allowed), pinned)
     assert got == {i: frozenset(c) for i, c in expected.items()}
+
+
+# -- Maglev tables: built by the daemon, sent to the workers -----------------------------------------
+
+def maglev_table(n: int) -> PortTable:
+    targets = tuple(Target(i + 1, f"10.244.1.{11 + i}", 80) for i in range(n))
+    return PortTable("default/web:http", 6, (socket.inet_aton("10.96.0.10"),), 80, None, targets, "maglev", None)
+
+
+def sent(worker) -> list:
+    found = []
+    while not worker.outbox.empty():
+        found.append(worker.outbox.get_nowait())
+    return found
+
+
+def test_the_pool_builds_each_maglev_table_once_and_sends_it_to_every_worker():
+    pool = WorkerPool((0, 1), maglev_size=251)
+    pool.services_changed({"web": (maglev_table(3),)})
+    for worker in pool.workers:
+        kinds = [m[0] for m in sent(worker)]
+        assert kinds == ["services", "table"]
+    pool.services_changed({"web": (maglev_table(3),)})  # the same endpoints: nothing to build
+    assert [m[0] for m in sent(pool.workers[0])] == ["services"]
+    pool.services_changed({"web": ()})
+    assert pool.maglev == {}
+
+
+@pytest.mark.parametrize("table_first", [False, True])
+def test_a_worker_uses_the_daemons_table_whichever_arrives_first(table_first):
+    pool = WorkerPool((0,), maglev_size=251)
+    pool.services_changed({"web": (maglev_table(3),)})
+    (_, (port, names, weights, size, table)), = [m for m in sent(pool.workers[0]) if m[0] == "table"]
+    forwarder = Forwarder((0,), Balancer(251), tables_from_daemon=True)
+    if table_first:
+        forwarder.table_ready(port, names, weights, size, table)
+    forwarder.services_changed({"web": (maglev_table(3),)})
+    if not table_first:
+        assert forwarder.balancer.ports[port].maglev == []  # waiting: nothing built in the worker
+        forwarder.table_ready(port, names, weights, size, table)
+    assert forwarder.balancer.ports[port].maglev == table
+    assert forwarder.table_builds == 1
