@@ -257,7 +257,7 @@ class LatencyBench:
 
     def _hand_over(self, target: Target, spec: ServiceSpec) -> None:
         """Stops the daemon (its rules stay) and binds its queues with a reference forwarder, one per CPU."""
-        body = json.loads(http_get(target.lab.node, "127.0.0.1", 10249, "/status")[1])
+        body = json.loads(http_get(target.lab.node, "127.0.0.1", 10249, "/status", timeout=120)[1])
         queues = body["queues"]
         tables = []
         for port in spec.ports:
@@ -284,18 +284,26 @@ class LatencyBench:
             target.forwarders.append(child)
         self.progress(f"  {target.key}: daemon stopped (rules kept), {len(queues)} reference forwarder(s) bound")
 
-    def forwarder_cpu(self, target: Target) -> tuple[float, int] | None:
-        """(CPU seconds the target's forwarders used so far, packets they decided); None outside userspace paths."""
+    def forwarder_cpu(self, target: Target) -> float | None:
+        """CPU seconds the target's forwarder processes used so far; None outside userspace paths.
+
+        Read from /proc (on-CPU nanoseconds of every thread: clock ticks are too
+        coarse), not from /status, which at 10,000 Services costs the workers more
+        than the flows measured.
+        """
         if target.path not in USERSPACE_PATHS:
             return None
-        if target.forwarders:
-            seconds = 0.0
-            for child in target.forwarders:  # on-CPU nanoseconds of every thread (ticks are too coarse)
-                for task in Path(f"/proc/{child.pid}/task").iterdir():
+        pids = [child.pid for child in target.forwarders]
+        if target.daemon is not None and target.daemon.process is not None:
+            pids = forwarder_pids(target.daemon.process.pid)
+        seconds = 0.0
+        for pid in pids:
+            try:
+                for task in Path(f"/proc/{pid}/task").iterdir():
                     seconds += int((task / "schedstat").read_text().split()[0]) / 1e9
-            return seconds, -1
-        body = json.loads(http_get(target.lab.node, "127.0.0.1", 10249, "/status")[1])
-        return body.get("forwarder_cpu_seconds") or 0.0, body["packets_queued"]
+            except OSError:
+                pass  # a worker that is being restarted
+        return seconds
 
     def _iptables(self, size: int, specs: list) -> Target:
         lab = self._lab()
@@ -346,8 +354,7 @@ class LatencyBench:
                     run = self._measure(target, mode, s.count[mode], s.seconds)
                     raw[target.key][mode].append(run)
                     if before is not None:
-                        after = self.forwarder_cpu(target)
-                        self.cpu[target.key][mode][0] += after[0] - before[0]
+                        self.cpu[target.key][mode][0] += self.forwarder_cpu(target) - before
                         self.cpu[target.key][mode][1] += len(run.samples_ns) + run.failed
             medians = []
             for target in self.targets:
@@ -357,6 +364,23 @@ class LatencyBench:
             self.progress(f"  round {r + 1}/{s.rounds} ({time.monotonic() - started:.1f} s), "
                           f"{s.modes[0]} p50 µs: " + ", ".join(medians))
         return raw
+
+
+def forwarder_pids(daemon_pid: int) -> list[int]:
+    """The pids of a daemon's forwarder worker processes (`python -m dataplane.queue.workers`)."""
+    found = []
+    for task in Path(f"/proc/{daemon_pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                if b"dataplane.queue.workers" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(int(child))
+            except OSError:
+                pass
+    return found
 
 
 # (reference path, its Service count or "same", record key) -> the paths compared with it

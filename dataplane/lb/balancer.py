@@ -40,6 +40,7 @@ from . import maglev
 from .policy import PortTable, Target, packed
 
 PENDING_FOR = 2.0  # seconds a decided flow counts for least-conn before conntrack confirms it
+SLOTS_LIMIT = 4096  # random: weighted pick tables up to this many slots, a binary search beyond
 _PORTS = struct.Struct("!HH").pack
 
 
@@ -138,6 +139,8 @@ class PortState:
     marks: list[int]  # mark_for(target.id), aligned with targets
     rng: random.Random
     cumulative: list[int] = field(default_factory=list)  # random: running weight totals
+    slots: list[int] = field(default_factory=list)  # random: index i weights[i] times (up to SLOTS_LIMIT slots)
+    ids: tuple[int, ...] = ()  # target ids, aligned with targets
     sequence: list[int] = field(default_factory=list)  # round-robin: target indices, weighted and interleaved
     cursor: int = 0
     position: dict = field(default_factory=dict)  # target id -> index into targets
@@ -167,6 +170,9 @@ class PortState:
         for weight in weights:
             total += weight
             self.cumulative.append(total)
+        self.ids = tuple(t.id for t in self.targets)
+        # A weighted draw by one index, not a search (the same pick: slot floor(r*W) lies in its target's range).
+        self.slots = [i for i, w in enumerate(weights) for _ in range(w)] if total <= SLOTS_LIMIT else []
         self.sequence = smooth_round_robin(weights)
         self.cursor %= max(len(self.sequence), 1)
         self.affinity = {c: e for c, e in self.affinity.items() if e[0] in self.position}
@@ -182,6 +188,9 @@ class PortState:
             return index
         if algorithm == "least-conn":
             return self._least(flow)
+        slots = self.slots
+        if slots:
+            return slots[int(self.rng.random() * len(slots))]
         return bisect.bisect_right(self.cumulative, self.rng.random() * self.cumulative[-1])
 
     def _maglev(self, flow: Flow) -> int:
@@ -303,8 +312,9 @@ class Balancer:
                 self.undecided += 1
                 append((queue, packet_id, mark & KEEP_MASK))
                 continue
+            table = port.table
             index = None
-            timeout = port.table.affinity_timeout
+            timeout = table.affinity_timeout
             if timeout is not None:
                 entry = port.affinity.get(flow.saddr)
                 if entry is not None and entry[1] > now:
@@ -314,10 +324,11 @@ class Balancer:
             if index is None:
                 index = port.pick(flow)
                 if timeout is not None:
-                    port.affinity[flow.saddr] = [port.targets[index].id, now + timeout]
-            target_id = port.targets[index].id
-            port.decided[target_id] = port.decided.get(target_id, 0) + 1
-            if port.table.algorithm == "least-conn":
+                    port.affinity[flow.saddr] = [port.ids[index], now + timeout]
+            target_id = port.ids[index]
+            decided = port.decided
+            decided[target_id] = decided.get(target_id, 0) + 1
+            if table.algorithm == "least-conn":
                 key = (flow.saddr, flow.sport, flow.daddr, flow.dport, flow.protocol)
                 if key not in self.pending:
                     port.active[target_id] = port.active.get(target_id, 0) + 1

@@ -30,7 +30,7 @@ import struct
 from typing import Iterable
 
 from ..netlink import codec
-from ..netlink.codec import ATTR, BE32, HEADER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, message_type
+from ..netlink.codec import ATTR, BE32, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, message_type
 from ..packet import PacketQueued
 
 NFNL_SUBSYS_QUEUE = 3
@@ -49,6 +49,7 @@ _VERDICT_TYPE = message_type(NFNL_SUBSYS_QUEUE, NFQNL_MSG_VERDICT)
 _PACKET_TYPE = message_type(NFNL_SUBSYS_QUEUE, NFQNL_MSG_PACKET)
 _CONFIG_TYPE = message_type(NFNL_SUBSYS_QUEUE, NFQNL_MSG_CONFIG)
 _htonl, _htons = socket.htonl, socket.htons
+_LENGTH_TYPE = struct.Struct("=IH").unpack_from  # the first two fields of nlmsghdr
 _RECV_SIZE = 4096  # one queued packet per datagram: 128 bytes copied plus about 100 of attributes
 
 
@@ -60,32 +61,33 @@ def decode_packets(data: bytes, into: list[PacketQueued]) -> int:
     """Appends the packets in one netlink datagram to `into`; returns the first error code seen (0 if none).
 
     Malformed messages end the walk; they never raise. (The walk is written
-    out here rather than through codec.attributes: it runs once per packet.)
+    out here rather than through codec.attributes: it runs once per packet,
+    and the payload, the kernel's last attribute, is tested for first.)
     """
     offset, size, error = 0, len(data), 0
-    unpack_header, unpack_attr, unpack_be32 = HEADER.unpack_from, ATTR.unpack_from, BE32.unpack_from
+    unpack_attr, unpack_be32 = ATTR.unpack_from, BE32.unpack_from
     while offset + 16 <= size:
-        length, kind, _, _, _ = unpack_header(data, offset)
-        if length < 16 or offset + length > size:
+        length, kind = _LENGTH_TYPE(data, offset)
+        end = offset + length
+        if length < 16 or end > size:
             break
         if kind == _PACKET_TYPE and length >= 20:
-            queue = (data[offset + 18] << 8) | data[offset + 19]
             packet_id, mark, payload = None, 0, b""
-            at, end = offset + 20, offset + length
+            at = offset + 20
             while at + 4 <= end:
                 alen, atype = unpack_attr(data, at)
                 if alen < 4 or at + alen > end:
                     break
                 atype &= 0x3FFF
-                if atype == NFQA_PACKET_HDR and alen >= 8:
+                if atype == NFQA_PAYLOAD:
+                    payload = data[at + 4 : at + alen]
+                elif atype == NFQA_PACKET_HDR and alen >= 8:
                     packet_id = unpack_be32(data, at + 4)[0]
                 elif atype == NFQA_MARK and alen >= 8:
                     mark = unpack_be32(data, at + 4)[0]
-                elif atype == NFQA_PAYLOAD:
-                    payload = data[at + 4 : at + alen]
                 at += (alen + 3) & ~3
             if packet_id is not None:
-                into.append(PacketQueued(queue, packet_id, mark, payload))
+                into.append(PacketQueued((data[offset + 18] << 8) | data[offset + 19], packet_id, mark, payload))
         elif kind == NLMSG_ERROR and length >= 20:
             error = error or codec.error_code(data, offset)
         offset += (length + 3) & ~3

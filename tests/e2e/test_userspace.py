@@ -284,8 +284,22 @@ def test_several_queues_decide_in_worker_processes_and_one_dying_fails_open(lab,
 
         workers = worker_pids(multi.process.pid)
         assert set(workers) == {0, 1}
+        # Kill queue 1's worker under load: new connections from CPU 1 (queue 1's) keep coming throughout.
+        outcomes, stop = [], threading.Event()
+
+        def connect_from_cpu_1() -> None:
+            os.sched_setaffinity(0, {1})  # this thread only
+            while not stop.is_set():
+                outcomes.append(tcp_request(lab.client, "10.96.0.30", 80, timeout=1.0))
+
+        client = threading.Thread(target=connect_from_cpu_1)
+        client.start()
+        time.sleep(0.5)
         os.kill(workers[1], signal.SIGKILL)
-        time.sleep(0.2)
+        time.sleep(0.5)
+        stop.set()
+        client.join()
+        assert len(outcomes) > 20 and all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
         before = fail_open_count(lab)
         spread(21000, 1)
         assert fail_open_count(lab) - before >= 400  # all of queue 1's flows went to the kernel's pick
