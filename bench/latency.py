@@ -10,14 +10,16 @@ count, all built before the first measurement and kept until the last:
                          installed `dataplane run --help` offers it (its
                          defaults: a queue per CPU, fanned out by CPU, a
                          forwarder process pinned to each)
+    userspace-event-loop the same with `--forwarder-loop event`: packets read by
+                         the workers' event loop instead of a blocking thread: opt-in
     userspace-busy-poll  the same with `--busy-poll 50` (µs): opt-in path
     netfilterqueue       the reference forwarder (bench/forwarders.py): the
                          NetfilterQueue binding, one verdict per packet, the
                          same balancer and the same placement (a process per
                          queue, pinned to its CPU), in a userspace lab whose
                          daemon was stopped (its rules stay)
-    userspace-blocking   the same with our queue socket read by a blocking
-                         recv instead of the event loop: opt-in path
+    userspace-blocking   the same with our queue socket read by a bare blocking
+                         loop (no control thread, no lock): opt-in path
     iptables-reference   client -> ClusterIP; kube-proxy's iptables layout for
                          the same cluster (iptables_reference.py), loaded with
                          iptables-nft-restore
@@ -66,9 +68,9 @@ from . import iptables_reference, loadgen, stats
 from .manifests import ServiceSpec, measured_spec, synthetic_cluster, write_specs
 
 PATHS = ("direct", "kernel", "userspace", "netfilterqueue", "iptables-reference", "direct-on-kernel-node",
-         "userspace-busy-poll", "userspace-blocking")
+         "userspace-event-loop", "userspace-busy-poll", "userspace-blocking")
 DEFAULT_PATHS = PATHS[:6]
-USERSPACE_PATHS = {"userspace", "netfilterqueue", "userspace-busy-poll", "userspace-blocking"}
+USERSPACE_PATHS = {"userspace", "netfilterqueue", "userspace-event-loop", "userspace-busy-poll", "userspace-blocking"}
 REFERENCE_FORWARDERS = {"netfilterqueue": "netfilterqueue", "userspace-blocking": "blocking"}
 BUSY_POLL_US = 50
 SERVICE_PORT = 80
@@ -234,6 +236,8 @@ class LatencyBench:
         extra = ["--proxy-mode", "kernel" if path == "kernel" else "userspace", "--sync-period", "86400"]
         if path == "userspace-busy-poll":
             extra += ["--busy-poll", str(BUSY_POLL_US)]
+        if path == "userspace-event-loop":
+            extra += ["--forwarder-loop", "event"]
         daemon = Daemon.for_source(lab.node, source, self.workdir / f"{path}-{size}.log", extra=extra,
                                    cluster_cidr=str(PLAN.cluster_cidr))
         started = time.monotonic()
@@ -269,18 +273,24 @@ class LatencyBench:
                                        for e in status["endpoints"]]})
         for table in tables:
             table["targets"] = [[i, ip, int(port), w] for i, ip, port, w in table["targets"]]
+        workers = forwarder_pids(target.daemon.process.pid)
         target.daemon.stop()
         target.daemon = None
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)  # a worker still alive still holds its queue (EBUSY)
         fanout = body.get("queue_fanout", False)
         for index, queue in enumerate(queues):
             cpu = index if fanout else -1  # fanout: queue i gets CPU i's packets (one queue per CPU)
             child = target.lab.node.popen(sys.executable, "-m", "bench.forwarders", REFERENCE_FORWARDERS[target.path],
                                           str(queue), str(cpu), json.dumps(tables), stdout=subprocess.PIPE,
-                                          text=True, cwd=str(Path(__file__).resolve().parent.parent))
+                                          stderr=subprocess.PIPE, text=True,
+                                          cwd=str(Path(__file__).resolve().parent.parent))
             line = child.stdout.readline().strip()
             if line != "ready":
                 child.kill()
-                raise RuntimeError(f"bench.forwarders {target.path} queue {queue}: {line or 'exited'}")
+                why = child.stderr.read().strip().splitlines()
+                raise RuntimeError(f"bench.forwarders {target.path} queue {queue}: {why[-1] if why else 'exited'}")
             target.forwarders.append(child)
         self.progress(f"  {target.key}: daemon stopped (rules kept), {len(queues)} reference forwarder(s) bound")
 

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     proxy_flags.add_argument("--busy-poll", type=_microseconds, default=0.0, metavar="MICROSECONDS",
                              help="userspace: a forwarder keeps reading this long after a batch before sleeping "
                                   "(spends CPU to save a wake-up; default 0: off)")
+    proxy_flags.add_argument("--forwarder-loop", default="blocking", choices=["blocking", "event"],
+                             help="userspace, in forwarder processes: packets read by a thread blocking in recv, "
+                                  "or by the event loop (measured slower; see bench/README.md)")
     proxy_flags.add_argument("--lb-algorithm", default="random", choices=ALGORITHMS,
                              help="userspace: the algorithm of Services without a dataplane.io/lb-algorithm annotation")
     proxy_flags.add_argument("--hostname-override", default="", help="this node's name (default: the hostname)")
@@ -267,6 +270,7 @@ def _run(args: argparse.Namespace, nft) -> int:
         queues=args.queues,
         forwarder_cpus=args.forwarder_cpus,
         busy_poll=args.busy_poll,
+        forwarder_loop=args.forwarder_loop,
         lb_algorithm=args.lb_algorithm,
     )
     logging.getLogger("dataplane").info(

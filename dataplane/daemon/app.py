@@ -55,6 +55,7 @@ class Options:
     queues: int | None = None  # userspace: NFQUEUE queues; None: one per CPU, fanned out by CPU
     forwarder_cpus: tuple[int, ...] | None = None  # userspace: CPUs of the forwarders by hand; None: their queue's
     busy_poll: float = 0.0  # userspace: seconds a forwarder spins after a batch
+    forwarder_loop: str = "blocking"  # userspace workers: packets read by a blocking thread, or "event": the loop
     lb_algorithm: str = "random"  # userspace: for Services without a dataplane.io/lb-algorithm annotation
     kube: ApiSettings | None = None  # set: the Kubernetes API is the source (`--source kube`), not `source`
 
@@ -117,7 +118,8 @@ class Daemon:
         self.userspace = None
         if options.proxy_mode == "userspace":
             self.userspace = UserspaceMode(options.settings, nft, options.queues, options.lb_algorithm,
-                                           pinned=options.forwarder_cpus, busy_poll=options.busy_poll)
+                                           pinned=options.forwarder_cpus, busy_poll=options.busy_poll,
+                                           loop=options.forwarder_loop)
             self.proxier.extend = self.userspace.extend
             self.metrics.registry.register(self.userspace.collector())
         self.node_ips: tuple[str, ...] = ()

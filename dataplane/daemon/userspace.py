@@ -42,7 +42,8 @@ def remove_queue_rules() -> None:
 
 class UserspaceMode:
     def __init__(self, settings: NodeSettings, nft: Nftables, queues: int | None = None, algorithm: str = "random",
-                 maglev_size: int = 65537, pinned: tuple[int, ...] | None = None, busy_poll: float = 0.0):
+                 maglev_size: int = 65537, pinned: tuple[int, ...] | None = None, busy_poll: float = 0.0,
+                 loop: str = "blocking"):
         """`queues` None: one per CPU, fanned out by CPU; `pinned`: forwarder CPUs by hand (workers.forwarder_cpus)."""
         self.nft = nft
         count = queues or default_queue_count()
@@ -55,7 +56,7 @@ class UserspaceMode:
         numbers = tuple(range(self.queue.first, self.queue.last + 1))
         # --queues 1 by hand: decided on the daemon's own loop. Otherwise a process per queue, on its queue's CPU.
         self.forwarder = (Forwarder(numbers, Balancer(maglev_size), busy_poll=busy_poll) if queues == 1
-                          else WorkerPool(numbers, maglev_size, busy_poll=busy_poll))
+                          else WorkerPool(numbers, maglev_size, busy_poll=busy_poll, loop=loop))
         self._seen: Snapshot | None = None
         self._fail_open = _CounterReader(nft)
         log.info("userspace mode: %d queue(s) via %s, default algorithm %s", count,

@@ -137,8 +137,9 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
 
 class _Worker:
     def __init__(self, queue_number: int, maglev_size: int, cpus: frozenset[int] = frozenset(),
-                 busy_poll: float = 0.0):
+                 busy_poll: float = 0.0, loop: str = "blocking"):
         self.queue = queue_number
+        self.loop = loop
         self.maglev_size = maglev_size
         self.cpus = cpus
         self.busy_poll = busy_poll
@@ -156,7 +157,7 @@ class _Worker:
         report_here, report_there = socket.socketpair()
         argv = [sys.executable, "-m", "dataplane.queue.workers", str(self.queue), str(control_there.fileno()),
                 str(report_there.fileno()), str(self.maglev_size), ",".join(map(str, sorted(self.cpus))) or "-",
-                repr(self.busy_poll)]
+                repr(self.busy_poll), self.loop]
         self.process = subprocess.Popen(argv, pass_fds=(control_there.fileno(), report_there.fileno()),
                                         stdin=subprocess.DEVNULL)
         control_there.close()
@@ -213,10 +214,11 @@ class WorkerPool:
     """The Forwarder's interface over one worker process per queue."""
 
     def __init__(self, queues: tuple[int, ...], maglev_size: int = 65537, cpus: dict[int, frozenset[int]] | None = None,
-                 busy_poll: float = 0.0):
-        """`cpus`: queue index -> CPUs of its worker (forwarder_cpus); `busy_poll`: seconds each spins after a batch."""
+                 busy_poll: float = 0.0, loop: str = "blocking"):
+        """`cpus`: queue index -> CPUs of its worker (forwarder_cpus); `busy_poll`: seconds each spins after a batch;
+        `loop`: "blocking" (packets read by a thread blocking in recv) or "event" (by the event loop)."""
         self.queues = queues
-        self.workers = [_Worker(q, maglev_size, (cpus or {}).get(i, frozenset()), busy_poll)
+        self.workers = [_Worker(q, maglev_size, (cpus or {}).get(i, frozenset()), busy_poll, loop)
                         for i, q in enumerate(queues)]
         self._asked = 0
         self.tables: dict = {}
@@ -383,19 +385,22 @@ class WorkerPool:
 
 # -- the worker process -----------------------------------------------------------------------------
 
-async def _serve(queue_number: int, control: socket.socket, report: socket.socket, maglev_size: int,
-                 busy_poll: float) -> None:
-    from ..lb.balancer import Balancer
-    from .forwarder import Forwarder
+async def _serve(forwarder, control: socket.socket, report: socket.socket, packets_here: threading.Event | None,
+                 ) -> None:
+    """The worker's event loop: control, snapshots, ticks; and packets too unless `packets_here`.
+
+    `packets_here`: set once the queue is bound, for the main thread's blocking reader to take the packets.
+    """
     from .nfqueue import QueueError
 
-    forwarder = Forwarder((queue_number,), Balancer(maglev_size), busy_poll=busy_poll, tables_from_daemon=True)
     try:
-        await forwarder.start()
+        await forwarder.start(read_in_loop=packets_here is None)
     except (QueueError, OSError) as error:
         report.sendall(frame(("error", error.errno or 0, str(error))))
         return
     report.sendall(frame(("ready",)))
+    if packets_here is not None:
+        packets_here.set()
     # Answers leave through a thread: a daemon slow to read must not stall the packet loop.
     outbox: queue.Queue = queue.Queue()
     threading.Thread(target=_Worker._send, args=(report, outbox), daemon=True, name="report").start()
@@ -423,21 +428,27 @@ async def _serve(queue_number: int, control: socket.socket, report: socket.socke
                 outbox.put(("snapshot", payload, forwarder.snapshot()))
 
     loop.add_reader(control.fileno(), on_control)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
+    if packets_here is None:  # (signals reach the main thread only: there, the blocking reader's)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
     try:
         await done.wait()
     finally:
         outbox.put(None)
-        forwarder.close()
+        if packets_here is None:
+            forwarder.close()
 
 
 def main(argv: list[str]) -> int:
     import uvloop
 
+    from ..lb.balancer import Balancer
+    from .forwarder import Forwarder
+
     queue_number, control_fd, report_fd, maglev_size = (int(a) for a in argv[:4])
     cpus = frozenset(int(c) for c in argv[4].split(",")) if len(argv) > 4 and argv[4] != "-" else frozenset()
     busy_poll = float(argv[5]) if len(argv) > 5 else 0.0
+    blocking = (argv[6] if len(argv) > 6 else "blocking") == "blocking"
     try:
         # A packet-path process, as ovs-vswitchd is: new flows wait while it waits (Debian runs that at nice -10).
         os.setpriority(os.PRIO_PROCESS, 0, -10)
@@ -451,8 +462,31 @@ def main(argv: list[str]) -> int:
             logging.getLogger(__name__).warning("cannot pin to CPUs %s (%s); running unpinned", sorted(cpus), error)
     control = socket.socket(fileno=control_fd)
     report = socket.socket(fileno=report_fd)
-    uvloop.run(_serve(queue_number, control, report, maglev_size, busy_poll))
-    return 0
+    forwarder = Forwarder((queue_number,), Balancer(maglev_size), busy_poll=busy_poll, tables_from_daemon=True)
+    if not blocking:
+        uvloop.run(_serve(forwarder, control, report, None))
+        return 0
+    # The blocking reader: packets in this (the main) thread, everything else on an event loop in another.
+    packets_here = threading.Event()
+
+    def control_loop() -> None:
+        try:
+            uvloop.run(_serve(forwarder, control, report, packets_here))
+        finally:  # the daemon is gone, or the queue could not be bound: end
+            forwarder.stopping = True
+            packets_here.set()
+
+    def stop(*_) -> None:  # at a batch's end, never inside one: a packet read is a packet answered
+        forwarder.stopping = True
+        packets_here.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    threading.Thread(target=control_loop, daemon=True, name="control").start()
+    packets_here.wait()
+    if forwarder.bound:
+        forwarder.serve_packets()  # answers what is waiting, then unbinds: new flows bypass to the kernel's pick
+    os._exit(0)
 
 
 if __name__ == "__main__":
