@@ -261,12 +261,21 @@ class LatencyBench:
 
     def _hand_over(self, target: Target, spec: ServiceSpec) -> None:
         """Stops the daemon (its rules stay) and binds its queues with a reference forwarder, one per CPU."""
-        body = json.loads(http_get(target.lab.node, "127.0.0.1", 10249, "/status", timeout=120)[1])
+        names = {f"{spec.namespace}/{spec.name}:{port.name}" for port in spec.ports}
+        deadline = time.monotonic() + 120
+        while True:  # the workers may still be taking in the Services; their answer then leaves them out
+            body = json.loads(http_get(target.lab.node, "127.0.0.1", 10249, "/status", timeout=120)[1])
+            found = {s["service"]: s for s in body["services"] if s["service"] in names}
+            if len(found) == len(names) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         queues = body["queues"]
         tables = []
         for port in spec.ports:
             name = f"{spec.namespace}/{spec.name}:{port.name}"
-            status = next(s for s in body["services"] if s["service"] == name)
+            if name not in found:
+                raise RuntimeError(f"/status does not show {name}")
+            status = found[name]
             tables.append({"name": name, "addresses": [spec.cluster_ip], "port": port.port,
                            "protocol": 6 if port.protocol == "TCP" else 17, "algorithm": status["algorithm"],
                            "targets": [[e["id"], *e["endpoint"].rsplit(":", 1), e["weight"]]
@@ -290,7 +299,8 @@ class LatencyBench:
             if line != "ready":
                 child.kill()
                 why = child.stderr.read().strip().splitlines()
-                raise RuntimeError(f"bench.forwarders {target.path} queue {queue}: {why[-1] if why else 'exited'}")
+                raise RuntimeError(f"bench.forwarders {target.path} queue {queue}: "
+                                   f"{why[-1] if why else f'exited with status {child.wait()}'}")
             target.forwarders.append(child)
         self.progress(f"  {target.key}: daemon stopped (rules kept), {len(queues)} reference forwarder(s) bound")
 

@@ -49,7 +49,7 @@ import time
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!I")
-SNAPSHOT_WAIT = 0.5  # seconds /status and /metrics wait for the workers' answers
+SNAPSHOT_WAIT = 1.0  # seconds /status and /metrics wait for the workers' answers (busy ones are late)
 
 
 def default_queue_count() -> int:
