@@ -92,7 +92,7 @@ class UserspaceMode:
                         self.queue = installed
         if isinstance(self.forwarder, WorkerPool):
             self.forwarder.place(forwarder_cpus(self.queue.count, self.queue.fanout,
-                                                frozenset(os.sched_getaffinity(0)), self._pinned))
+                                                frozenset(os.sched_getaffinity(0)), self._pinned), self.queue.fanout)
         await self.forwarder.start()
 
     def synced(self, snapshot: Snapshot) -> None:

@@ -17,7 +17,10 @@ Rules:
    positive weight when there is one.
 3. ClientIP affinity is checked before the algorithm, per Service port, in
    every algorithm; an entry lives `timeout` seconds after the last new
-   flow that used it.
+   flow that used it. With `affinity_by_hash` (several forwarders, each with
+   its own table, may see one client: queues fanned out by CPU) a client's
+   first flow goes to a weighted hash of its address instead of the
+   algorithm's pick, so that every forwarder picks the same endpoint.
 4. least-conn counts flows the kernel confirmed (conntrack events), plus,
    for two seconds at most, flows decided but not yet seen there, so a
    burst of new flows does not all land on one endpoint.
@@ -193,6 +196,14 @@ class PortState:
             return slots[int(self.rng.random() * len(slots))]
         return bisect.bisect_right(self.cumulative, self.rng.random() * self.cumulative[-1])
 
+    def by_client(self, client: bytes) -> int:
+        """Index into self.targets by a weighted hash of the client's address: the same in every process."""
+        digest = zlib.crc32(client)
+        slots = self.slots
+        if slots:
+            return slots[digest % len(slots)]
+        return bisect.bisect_right(self.cumulative, digest % self.cumulative[-1])
+
     def _maglev(self, flow: Flow) -> int:
         digest = flow_hash(flow)
         if self.maglev:
@@ -248,9 +259,11 @@ def smooth_round_robin(weights: list[int], limit: int = 10000) -> list[int]:
 class Balancer:
     """All Service ports of one node. `handle(event)` returns the commands it leads to."""
 
-    def __init__(self, maglev_size: int = maglev.DEFAULT_SIZE, seed: int | None = None):
+    def __init__(self, maglev_size: int = maglev.DEFAULT_SIZE, seed: int | None = None,
+                 affinity_by_hash: bool = False):
         self.maglev_size = maglev_size
         self.seed = seed
+        self.affinity_by_hash = affinity_by_hash
         self.ports: dict[str, PortState] = {}  # by PortTable.name
         self.by_service: dict[object, tuple[str, ...]] = {}
         self.frontends: dict[tuple[bytes, int, int], PortState] = {}
@@ -301,6 +314,7 @@ class Balancer:
         out = []
         append = out.append
         frontends, nodeports, node_ips, now = self.frontends, self.nodeports, self.node_ips, self.now
+        by_hash = self.affinity_by_hash
         for queue, packet_id, mark, payload in packets:
             flow = parse(payload)
             port = None
@@ -322,9 +336,11 @@ class Balancer:
                     if index is not None:
                         entry[1] = now + timeout
             if index is None:
-                index = port.pick(flow)
                 if timeout is not None:
+                    index = port.by_client(flow.saddr) if by_hash else port.pick(flow)
                     port.affinity[flow.saddr] = [port.ids[index], now + timeout]
+                else:
+                    index = port.pick(flow)
             target_id = port.ids[index]
             decided = port.decided
             decided[target_id] = decided.get(target_id, 0) + 1

@@ -9,7 +9,8 @@ Where the kernel refuses fanout, the kernel spreads flows by an address hash
 (`--queue-balance`) and the forwarders are not pinned. Under the hash a
 client and a Service address always meet in the same worker; under fanout a
 client's flows meet the worker of the CPU they arrive on, and each worker
-keeps its own ClientIP affinity table (a known limit: see queue/README.md).
+keeps its own ClientIP affinity table: a client's first flow then goes to a
+weighted hash of its address, the same in every worker (balancer.py, rule 3).
 Maglev is a pure function of the endpoints (every worker builds the same
 table) and least-conn workers each follow conntrack's events, which count
 every worker's flows.
@@ -140,6 +141,7 @@ class _Worker:
                  busy_poll: float = 0.0, loop: str = "blocking"):
         self.queue = queue_number
         self.loop = loop
+        self.affinity_by_hash = False  # set by WorkerPool.place: fanned out, one client may meet several workers
         self.maglev_size = maglev_size
         self.cpus = cpus
         self.busy_poll = busy_poll
@@ -157,7 +159,7 @@ class _Worker:
         report_here, report_there = socket.socketpair()
         argv = [sys.executable, "-m", "dataplane.queue.workers", str(self.queue), str(control_there.fileno()),
                 str(report_there.fileno()), str(self.maglev_size), ",".join(map(str, sorted(self.cpus))) or "-",
-                repr(self.busy_poll), self.loop]
+                repr(self.busy_poll), self.loop, "hash" if self.affinity_by_hash else "pick"]
         self.process = subprocess.Popen(argv, pass_fds=(control_there.fileno(), report_there.fileno()),
                                         stdin=subprocess.DEVNULL)
         control_there.close()
@@ -229,10 +231,15 @@ class WorkerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
 
-    def place(self, cpus: dict[int, frozenset[int]]) -> None:
-        """Before start(): queue index -> the CPUs of its worker (forwarder_cpus); an index left out is not pinned."""
+    def place(self, cpus: dict[int, frozenset[int]], fanout: bool = False) -> None:
+        """Before start(): queue index -> the CPUs of its worker (forwarder_cpus); an index left out is not pinned.
+
+        `fanout`: queues take packets by CPU, so one client's flows may meet any
+        worker; first ClientIP-affinity picks then hash the client (balancer.py, rule 3).
+        """
         for i, worker in enumerate(self.workers):
             worker.cpus = cpus.get(i, frozenset())
+            worker.affinity_by_hash = fanout and len(self.workers) > 1
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -449,6 +456,7 @@ def main(argv: list[str]) -> int:
     cpus = frozenset(int(c) for c in argv[4].split(",")) if len(argv) > 4 and argv[4] != "-" else frozenset()
     busy_poll = float(argv[5]) if len(argv) > 5 else 0.0
     blocking = (argv[6] if len(argv) > 6 else "blocking") == "blocking"
+    affinity_by_hash = len(argv) > 7 and argv[7] == "hash"
     try:
         # A packet-path process, as ovs-vswitchd is: new flows wait while it waits (Debian runs that at nice -10).
         os.setpriority(os.PRIO_PROCESS, 0, -10)
@@ -462,7 +470,8 @@ def main(argv: list[str]) -> int:
             logging.getLogger(__name__).warning("cannot pin to CPUs %s (%s); running unpinned", sorted(cpus), error)
     control = socket.socket(fileno=control_fd)
     report = socket.socket(fileno=report_fd)
-    forwarder = Forwarder((queue_number,), Balancer(maglev_size), busy_poll=busy_poll, tables_from_daemon=True)
+    forwarder = Forwarder((queue_number,), Balancer(maglev_size, affinity_by_hash=affinity_by_hash),
+                          busy_poll=busy_poll, tables_from_daemon=True)
     if not blocking:
         uvloop.run(_serve(forwarder, control, report, None))
         return 0
