@@ -14,7 +14,12 @@ Measures, in a lab of namespaces (client -> node running `dataplane run` -> 3 Po
    is held when every flow was decided (queued = sent) with no fail-open; the
    forwarders' CPU time per decided flow is reported. The same floods go
    through kernel mode, counted on the Pods' veths, for its rate;
-4. Maglev: building the 65,537-slot table for 1,000 endpoints.
+4. Maglev: building the 65,537-slot table for 1,000 endpoints;
+5. where a decided packet's microseconds go in Python (`stages`): decoding
+   the netlink message, parsing the headers, the balancer's decision (parse
+   included), encoding the verdict, per packet in batches of 1 and 256,
+   on the same bytes the kernel sends (no socket: the syscalls and the
+   wake-up are what the lab figures add to these).
 
 Results go to bench/out/userspace.json and .md; the command line is recorded.
 """
@@ -26,6 +31,7 @@ import json
 import os
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -200,6 +206,55 @@ def capacity(lab: Lab, rates: list[int], seconds: float, progress, mode: str = "
     return results
 
 
+def stages(repeat: int = 2000) -> dict:
+    """Per-packet Python cost of each step of a decision, in µs (best of 5), for batches of 1 and 256."""
+    from dataplane.lb.balancer import Balancer, ServicesChanged
+    from dataplane.lb.policy import PortTable, Target, packed
+    from dataplane.packet import parse
+    from dataplane.queue import nfqueue
+    from dataplane.netlink import codec
+
+    def message(packet_id: int) -> bytes:
+        # What nfnetlink_queue sends for a forwarded packet: header, indev, mark, hwaddr, then 28 bytes copied.
+        ip = struct.pack("!BBHHHBBH4s4sHHHH", 0x45, 0, 28, 1, 0, 64, 17, 0, socket.inet_aton("192.168.50.2"),
+                         socket.inet_aton(CLUSTER_IP), 40000 + packet_id % 20000, FLOOD_PORT, 8, 0)
+        attrs = [(nfqueue.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, 0)), (5, b"\0\0\0\2"),
+                 (nfqueue.NFQA_MARK, struct.pack("!I", 0x2000)), (9, bytes(12)), (nfqueue.NFQA_PAYLOAD, ip)]
+        return codec.request(codec.message_type(nfqueue.NFNL_SUBSYS_QUEUE, nfqueue.NFQNL_MSG_PACKET), 0, 0,
+                             socket.AF_INET, 0, attrs)
+
+    balancer = Balancer()
+    targets = tuple(Target(i + 1, f"10.244.1.{11 + i}", FLOOD_PORT) for i in range(3))
+    balancer.handle(ServicesChanged({"web": (PortTable("default/web:flood", 17, (packed(CLUSTER_IP),), FLOOD_PORT,
+                                                       None, targets, "random", None),)}, 0.0))
+    out = {}
+    for batch in (1, 256):
+        data = [message(i) for i in range(batch)]
+        packets: list = []
+        for d in data:
+            nfqueue.decode_packets(d, packets)
+        verdicts = balancer.decide(packets)
+        steps = {
+            "decode": lambda: [nfqueue.decode_packets(d, []) for d in data],
+            "parse": lambda: [parse(p.payload) for p in packets],
+            "decide (parse included)": lambda: balancer.decide(packets),
+            "encode verdicts": lambda: nfqueue.encode_verdicts(verdicts),
+        }
+        loops = max(1, repeat // batch) * 10
+        row = {}
+        for name, step in steps.items():
+            best = float("inf")
+            for _ in range(5):
+                started = time.perf_counter()
+                for _ in range(loops):
+                    step()
+                best = min(best, (time.perf_counter() - started) / loops / batch)
+            row[name] = round(best * 1e6, 2)
+        row["total"] = round(row["decode"] + row["decide (parse included)"] + row["encode verdicts"], 2)
+        out[f"batch of {batch}"] = row
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.userspace")
     parser.add_argument("--quick", action="store_true", help="fewer samples: a smoke test")
@@ -207,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default=None, help="flood rates to try, new flows/s, comma-separated")
     parser.add_argument("--queues", type=int, default=0, help="dataplane run --queues (default: its own default)")
     parser.add_argument("--busy-poll", type=int, default=0, help="dataplane run --busy-poll, microseconds")
-    parser.add_argument("--only", choices=("latency", "capacity"), default=None)
+    parser.add_argument("--only", choices=("latency", "capacity", "stages"), default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -228,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     def progress(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    if args.only == "stages":
+        found = stages()
+        print(json.dumps(found, indent=1))
+        return 0
     samples = {mode: {k: [] for k in per_round} for mode in ("kernel", "userspace")}
     results: dict = {"command": " ".join(["python -m bench.userspace", *(sys.argv[1:] if argv is None else argv)]),
                      "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "queues": args.queues or "default",
@@ -285,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         maglev.build(names)
         builds.append(time.perf_counter() - t)
     results["maglev_1000_build_ms"] = round(statistics.median(builds) * 1000, 1)
+    results["stages_us"] = stages()
     out = Path(args.out)
     (out / "userspace.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "userspace.md").write_text(markdown(results))
@@ -318,7 +378,13 @@ def markdown(r: dict) -> str:
                      f"{('yes' if k['held'] else 'no') if k else '–'} |")
     lines += ["", f"Highest rate held (every flow decided, no fail-open): {r['max_rate_held']} new flows/s; "
               f"kernel mode, the same floods: {r.get('kernel_max_rate_held')} new flows/s reached the Pods",
-              f"Maglev table (65,537 slots, 1,000 endpoints): {r['maglev_1000_build_ms']} ms"]
+              f"Maglev table (65,537 slots, 1,000 endpoints): {r['maglev_1000_build_ms']} ms", "",
+              "Python per packet, µs (no syscalls, no wake-up):", "",
+              "| batch | decode | parse | decide (parse included) | encode verdicts | total |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for batch, row in r.get("stages_us", {}).items():
+        lines.append(f"| {batch} | {row['decode']} | {row['parse']} | {row['decide (parse included)']} | "
+                     f"{row['encode verdicts']} | {row['total']} |")
     return "\n".join(lines) + "\n"
 
 
