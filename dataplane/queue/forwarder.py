@@ -27,7 +27,7 @@ from typing import Callable, Mapping
 
 from ..lb import maglev
 from ..lb.balancer import (
-    Balancer, BuildTable, FlowEnded, FlowStarted, Log, NodeAddresses, PacketsQueued, ServicesChanged, TableBuilt,
+    Balancer, BuildTable, FlowEnded, FlowStarted, Log, NodeAddresses, ServicesChanged, TableBuilt,
     Tick, Verdict, Verdicts, Wakeup,
 )
 from ..lb.policy import PortTable
@@ -219,12 +219,15 @@ class Forwarder:
         self._read_took = time.perf_counter() - started
         started += self._read_took
         with self._lock:
+            balancer = self.balancer
             try:
-                commands = self.balancer.handle(PacketsQueued(packets, self.clock()))
+                # handle(PacketsQueued(...)) without the event and command objects: the hot path.
+                balancer.now = self.clock()
+                verdicts = balancer.decide(packets)
             except Exception:  # a bug must not strand packets in the queue: let them all go on, undecided
                 log.exception("balancer failed on a batch of %d packets; they take the kernel's pick", len(packets))
-                commands = [Verdicts([(p.queue, p.packet_id, p.mark & KEEP_MASK) for p in packets])]
-            self._run(commands)
+                verdicts = [(p.queue, p.packet_id, p.mark & KEEP_MASK) for p in packets]
+            self._socket.send(verdicts)
             self.packets += len(packets)
             self.latency.observe(time.perf_counter() - started, len(packets))
         return len(packets)
