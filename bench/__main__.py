@@ -111,7 +111,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds: a smoke test of the harness")
     parser.add_argument("--sizes", help="Service counts for the latency paths, comma-separated")
     parser.add_argument("--cp-sizes", help="Service counts for the control plane, comma-separated")
-    parser.add_argument("--paths", default=",".join(latency.PATHS), help="latency paths, comma-separated")
+    parser.add_argument("--paths", default=",".join(latency.DEFAULT_PATHS),
+                        help=f"latency paths, comma-separated, of {', '.join(latency.PATHS)}")
     parser.add_argument("--rounds", type=int, help="interleaved latency rounds")
     parser.add_argument("--changes", type=int, help="endpoint changes to time per control-plane size")
     parser.add_argument("--only", choices=("latency", "control-plane", "userspace"),
@@ -190,7 +191,7 @@ def run_latency(settings: latency.Settings, progress: Progress) -> dict:
         bench.build()
         progress(f"latency: {len(bench.targets)} labs ready; measuring")
         raw = bench.run()
-        records = latency.summarize(bench.targets, raw, settings)
+        records = latency.summarize(bench.targets, raw, settings, bench.cpu)
         return {"settings": {**settings.__dict__, "sizes": list(settings.sizes), "paths": list(settings.paths),
                              "modes": list(settings.modes)},
                 "records": records, "setup": latency.setup_records(bench.targets),

@@ -7,7 +7,19 @@ count, all built before the first measurement and kept until the last:
                          NAT rules, no conntrack): the floor
     kernel               client -> ClusterIP; `dataplane run --proxy-mode kernel`
     userspace            the same with `--proxy-mode userspace`, when the
-                         installed `dataplane run --help` offers it
+                         installed `dataplane run --help` offers it (its
+                         defaults: a queue per CPU, fanned out by CPU, a
+                         forwarder process pinned to each)
+    userspace-event-loop the same with `--forwarder-loop event`: packets read by
+                         the workers' event loop instead of a blocking thread: opt-in
+    userspace-busy-poll  the same with `--busy-poll 50` (µs): opt-in path
+    netfilterqueue       the reference forwarder (bench/forwarders.py): the
+                         NetfilterQueue binding, one verdict per packet, the
+                         same balancer and the same placement (a process per
+                         queue, pinned to its CPU), in a userspace lab whose
+                         daemon was stopped (its rules stay)
+    userspace-blocking   the same with our queue socket read by a bare blocking
+                         loop (no control thread, no lock): opt-in path
     iptables-reference   client -> ClusterIP; kube-proxy's iptables layout for
                          the same cluster (iptables_reference.py), loaded with
                          iptables-nft-restore
@@ -37,22 +49,30 @@ only to addresses inside those namespaces.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface
 from pathlib import Path
 
+from dataplane.lab.client import http_get
 from dataplane.lab.daemon import Daemon, dataplane_executable
 from dataplane.lab.topology import AddressPlan, Lab
 
 from . import iptables_reference, loadgen, stats
 from .manifests import ServiceSpec, measured_spec, synthetic_cluster, write_specs
 
-PATHS = ("direct", "kernel", "userspace", "iptables-reference", "direct-on-kernel-node")
+PATHS = ("direct", "kernel", "userspace", "netfilterqueue", "iptables-reference", "direct-on-kernel-node",
+         "userspace-event-loop", "userspace-busy-poll", "userspace-blocking")
+DEFAULT_PATHS = PATHS[:6]
+USERSPACE_PATHS = {"userspace", "netfilterqueue", "userspace-event-loop", "userspace-busy-poll", "userspace-blocking"}
+REFERENCE_FORWARDERS = {"netfilterqueue": "netfilterqueue", "userspace-blocking": "blocking"}
+BUSY_POLL_US = 50
 SERVICE_PORT = 80
 SERVER_PORT = 7000
 ENDPOINTS = 10
@@ -93,6 +113,7 @@ class Target:
     port: int
     setup: dict = field(default_factory=dict)
     daemon: Daemon | None = None
+    forwarders: list = field(default_factory=list)  # reference forwarder processes (netfilterqueue, blocking)
 
     @property
     def key(self) -> str:
@@ -123,6 +144,7 @@ class LatencyBench:
         self.binary: Path | None = None
         self._labs: list[Lab] = []
         self._ports: dict[str, int] = {}  # target key -> next udp-crr source port
+        self.cpu: dict[str, dict[str, list]] = {}  # target key -> mode -> [forwarder CPU seconds, new flows]
 
     def __enter__(self) -> "LatencyBench":
         return self
@@ -132,6 +154,8 @@ class LatencyBench:
 
     def close(self) -> None:
         for target in self.targets:
+            for child in target.forwarders:
+                child.terminate()
             if target.daemon is not None:
                 try:
                     target.daemon.stop()
@@ -146,19 +170,26 @@ class LatencyBench:
     def build(self) -> None:
         self.binary = loadgen.build(self.workdir)
         paths = list(self.settings.paths)
-        if "userspace" in paths and "userspace" not in proxy_modes():
-            self.unavailable["userspace"] = "not available: `dataplane run --help` offers no userspace proxy mode"
-            paths.remove("userspace")
+        if USERSPACE_PATHS & set(paths) and "userspace" not in proxy_modes():
+            for path in USERSPACE_PATHS & set(paths):
+                self.unavailable[path] = "not available: `dataplane run --help` offers no userspace proxy mode"
+                paths.remove(path)
             self.progress("  userspace: not available (dataplane run --proxy-mode has no userspace choice yet)")
+        if "netfilterqueue" in paths:
+            try:
+                import netfilterqueue  # noqa: F401
+            except ImportError as error:
+                self.unavailable["netfilterqueue"] = f"not available: {error} (the `bench` extra installs it)"
+                paths.remove("netfilterqueue")
         if "direct" in paths:
             self._add(self._direct())
         for size in self.settings.sizes:
             specs = cluster(size)
             source = self.workdir / f"manifests-{size}"
-            if {"kernel", "userspace"} & set(paths):
+            if ({"kernel"} | USERSPACE_PATHS) & set(paths):
                 write_specs(source, specs)
             for path in paths:
-                if path in ("kernel", "userspace"):
+                if path == "kernel" or path in USERSPACE_PATHS:
                     target = self._daemon(path, size, source)
                     self._add(target)
                     if path == "kernel" and target and "direct-on-kernel-node" in paths:
@@ -199,22 +230,100 @@ class LatencyBench:
         self.progress(f"  direct: lab ready in {time.monotonic() - started:.1f} s")
         return Target("direct", None, lab, endpoint_ips()[0], SERVER_PORT)
 
-    def _daemon(self, mode: str, size: int, source: Path) -> Target | None:
+    def _daemon(self, path: str, size: int, source: Path) -> Target | None:
         lab = self._lab()
         spec = measured(size)
-        daemon = Daemon.for_source(lab.node, source, self.workdir / f"{mode}-{size}.log",
-                                   extra=["--proxy-mode", mode, "--sync-period", "86400"],
+        extra = ["--proxy-mode", "kernel" if path == "kernel" else "userspace", "--sync-period", "86400"]
+        if path == "userspace-busy-poll":
+            extra += ["--busy-poll", str(BUSY_POLL_US)]
+        if path == "userspace-event-loop":
+            extra += ["--forwarder-loop", "event"]
+        daemon = Daemon.for_source(lab.node, source, self.workdir / f"{path}-{size}.log", extra=extra,
                                    cluster_cidr=str(PLAN.cluster_cidr))
         started = time.monotonic()
         try:
             daemon.start(timeout=900)
         except Exception as error:  # noqa: BLE001 - reported, the other paths go on
-            self.unavailable[f"{mode}/{size}"] = f"daemon did not start: {str(error).splitlines()[0]}"
-            self.progress(f"  {mode}/{size}: daemon did not start: {error}")
+            self.unavailable[f"{path}/{size}"] = f"daemon did not start: {str(error).splitlines()[0]}"
+            self.progress(f"  {path}/{size}: daemon did not start: {error}")
             return None
         ready = time.monotonic() - started
-        self.progress(f"  {mode}/{size}: daemon healthy {ready:.1f} s after start")
-        return Target(mode, size, lab, spec.cluster_ip, SERVICE_PORT, {"daemon_ready_s": ready}, daemon)
+        self.progress(f"  {path}/{size}: daemon healthy {ready:.1f} s after start")
+        target = Target(path, size, lab, spec.cluster_ip, SERVICE_PORT, {"daemon_ready_s": ready}, daemon)
+        if path in REFERENCE_FORWARDERS:
+            try:
+                self._hand_over(target, spec)
+            except Exception as error:  # noqa: BLE001 - reported, the other paths go on
+                self.unavailable[f"{path}/{size}"] = f"reference forwarder did not start: {error}"
+                self.progress(f"  {path}/{size}: reference forwarder did not start: {error}")
+                return None
+        return target
+
+    def _hand_over(self, target: Target, spec: ServiceSpec) -> None:
+        """Stops the daemon (its rules stay) and binds its queues with a reference forwarder, one per CPU."""
+        names = {f"{spec.namespace}/{spec.name}:{port.name}" for port in spec.ports}
+        deadline = time.monotonic() + 120
+        while True:  # the workers may still be taking in the Services; their answer then leaves them out
+            body = json.loads(http_get(target.lab.node, "127.0.0.1", 10249, "/status", timeout=120)[1])
+            found = {s["service"]: s for s in body["services"] if s["service"] in names}
+            if len(found) == len(names) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        queues = body["queues"]
+        tables = []
+        for port in spec.ports:
+            name = f"{spec.namespace}/{spec.name}:{port.name}"
+            if name not in found:
+                raise RuntimeError(f"/status does not show {name}")
+            status = found[name]
+            tables.append({"name": name, "addresses": [spec.cluster_ip], "port": port.port,
+                           "protocol": 6 if port.protocol == "TCP" else 17, "algorithm": status["algorithm"],
+                           "targets": [[e["id"], *e["endpoint"].rsplit(":", 1), e["weight"]]
+                                       for e in status["endpoints"]]})
+        for table in tables:
+            table["targets"] = [[i, ip, int(port), w] for i, ip, port, w in table["targets"]]
+        workers = forwarder_pids(target.daemon.process.pid)
+        target.daemon.stop()
+        target.daemon = None
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)  # a worker still alive still holds its queue (EBUSY)
+        fanout = body.get("queue_fanout", False)
+        for index, queue in enumerate(queues):
+            cpu = index if fanout else -1  # fanout: queue i gets CPU i's packets (one queue per CPU)
+            child = target.lab.node.popen(sys.executable, "-m", "bench.forwarders", REFERENCE_FORWARDERS[target.path],
+                                          str(queue), str(cpu), json.dumps(tables), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True,
+                                          cwd=str(Path(__file__).resolve().parent.parent))
+            line = child.stdout.readline().strip()
+            if line != "ready":
+                child.kill()
+                why = child.stderr.read().strip().splitlines()
+                raise RuntimeError(f"bench.forwarders {target.path} queue {queue}: "
+                                   f"{why[-1] if why else f'exited with status {child.wait()}'}")
+            target.forwarders.append(child)
+        self.progress(f"  {target.key}: daemon stopped (rules kept), {len(queues)} reference forwarder(s) bound")
+
+    def forwarder_cpu(self, target: Target) -> float | None:
+        """CPU seconds the target's forwarder processes used so far; None outside userspace paths.
+
+        Read from /proc (on-CPU nanoseconds of every thread: clock ticks are too
+        coarse), not from /status, which at 10,000 Services costs the workers more
+        than the flows measured.
+        """
+        if target.path not in USERSPACE_PATHS:
+            return None
+        pids = [child.pid for child in target.forwarders]
+        if target.daemon is not None and target.daemon.process is not None:
+            pids = forwarder_pids(target.daemon.process.pid)
+        seconds = 0.0
+        for pid in pids:
+            try:
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    seconds += int((task / "schedstat").read_text().split()[0]) / 1e9
+            except OSError:
+                pass  # a worker that is being restarted
+        return seconds
 
     def _iptables(self, size: int, specs: list) -> Target:
         lab = self._lab()
@@ -249,6 +358,8 @@ class LatencyBench:
         """Warms every target up, runs the rounds; returns the raw per-round runs keyed by target then mode."""
         s = self.settings
         raw = {t.key: {m: [] for m in s.modes} for t in self.targets}
+        self.cpu = {t.key: {m: [0.0, 0] for m in ("tcp-crr", "udp-crr")} for t in self.targets
+                    if t.path in USERSPACE_PATHS}  # CPU seconds of the forwarders, new flows measured
         for target in self.targets:  # one untimed pass: caches, conntrack, ARP
             for mode in s.modes:
                 self._measure(target, mode, min(200, s.count[mode]), s.seconds)
@@ -258,7 +369,13 @@ class LatencyBench:
             started = time.monotonic()
             for mode in s.modes:
                 for target in order:
-                    raw[target.key][mode].append(self._measure(target, mode, s.count[mode], s.seconds))
+                    counted = mode in ("tcp-crr", "udp-crr") and target.key in self.cpu
+                    before = self.forwarder_cpu(target) if counted else None
+                    run = self._measure(target, mode, s.count[mode], s.seconds)
+                    raw[target.key][mode].append(run)
+                    if before is not None:
+                        self.cpu[target.key][mode][0] += self.forwarder_cpu(target) - before
+                        self.cpu[target.key][mode][1] += len(run.samples_ns) + run.failed
             medians = []
             for target in self.targets:
                 run = raw[target.key][s.modes[0]][-1]
@@ -269,18 +386,37 @@ class LatencyBench:
         return raw
 
 
+def forwarder_pids(daemon_pid: int) -> list[int]:
+    """The pids of a daemon's forwarder worker processes (`python -m dataplane.queue.workers`)."""
+    found = []
+    for task in Path(f"/proc/{daemon_pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                if b"dataplane.queue.workers" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(int(child))
+            except OSError:
+                pass
+    return found
+
+
 # (reference path, its Service count or "same", record key) -> the paths compared with it
 REFERENCES = {
     ("direct", None, "vs_direct"): set(PATHS) - {"direct"},
-    ("kernel", "same", "vs_kernel"): {"userspace"},
+    ("kernel", "same", "vs_kernel"): USERSPACE_PATHS,
+    ("userspace", "same", "vs_userspace"): USERSPACE_PATHS - {"userspace"},
     ("direct-on-kernel-node", "same", "vs_pod_ip_same_node"): {"kernel"},
 }
 
 
-def summarize(targets: list[Target], raw: dict, settings: Settings) -> list[dict]:
+def summarize(targets: list[Target], raw: dict, settings: Settings, cpu: dict | None = None) -> list[dict]:
     """One record per (target, mode): pooled percentiles (µs), per-round spread, CDF, ratios to direct.
 
-    Userspace records also carry ratios to kernel mode at the same size.
+    Userspace records also carry ratios to kernel mode at the same size, and
+    for new flows the forwarders' CPU time per flow (`cpu`: LatencyBench.cpu).
     """
     records = []
     per_round: dict[tuple[str, str], dict[str, list]] = {}
@@ -305,6 +441,10 @@ def summarize(targets: list[Target], raw: dict, settings: Settings) -> list[dict
                 "rounds_p50_us": stats.spread(rounds_p50), "rounds_p99_us": stats.spread(rounds_p99),
                 "cdf_us": stats.cdf_points(pooled),
             })
+            spent = (cpu or {}).get(target.key, {}).get(mode)
+            if spent and spent[1]:
+                # Includes the forwarder's idle wake-ups and, under busy polling, its spinning.
+                records[-1]["forwarder_cpu_us_per_flow"] = round(spent[0] / spent[1] * 1e6, 1)
     by_key = {(r["path"], r["services"], r["mode"]): r for r in records}
     for record in records:
         for (reference_path, reference_size, name), compared in REFERENCES.items():

@@ -11,7 +11,8 @@ from pathlib import Path
 from .loadgen import MODE_TEXT
 
 COLORS = {"direct": "black", "kernel": "tab:blue", "userspace": "tab:green", "iptables-reference": "tab:red",
-          "direct-on-kernel-node": "tab:gray"}
+          "direct-on-kernel-node": "tab:gray", "netfilterqueue": "tab:orange", "userspace-busy-poll": "tab:olive",
+          "userspace-blocking": "tab:purple", "userspace-event-loop": "tab:cyan"}
 
 
 def write(results: dict, out: Path) -> list[str]:

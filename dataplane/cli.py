@@ -79,8 +79,19 @@ def _parser() -> argparse.ArgumentParser:
                              help="kernel (also kube-proxy's iptables, nftables): nftables picks endpoints; "
                                   "userspace: the first packet of each new flow is queued to the daemon, which "
                                   "picks (fail-open to the kernel's pick)")
-    proxy_flags.add_argument("--queues", type=_positive, default=1,
-                             help="userspace: NFQUEUE queues 0..N-1; the kernel spreads flows over them by hash")
+    proxy_flags.add_argument("--queues", type=_positive, default=None,
+                             help="userspace: NFQUEUE queues 0..N-1, a forwarder process each, packets fanned out "
+                                  "by CPU (by address hash where the kernel has no fanout); 1: decided in the "
+                                  "daemon itself (default: one per CPU)")
+    proxy_flags.add_argument("--forwarder-cpus", type=_cpu_list, default=None,
+                             help="userspace: CPUs for the forwarders, comma-separated, queue i on the i-th; "
+                                  "'none': unpinned (default: each on its queue's CPU under fanout)")
+    proxy_flags.add_argument("--busy-poll", type=_microseconds, default=0.0, metavar="MICROSECONDS",
+                             help="userspace: a forwarder keeps reading this long after a batch before sleeping "
+                                  "(spends CPU to save a wake-up; default 0: off)")
+    proxy_flags.add_argument("--forwarder-loop", default="blocking", choices=["blocking", "event"],
+                             help="userspace, in forwarder processes: packets read by a thread blocking in recv, "
+                                  "or by the event loop (measured slower; see bench/README.md)")
     proxy_flags.add_argument("--lb-algorithm", default="random", choices=ALGORITHMS,
                              help="userspace: the algorithm of Services without a dataplane.io/lb-algorithm annotation")
     proxy_flags.add_argument("--hostname-override", default="", help="this node's name (default: the hostname)")
@@ -440,8 +451,11 @@ def _render(args: argparse.Namespace) -> int:
     if args.proxy_mode == "userspace":
         from .nat.userspace import QueueSpec, UserspaceRules
         from .nat.xtables import Xtables
+        from .queue.workers import default_queue_count
 
-        queue = QueueSpec(count=args.queues)  # as on a kernel without nft's queue: the rule goes to iptables
+        count = args.queues or default_queue_count()
+        # As on a kernel without nft's queue: the rule goes to iptables.
+        queue = QueueSpec(count=count, fanout=count > 1)
         ruleset = UserspaceRules(settings, layout.Family(4), queue).extend(ruleset, snapshot)
         sys.stdout.write("# userspace mode; with `iptables-restore --noflush`:\n")
         sys.stdout.write("".join(f"#   {line}\n" for line in Xtables(4).script(queue).splitlines()))
@@ -483,6 +497,25 @@ def _positive(text: str) -> int:
     return value
 
 
+def _cpu_list(text: str) -> tuple[int, ...]:
+    if text.strip() == "none":
+        return ()
+    try:
+        cpus = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        cpus = (-1,)
+    if not cpus or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'none' or CPU numbers separated by commas")
+    return cpus
+
+
+def _microseconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text} is not 0..1000000 microseconds")
+    return value / 1e6
+
+
 def _run(args: argparse.Namespace, nft) -> int:
     import uvloop
 
@@ -514,6 +547,9 @@ def _run(args: argparse.Namespace, nft) -> int:
         kube=kube,
         proxy_mode=args.proxy_mode,
         queues=args.queues,
+        forwarder_cpus=args.forwarder_cpus,
+        busy_poll=args.busy_poll,
+        forwarder_loop=args.forwarder_loop,
         lb_algorithm=args.lb_algorithm,
         allow_links=args.allow_links,
         primary_ip=_primary_ip(args.bind_address),

@@ -1,4 +1,4 @@
-"""Headers of a queued packet: the flow's 5-tuple, from raw bytes (struct, no copies, no scapy).
+"""A queued packet, and its headers: the flow's 5-tuple, from raw bytes (struct, no copies, no scapy).
 
 Invariant: `parse()` never raises, whatever the bytes. A packet it cannot
 read as the first fragment of a TCP, UDP or SCTP datagram over IPv4 or IPv6
@@ -23,6 +23,18 @@ _MAX_EXTENSIONS = 8
 _V4 = struct.Struct("!BBHHHBBH4s4s")
 _PORTS = struct.Struct("!HH")
 _u16 = struct.Struct("!H").unpack_from
+
+
+class PacketQueued(NamedTuple):
+    """One packet the kernel queued to us: its queue, id (for the verdict), mark and first bytes.
+
+    The one packet type of userspace mode: queue/nfqueue.py decodes into it, lb/balancer.py decides on it.
+    """
+
+    queue: int
+    packet_id: int
+    mark: int
+    payload: bytes
 
 
 class Flow(NamedTuple):

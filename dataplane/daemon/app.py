@@ -56,7 +56,10 @@ class Options:
     dns_upstream: str = ""  # comma-separated; empty: the nameservers of /etc/resolv.conf
     dns_ttl: int = 5
     proxy_mode: str = "kernel"  # or "userspace": new flows are balanced by the forwarder (issue 3)
-    queues: int = 1  # userspace: NFQUEUE queues, the kernel spreads flows over them by hash
+    queues: int | None = None  # userspace: NFQUEUE queues; None: one per CPU, fanned out by CPU
+    forwarder_cpus: tuple[int, ...] | None = None  # userspace: CPUs of the forwarders by hand; None: their queue's
+    busy_poll: float = 0.0  # userspace: seconds a forwarder spins after a batch
+    forwarder_loop: str = "blocking"  # userspace workers: packets read by a blocking thread, or "event": the loop
     lb_algorithm: str = "random"  # userspace: for Services without a dataplane.io/lb-algorithm annotation
     kube: ApiSettings | None = None  # set: the Kubernetes API is the source (`--source kube`), not `source`
     allow_links: bool = False  # follow symlinks out of the manifest folder (`--allow-links`)
@@ -128,7 +131,9 @@ class Daemon:
             self.source.on_endpoint_slice = self.metrics.triggers.record
         self.proxier = Proxier(options.settings, nft)
         if userspace is None and options.proxy_mode == "userspace":
-            userspace = UserspaceMode(options.settings, nft, options.queues, options.lb_algorithm)
+            userspace = UserspaceMode(options.settings, nft, options.queues, options.lb_algorithm,
+                                      pinned=options.forwarder_cpus, busy_poll=options.busy_poll,
+                                      loop=options.forwarder_loop)
         self.userspace = userspace
         if userspace is not None:
             self.proxier.extend = userspace.extend

@@ -35,6 +35,9 @@ def body(mode: UserspaceMode | None) -> dict:
         "packets_queued": snapshot["packets"],
         "packets_per_queue": snapshot["per_queue"],
         "undecided": snapshot["undecided"],
+        "queue_fanout": mode.queue.fanout,
+        "forwarder_cpu_seconds": snapshot.get("cpu_seconds"),
+        "forwarder_cpu_user_seconds": snapshot.get("cpu_user_seconds"),
         "fail_open": mode.fail_open.value,
         "services": snapshot["services"],
     }

@@ -24,7 +24,7 @@ from ..nat.ruleset import Ruleset
 from ..nat.userspace import FAIL_OPEN, QueueSpec, UserspaceRules, probe_nft_queue
 from ..nat.xtables import Xtables, XtablesError
 from ..queue.forwarder import Forwarder
-from ..queue.workers import WorkerPool
+from ..queue.workers import WorkerPool, default_queue_count, forwarder_cpus
 from .counters import CounterTotal
 
 log = logging.getLogger(__name__)
@@ -39,25 +39,30 @@ def remove_queue_rules() -> None:
 
 
 class UserspaceMode:
-    """`queue_in_nft`: None probes the kernel; `xtables`: where the queue rule goes when nft has no `queue`."""
+    """`queues` None: one per CPU, fanned out by CPU; `pinned`: forwarder CPUs by hand (workers.forwarder_cpus);
+    `queue_in_nft`: None probes the kernel; `xtables`: where the queue rule goes when nft has no `queue`."""
 
-    def __init__(self, settings: NodeSettings, nft: Nftables, queues: int = 1, algorithm: str = "random",
-                 maglev_size: int = 65537, queue_in_nft: bool | None = None,
+    def __init__(self, settings: NodeSettings, nft: Nftables, queues: int | None = None, algorithm: str = "random",
+                 maglev_size: int = 65537, pinned: tuple[int, ...] | None = None, busy_poll: float = 0.0,
+                 loop: str = "blocking", queue_in_nft: bool | None = None,
                  xtables: tuple[Xtables, ...] = (Xtables(4), Xtables(6))):
         self.nft = nft
+        count = queues or default_queue_count()
         in_nft = probe_nft_queue(nft) if queue_in_nft is None else queue_in_nft
-        self.queue = QueueSpec(count=queues, in_nft=in_nft)
+        self.queue = QueueSpec(count=count, in_nft=in_nft, fanout=count > 1)
         self.xtables = xtables
+        self._pinned = pinned
         self.rules = {family: UserspaceRules(settings, layout.Family(version), self.queue)
                       for family, version in FAMILIES.items()}
         self.algorithm = algorithm
         self.settings = settings
         numbers = tuple(range(self.queue.first, self.queue.last + 1))
-        # One queue: decided on the daemon's own loop. More: a process per queue, to use every core.
-        self.forwarder = Forwarder(numbers, Balancer(maglev_size)) if queues == 1 else WorkerPool(numbers, maglev_size)
+        # --queues 1 by hand: decided on the daemon's own loop. Otherwise a process per queue, on its queue's CPU.
+        self.forwarder = (Forwarder(numbers, Balancer(maglev_size), busy_poll=busy_poll) if queues == 1
+                          else WorkerPool(numbers, maglev_size, busy_poll=busy_poll, loop=loop))
         self._seen: Snapshot | None = None
         self.fail_open = CounterTotal(FAIL_OPEN, tuple((family, layout.TABLE) for family in FAMILIES))
-        log.info("userspace mode: %d queue(s) via %s, default algorithm %s", queues,
+        log.info("userspace mode: %d queue(s) via %s, default algorithm %s", count,
                  "nft queue" if self.queue.in_nft else "iptables NFQUEUE (this kernel has no nft queue)", algorithm)
 
     # the sync thread
@@ -83,17 +88,37 @@ class UserspaceMode:
     # the event loop
 
     async def start(self) -> None:
-        """Binds the queues (the first sync, a full one, installs the queue rules).
+        """Settles how packets reach the queues, places the forwarders, binds the queues.
 
+        Where nft has no `queue`, iptables is asked for `--queue-cpu-fanout`
+        first; a kernel that refuses it gets the queues by address hash and
+        unpinned forwarders. The queue rule itself is (re)installed by every
+        full sync (`ensure_queue_rules`), so an iptables failure fails a sync.
         With one queue the packet path runs in this process: it takes nice -10,
-        as the worker processes of --queues N do (workers.py), so that new flows
-        do not wait behind batch work on a busy node.
+        as the worker processes do (workers.py), so that new flows do not wait
+        behind batch work on a busy node.
         """
-        if self.queue.count == 1:
+        if not isinstance(self.forwarder, WorkerPool):
             try:
                 os.setpriority(os.PRIO_PROCESS, 0, -10)
             except OSError:
                 pass
+        if not self.queue.in_nft and self.queue.fanout:
+            for xt in self.xtables:
+                if not xt.available():
+                    continue
+                try:
+                    installed = xt.install_probing(self.queue)
+                except XtablesError as error:  # the first full sync reports it, and fails
+                    log.warning("iptables queue rule: %s", error)
+                    continue
+                if installed != self.queue:
+                    log.warning("iptables refuses --queue-cpu-fanout here: the %d queues take new flows by "
+                                "address hash, and their forwarders are not pinned", self.queue.count)
+                    self.queue = installed
+        if isinstance(self.forwarder, WorkerPool):
+            self.forwarder.place(forwarder_cpus(self.queue.count, self.queue.fanout,
+                                                frozenset(os.sched_getaffinity(0)), self._pinned), self.queue.fanout)
         await self.forwarder.start()
 
     def synced(self, snapshot: Snapshot) -> None:

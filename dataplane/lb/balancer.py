@@ -17,7 +17,10 @@ Rules:
    positive weight when there is one.
 3. ClientIP affinity is checked before the algorithm, per Service port, in
    every algorithm; an entry lives `timeout` seconds after the last new
-   flow that used it.
+   flow that used it. With `affinity_by_hash` (several forwarders, each with
+   its own table, may see one client: queues fanned out by CPU) a client's
+   first flow goes to a weighted hash of its address instead of the
+   algorithm's pick, so that every forwarder picks the same endpoint.
 4. least-conn counts flows the kernel confirmed (conntrack events), plus,
    for two seconds at most, flows decided but not yet seen there, so a
    burst of new flows does not all land on one endpoint.
@@ -35,22 +38,16 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple
 
 from ..marks import KEEP_MASK, mark_for
-from ..packet import Flow, parse
+from ..packet import Flow, PacketQueued, parse
 from . import maglev
 from .policy import PortTable, Target, packed
 
 PENDING_FOR = 2.0  # seconds a decided flow counts for least-conn before conntrack confirms it
+SLOTS_LIMIT = 4096  # random: weighted pick tables up to this many slots, a binary search beyond
 _PORTS = struct.Struct("!HH").pack
 
 
 # -- events ---------------------------------------------------------------------------------------
-
-class PacketQueued(NamedTuple):
-    queue: int
-    packet_id: int
-    mark: int
-    payload: bytes
-
 
 @dataclass(frozen=True, slots=True)
 class PacketsQueued:
@@ -145,9 +142,12 @@ class PortState:
     marks: list[int]  # mark_for(target.id), aligned with targets
     rng: random.Random
     cumulative: list[int] = field(default_factory=list)  # random: running weight totals
+    slots: list[int] = field(default_factory=list)  # random: index i weights[i] times (up to SLOTS_LIMIT slots)
+    ids: tuple[int, ...] = ()  # target ids, aligned with targets
     sequence: list[int] = field(default_factory=list)  # round-robin: target indices, weighted and interleaved
     cursor: int = 0
     position: dict = field(default_factory=dict)  # target id -> index into targets
+    by_address: dict = field(default_factory=dict)  # (packed ip, port) -> target id, for conntrack's reply tuples
     maglev: list[int] = field(default_factory=list)  # slot -> index into maglev_ids
     maglev_ids: tuple[int, ...] = ()  # the target ids the table was built for
     generation: int = 0
@@ -167,11 +167,15 @@ class PortState:
         self.targets = weighted or table.targets
         self.marks = [mark_for(t.id) for t in self.targets]
         self.position = {t.id: i for i, t in enumerate(self.targets)}
+        self.by_address = {(packed(t.ip), t.port): t.id for t in self.targets}
         weights = [max(t.weight, 1) for t in self.targets] if weighted else [1] * len(self.targets)
         total, self.cumulative = 0, []
         for weight in weights:
             total += weight
             self.cumulative.append(total)
+        self.ids = tuple(t.id for t in self.targets)
+        # A weighted draw by one index, not a search (the same pick: slot floor(r*W) lies in its target's range).
+        self.slots = [i for i, w in enumerate(weights) for _ in range(w)] if total <= SLOTS_LIMIT else []
         self.sequence = smooth_round_robin(weights)
         self.cursor %= max(len(self.sequence), 1)
         self.affinity = {c: e for c, e in self.affinity.items() if e[0] in self.position}
@@ -187,7 +191,18 @@ class PortState:
             return index
         if algorithm == "least-conn":
             return self._least(flow)
+        slots = self.slots
+        if slots:
+            return slots[int(self.rng.random() * len(slots))]
         return bisect.bisect_right(self.cumulative, self.rng.random() * self.cumulative[-1])
+
+    def by_client(self, client: bytes) -> int:
+        """Index into self.targets by a weighted hash of the client's address: the same in every process."""
+        digest = zlib.crc32(client)
+        slots = self.slots
+        if slots:
+            return slots[digest % len(slots)]
+        return bisect.bisect_right(self.cumulative, digest % self.cumulative[-1])
 
     def _maglev(self, flow: Flow) -> int:
         digest = flow_hash(flow)
@@ -211,6 +226,13 @@ class PortState:
             if best_load is None or load < best_load:
                 best, best_load = i, load
         return best
+
+
+def maglev_inputs(table: PortTable) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The endpoint names and weights a port's Maglev table is built from: the targets that take new flows."""
+    weighted = tuple(t for t in table.targets if t.weight > 0)
+    targets = weighted or table.targets
+    return tuple(t.name for t in targets), tuple(max(t.weight, 1) for t in targets)
 
 
 def smooth_round_robin(weights: list[int], limit: int = 10000) -> list[int]:
@@ -237,9 +259,11 @@ def smooth_round_robin(weights: list[int], limit: int = 10000) -> list[int]:
 class Balancer:
     """All Service ports of one node. `handle(event)` returns the commands it leads to."""
 
-    def __init__(self, maglev_size: int = maglev.DEFAULT_SIZE, seed: int | None = None):
+    def __init__(self, maglev_size: int = maglev.DEFAULT_SIZE, seed: int | None = None,
+                 affinity_by_hash: bool = False):
         self.maglev_size = maglev_size
         self.seed = seed
+        self.affinity_by_hash = affinity_by_hash
         self.ports: dict[str, PortState] = {}  # by PortTable.name
         self.by_service: dict[object, tuple[str, ...]] = {}
         self.frontends: dict[tuple[bytes, int, int], PortState] = {}
@@ -290,6 +314,7 @@ class Balancer:
         out = []
         append = out.append
         frontends, nodeports, node_ips, now = self.frontends, self.nodeports, self.node_ips, self.now
+        by_hash = self.affinity_by_hash
         for queue, packet_id, mark, payload in packets:
             flow = parse(payload)
             port = None
@@ -301,8 +326,9 @@ class Balancer:
                 self.undecided += 1
                 append((queue, packet_id, mark & KEEP_MASK))
                 continue
+            table = port.table
             index = None
-            timeout = port.table.affinity_timeout
+            timeout = table.affinity_timeout
             if timeout is not None:
                 entry = port.affinity.get(flow.saddr)
                 if entry is not None and entry[1] > now:
@@ -310,12 +336,15 @@ class Balancer:
                     if index is not None:
                         entry[1] = now + timeout
             if index is None:
-                index = port.pick(flow)
                 if timeout is not None:
-                    port.affinity[flow.saddr] = [port.targets[index].id, now + timeout]
-            target_id = port.targets[index].id
-            port.decided[target_id] = port.decided.get(target_id, 0) + 1
-            if port.table.algorithm == "least-conn":
+                    index = port.by_client(flow.saddr) if by_hash else port.pick(flow)
+                    port.affinity[flow.saddr] = [port.ids[index], now + timeout]
+                else:
+                    index = port.pick(flow)
+            target_id = port.ids[index]
+            decided = port.decided
+            decided[target_id] = decided.get(target_id, 0) + 1
+            if table.algorithm == "least-conn":
                 key = (flow.saddr, flow.sport, flow.daddr, flow.dport, flow.protocol)
                 if key not in self.pending:
                     port.active[target_id] = port.active.get(target_id, 0) + 1
@@ -342,8 +371,7 @@ class Balancer:
                 self._index(state)
                 if table.algorithm == "maglev" and state.targets and (changed or not state.maglev):
                     state.generation += 1
-                    commands.append(BuildTable(name, state.generation, tuple(t.name for t in state.targets),
-                                               tuple(max(t.weight, 1) for t in state.targets), self.maglev_size))
+                    commands.append(BuildTable(name, state.generation, *maglev_inputs(table), self.maglev_size))
             if ports:
                 self.by_service[service] = names
         return commands
@@ -379,12 +407,10 @@ class Balancer:
             port = self.nodeports.get((flow.protocol, flow.dport))
         if port is None or port.table.algorithm != "least-conn":
             return
-        ip, port_number = event.endpoint
-        for target in port.targets:
-            if target.port == port_number and _packed(target.ip) == ip:
-                port.active[target.id] = port.active.get(target.id, 0) + 1
-                self.flows[event.flow_id] = (port, target.id)
-                return
+        target_id = port.by_address.get(event.endpoint)
+        if target_id is not None:
+            port.active[target_id] = port.active.get(target_id, 0) + 1
+            self.flows[event.flow_id] = (port, target_id)
 
     def _tick(self) -> list:
         now = self.now
@@ -419,12 +445,3 @@ class Balancer:
             })
         return out
 
-
-_packed_cache: dict[str, bytes] = {}
-
-
-def _packed(ip: str) -> bytes:
-    value = _packed_cache.get(ip)
-    if value is None:
-        value = _packed_cache[ip] = packed(ip)
-    return value

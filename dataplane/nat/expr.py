@@ -257,9 +257,11 @@ class Counter:
 class Queue:
     numbers: str  # "0" or "0-3"
     bypass: bool
+    fanout: bool = False  # the queue of the packet's CPU, rather than a hash of its addresses
 
     def __str__(self) -> str:
-        return f"queue num {self.numbers}" + (" bypass" if self.bypass else "")
+        flags = ",".join(name for name, on in (("bypass", self.bypass), ("fanout", self.fanout)) if on)
+        return f"queue num {self.numbers}" + (f" {flags}" if flags else "")
 
 
 Statement = Match | Vmap | SetMeta | SetUpdate | Nat | Masquerade | Reject | Counter | Queue | Verdict

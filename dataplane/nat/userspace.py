@@ -55,11 +55,16 @@ IDS_PER_OWNER = 256  # endpoint-id elements are owned in blocks, so a change re-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class QueueSpec:
-    """Where queued packets go: queues first..first+count-1; `in_nft`: nft's own `queue` statement exists."""
+    """Where queued packets go: queues first..first+count-1; `in_nft`: nft's own `queue` statement exists.
+
+    `fanout`: a packet goes to queue first + (its CPU % count), so it is decided on the CPU it arrived on;
+    otherwise the kernel spreads flows over the queues by a hash of their addresses.
+    """
 
     count: int = 1
     first: int = 0
     in_nft: bool = False
+    fanout: bool = False
 
     @property
     def last(self) -> int:
@@ -67,7 +72,7 @@ class QueueSpec:
 
     def nft_statement(self) -> Queue:
         target = str(self.first) if self.count == 1 else f"{self.first}-{self.last}"
-        return Queue(target, bypass=True)
+        return Queue(target, bypass=True, fanout=self.fanout and self.count > 1)
 
 
 class EndpointIds:

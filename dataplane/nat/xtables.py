@@ -6,19 +6,24 @@ DATAPLANE-QUEUE in the mangle table (priority -150: after our marking chain
 at -160, before DNAT at -100), and one jump to it from PREROUTING and from
 OUTPUT; nothing else in iptables is touched.
 
-    -A DATAPLANE-QUEUE -m mark --mark 0x2000/0x2000 -j NFQUEUE --queue-balance 0:N-1 --queue-bypass
+    -A DATAPLANE-QUEUE -m mark --mark 0x2000/0x2000 -j NFQUEUE --queue-balance 0:N-1 \
+        --queue-cpu-fanout --queue-bypass
 
 `--queue-bypass`: with no forwarder bound to the queue the packet goes on,
-and meets the kernel's own pick (fail-open). `install()` is idempotent and
-replaces the chain's contents in one `iptables-restore --noflush` batch;
-`remove()` is idempotent and never raises for what is already gone.
+and meets the kernel's own pick (fail-open). `--queue-cpu-fanout` (xt_NFQUEUE
+revision 3): queue = first + CPU % N, so a forwarder pinned to that CPU
+decides the packet where it arrived; `install_probing()` falls back to the
+address hash where the kernel or iptables refuses it. `install()` is
+idempotent and replaces the chain's contents in one `iptables-restore
+--noflush` batch; `remove()` is idempotent and never raises for what is
+already gone.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..marks import QUEUE_BIT
 from .userspace import QueueSpec
@@ -49,6 +54,8 @@ class Xtables:
     def script(self, queue: QueueSpec) -> str:
         """The iptables-restore text that installs our chain (with --noflush: nothing else changes)."""
         target = f"--queue-num {queue.first}" if queue.count == 1 else f"--queue-balance {queue.first}:{queue.last}"
+        if queue.fanout and queue.count > 1:
+            target += " --queue-cpu-fanout"
         lines = [
             "*mangle",
             f":{CHAIN} - [0:0]",
@@ -64,6 +71,22 @@ class Xtables:
         for hook in HOOKS:
             if self._jump("-C", hook, check=False) != 0:
                 self._jump("-I", hook)
+
+    def install_probing(self, queue: QueueSpec) -> QueueSpec:
+        """install(queue); when CPU fanout is asked for and refused, install without it. Returns what was installed.
+
+        The refused batch changed nothing (iptables-restore is atomic), so the
+        second try starts from the same state. Raises XtablesError when both fail.
+        """
+        try:
+            self.install(queue)
+            return queue
+        except XtablesError:
+            if not (queue.fanout and queue.count > 1):
+                raise
+        hashed = replace(queue, fanout=False)
+        self.install(hashed)
+        return hashed
 
     def installed(self) -> bool:
         return self._run([self._tool, "-w", "-t", "mangle", "-S", CHAIN], check=False) == 0

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 from typing import NamedTuple
 
 from ..packet import Flow
+from . import codec
+from .codec import BE16 as _BE16, BE32 as _BE32, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, message_type
+from .codec import attributes as _attrs, messages, netfilter_socket
 
-NETLINK_NETFILTER = 12
 NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY = 1, 2, 3
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE = 0, 2
-NLM_F_CREATE = 0x400
-NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
-NLMSG_DONE = 3
 IPCTNL_MSG_CT_GET = 1
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_ID = 1, 2, 4, 12
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
@@ -35,28 +33,12 @@ CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
 TCP_CONNTRACK_FIN_WAIT = 4
 
-_NLMSGHDR = struct.Struct("=IHHII")
-_ATTR = struct.Struct("=HH")
-_BE16 = struct.Struct("!H")
-_BE32 = struct.Struct("!I")
-
 
 class CtEvent(NamedTuple):
     kind: str  # "new", "end"
     flow_id: int
     flow: Flow | None  # original direction (new only)
     endpoint: tuple[bytes, int] | None  # (reply source address, port): where the flow went (new only)
-
-
-def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
-    found = {}
-    while start + 4 <= end:
-        alen, atype = _ATTR.unpack_from(data, start)
-        if alen < 4 or start + alen > end:
-            break
-        found[atype & 0x3FFF] = (start + 4, start + alen)
-        start += (alen + 3) & ~3
-    return found
 
 
 def _tuple(data: bytes, span: tuple[int, int]) -> tuple[int, bytes, bytes, int, int, int] | None:
@@ -86,16 +68,11 @@ def decode_events(data: bytes, into: list[CtEvent], dump: bool = False) -> bool:
     that exists (TCP ones past ESTABLISHED excepted). Returns True at the
     dump's end (NLMSG_DONE).
     """
-    offset, size = 0, len(data)
-    while offset + 16 <= size:
-        length, kind, flags, _, _ = _NLMSGHDR.unpack_from(data, offset)
-        if length < 16 or offset + length > size:
-            break
-        end = offset + length
+    for kind, flags, _, offset, end in messages(data):
         if kind == NLMSG_DONE:
             return True
         if kind >> 8 == NFNL_SUBSYS_CTNETLINK and kind & 0xFF in (IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE) \
-                and length >= 20:
+                and end - offset >= 20:
             attrs = _attrs(data, offset + 20, end)
             if CTA_ID in attrs:
                 flow_id = _BE32.unpack_from(data, attrs[CTA_ID][0])[0]
@@ -110,7 +87,6 @@ def decode_events(data: bytes, into: list[CtEvent], dump: bool = False) -> bool:
                                             (reply[1], reply[4])))
                 elif not dump and _closing(data, attrs):
                     into.append(CtEvent("end", flow_id, None, None))
-        offset += (length + 3) & ~3
     return False
 
 
@@ -134,12 +110,11 @@ def dump_flows(family: int = socket.AF_UNSPEC) -> list[CtEvent]:
     about 80 objects in reference cycles per entry until the dump ends; their collection
     then stops the whole process (0.6 s for 4,000 entries), the forwarder with it.
     """
-    request = _NLMSGHDR.pack(20, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-    request += struct.pack("=BBH", family, 0, 0)
+    request = codec.request(message_type(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET), NLM_F_REQUEST | NLM_F_DUMP, 1,
+                            family)
     found: list[CtEvent] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+    with netfilter_socket(1 << 20) as sock:
         sock.settimeout(5)
-        sock.bind((0, 0))
         sock.send(request)
         while not decode_events(sock.recv(1 << 20), found, dump=True):
             pass
@@ -152,17 +127,8 @@ class EventSocket:
     def __init__(self, rcvbuf: int = 16 << 20):
         groups = (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | (1 << (NFNLGRP_CONNTRACK_UPDATE - 1)) | (
             1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE
-            except OSError:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            self.sock.bind((0, groups))
-            self.sock.setblocking(False)
-        except BaseException:
-            self.sock.close()
-            raise
+        self.sock = netfilter_socket(rcvbuf, groups)
+        self.sock.setblocking(False)
         self.lost = 0  # times the kernel dropped events for want of buffer space (ENOBUFS): recount
 
     def fileno(self) -> int:

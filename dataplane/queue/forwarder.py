@@ -3,10 +3,12 @@
 It owns the NFQUEUE socket and the conntrack event socket, both read from
 the event loop without blocking it: on each wake-up every waiting packet is
 read, decided in one call, and answered in one sendmsg. Maglev tables are
-built, and the conntrack table dumped (least-conn: at start, and after the
-event socket overflowed), in worker threads, away from the packet path.
-Everything the balancer asks for (verdicts, table builds, wake-ups, logs)
-is carried out here and nowhere else.
+built in a thread, away from the packet path; in a worker process
+(`tables_from_daemon`) they come built from the daemon instead, so that no
+build competes with packets for this process's CPU and interpreter. The
+conntrack table is dumped (least-conn: at start, and after the event socket
+overflowed) in a worker thread too. Everything the balancer asks for
+(verdicts, table builds, wake-ups, logs) is carried out here and nowhere else.
 
 If this process dies or stalls, nothing breaks: the queue rule carries
 --queue-bypass and the queue is fail-open, so new flows take the kernel's
@@ -17,12 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import struct
+import threading
 import time
 from typing import Callable, Mapping, NamedTuple
 
 from ..lb import maglev
 from ..lb.balancer import (
-    Balancer, BuildTable, FlowEnded, FlowStarted, Log, NodeAddresses, PacketsQueued, ServicesChanged, TableBuilt,
+    Balancer, BuildTable, FlowEnded, FlowStarted, Log, NodeAddresses, ServicesChanged, TableBuilt,
     Tick, Verdict, Verdicts, Wakeup,
 )
 from ..lb.policy import PortTable
@@ -32,6 +38,8 @@ from .nfqueue import QueueSocket
 
 log = logging.getLogger(__name__)
 
+MAX_SPIN = 0.01  # seconds one busy-polling callback may hold the loop
+BURST = 10e-6  # a blocking recv this fast found its datagram waiting (one that sleeps takes a wake-up at least)
 LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3)
 
 
@@ -57,11 +65,24 @@ class LatencyHistogram:
 
 class Forwarder:
     def __init__(self, queues: tuple[int, ...], balancer: Balancer | None = None,
-                 clock: Callable[[], float] = time.monotonic, batch: int = 1024):
+                 clock: Callable[[], float] = time.monotonic, batch: int = 1024, busy_poll: float = 0.0,
+                 tables_from_daemon: bool = False):
+        """`busy_poll`: seconds to keep reading (spinning) after a batch before sleeping again; 0: never spin.
+
+        `tables_from_daemon`: Maglev tables arrive through table_ready() instead of being built here.
+        """
         self.queues = queues
+        self.tables_from_daemon = tables_from_daemon
+        # The balancer is shared with serve_packets()' thread when there is one; uncontended, a lock costs ~0.1 us.
+        self._lock = threading.Lock()
+        self.stopping = False  # serve_packets() answers what is waiting and returns
+        self._read_took = 0.0  # seconds the last read that found packets took
+        self._tables: dict[str, tuple] = {}  # port -> (names, weights, size, table), from the daemon
+        self._wanted: dict[str, BuildTable] = {}  # port -> the build the balancer waits for
         self.balancer = balancer or Balancer()
         self.clock = clock
         self.batch = batch
+        self.busy_poll = busy_poll
         self.latency = LatencyHistogram()
         self.packets = 0
         self.table_builds = 0
@@ -72,39 +93,72 @@ class Forwarder:
         self.conntrack_resyncs = 0  # least-conn's flows rebuilt from a dump
         self._resync: _Resync | None = None  # the dump in flight
 
-    async def start(self) -> None:
-        """Binds the queues (raises nfqueue.QueueError when it cannot) and starts reading."""
+    async def start(self, read_in_loop: bool = True) -> None:
+        """Binds the queues (raises nfqueue.QueueError when it cannot) and starts reading.
+
+        `read_in_loop` False: packets are left to serve_packets(), run by another thread.
+        """
         self._loop = asyncio.get_running_loop()
         self._socket = QueueSocket(self.queues)
-        self._loop.add_reader(self._socket.fileno(), self._on_packets)
-        self._run(self.balancer.handle(Tick(self.clock())))
+        if read_in_loop:
+            self._loop.add_reader(self._socket.fileno(), self._on_packets)
+        self._run(self._handle(Tick(self.clock())))
         log.info("forwarder reading NFQUEUE %s", ",".join(map(str, self.queues)))
 
+    @property
+    def bound(self) -> bool:
+        return self._socket is not None
+
     def close(self) -> None:
-        if self._tick is not None:
-            self._tick.cancel()
+        """Answers what is waiting, then unbinds. (The kernel drops the packets a closing queue still holds.)"""
+        if self._socket is not None:
+            self._decide_waiting()
+        if self._tick is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._tick.cancel)
         for sock in (self._socket, self._events):
             if sock is not None and self._loop is not None:
-                self._loop.remove_reader(sock.fileno())
+                try:
+                    self._loop.remove_reader(sock.fileno())
+                except (RuntimeError, ValueError):
+                    pass  # the loop is closed already (the blocking reader closes after it)
                 sock.close()
         self._socket = self._events = None
 
     # inputs from the daemon
 
     def services_changed(self, tables: Mapping[object, tuple[PortTable, ...]]) -> None:
-        self._run(self.balancer.handle(ServicesChanged(tables, self.clock())))
+        self._run(self._handle(ServicesChanged(tables, self.clock())))
+        for port in [p for p in self._tables if p not in self.balancer.ports]:
+            del self._tables[port]
         if self._events is None and self._loop is not None and any(
                 p.table.algorithm == "least-conn" for p in self.balancer.ports.values()):
             self._follow_conntrack()
 
+    def table_ready(self, port: str, names: tuple[str, ...], weights: tuple[int, ...], size: int,
+                    table: list[int]) -> None:
+        """A Maglev table the daemon built; used now if the balancer waits for it, else when it asks."""
+        self._tables[port] = (names, weights, size, table)
+        wanted = self._wanted.get(port)
+        if wanted is not None and (wanted.names, wanted.weights, wanted.size) == (names, weights, size):
+            del self._wanted[port]
+            self.table_builds += 1
+            self._run(self._handle(TableBuilt(port, wanted.generation, table)))
+
     def node_addresses(self, ips: tuple[bytes, ...]) -> None:
-        self._run(self.balancer.handle(NodeAddresses(ips)))
+        self._run(self._handle(NodeAddresses(ips)))
 
     def snapshot(self) -> dict:
         """Counts and per-port state for /status and /metrics (plain data: it crosses processes, see workers.py)."""
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict:
         balancer, latency = self.balancer, self.latency
         return {
             "packets": self.packets, "undecided": balancer.undecided, "table_builds": self.table_builds,
+            # This process's CPU time, threads included (a worker is one forwarder). System time holds the
+            # kernel's work on reinjected packets too: a verdict's sendmsg carries each packet on to its Pod.
+            "cpu_seconds": time.process_time(), "cpu_user_seconds": os.times().user,
             "affinity_entries": balancer.affinity_entries(),
             "latency": {"buckets": list(latency.buckets), "counts": list(latency.counts), "total": latency.total,
                         "count": latency.count},
@@ -116,20 +170,76 @@ class Forwarder:
 
     # I/O
 
+    def serve_packets(self) -> None:
+        """The blocking reader: the packet loop in the calling thread, for good (start(read_in_loop=False) first).
+
+        It sleeps in recv itself, so a packet wakes it with no poll and no
+        event loop dispatch in between; the event loop (another thread) keeps
+        the rest: control, ticks, conntrack events, table builds.
+        """
+        self._socket.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 200_000))
+        while not self.stopping:  # recv gives up every 0.2 s (SO_RCVTIMEO, no poll) to look at this flag
+            if self._decide(1, block=True):
+                # Look for more only when this datagram was already waiting (a burst): at a low rate the
+                # recv that finds the socket empty would run on the packet's own CPU, where the client
+                # that the verdict just woke waits for it. The next blocking recv sees any packet anyway.
+                if self._read_took < BURST:
+                    while self._decide(self.batch) > 0:
+                        pass
+                self._spin()
+        self.close()
+
     def _on_packets(self) -> None:
-        started = time.perf_counter()
+        self._decide_waiting()
+        self._spin()
+
+    def _spin(self) -> None:
+        """Busy polling: keep reading while packets come, up to busy_poll after the last one (and MAX_SPIN in all)."""
+        if self.busy_poll:
+            perf = time.perf_counter
+            started = last = perf()
+            while (now := perf()) - last < self.busy_poll and now - started < MAX_SPIN:
+                if self._decide_waiting():
+                    last = perf()
+
+    def _decide_waiting(self, block: bool = False) -> int:
+        """Reads what is waiting, decides it, sends the verdicts; returns how many packets.
+
+        The first datagram is answered before looking for more: at a low rate
+        the recv that finds the socket empty then runs after the verdict left,
+        not before it. Under load the second read takes a whole batch.
+        """
+        decided = self._decide(1, block)
+        if decided:
+            while (more := self._decide(self.batch)) > 0:
+                decided += more
+        return decided
+
+    def _decide(self, limit: int, block: bool = False) -> int:
         packets: list = []
-        self._socket.read(packets, self.batch)
+        started = time.perf_counter()
+        self._socket.read(packets, limit, block)
         if not packets:
-            return
-        try:
-            commands = self.balancer.handle(PacketsQueued(packets, self.clock()))
-        except Exception:  # a bug must not strand packets in the queue: let them all go on, undecided
-            log.exception("balancer failed on a batch of %d packets; they take the kernel's pick", len(packets))
-            commands = [Verdicts([(p.queue, p.packet_id, p.mark & KEEP_MASK) for p in packets])]
-        self._run(commands)
-        self.packets += len(packets)
-        self.latency.observe(time.perf_counter() - started, len(packets))
+            return 0
+        self._read_took = time.perf_counter() - started
+        started += self._read_took
+        with self._lock:
+            balancer = self.balancer
+            try:
+                # handle(PacketsQueued(...)) without the event and command objects: the hot path.
+                balancer.now = self.clock()
+                verdicts = balancer.decide(packets)
+            except Exception:  # a bug must not strand packets in the queue: let them all go on, undecided
+                log.exception("balancer failed on a batch of %d packets; they take the kernel's pick", len(packets))
+                verdicts = [(p.queue, p.packet_id, p.mark & KEEP_MASK) for p in packets]
+            self._socket.send(verdicts)
+            self.packets += len(packets)
+            self.latency.observe(time.perf_counter() - started, len(packets))
+        return len(packets)
+
+    def _handle(self, event) -> list:
+        with self._lock:
+            return self.balancer.handle(event)
 
     def _follow_conntrack(self) -> None:
         try:
@@ -203,12 +313,18 @@ class Forwarder:
 
     def _on_tick(self) -> None:
         self._tick = None
-        self._run(self.balancer.handle(Tick(self.clock())))
+        self._run(self._handle(Tick(self.clock())))
 
     def _build(self, command: BuildTable) -> None:
+        if self.tables_from_daemon:
+            self._wanted[command.port] = command
+            have = self._tables.get(command.port)
+            if have is not None:
+                self.table_ready(command.port, *have)
+            return
         if self._loop is None:  # no loop (tests of the wiring): build in place
             table = maglev.build(command.names, command.weights, command.size)
-            self._run(self.balancer.handle(TableBuilt(command.port, command.generation, table)))
+            self._run(self._handle(TableBuilt(command.port, command.generation, table)))
             return
         future = self._loop.run_in_executor(None, maglev.build, command.names, command.weights, command.size)
 
@@ -219,7 +335,7 @@ class Forwarder:
                 log.error("Maglev table for %s failed: %s", command.port, f.exception())
                 return
             self.table_builds += 1
-            self._run(self.balancer.handle(TableBuilt(command.port, command.generation, f.result())))
+            self._run(self._handle(TableBuilt(command.port, command.generation, f.result())))
 
         future.add_done_callback(done)
 

@@ -11,10 +11,14 @@ netlink datagram). Queues are configured with
 - NFQA_CFG_F_GSO: GSO packets are not segmented to be queued.
 
 Encoding and decoding are pure functions (`decode_packets`, `encode_verdicts`,
-`config_message`), tested without a socket; `QueueSocket` is the only thing
-here that owns a file descriptor. Messages follow include/uapi/linux/netfilter/
-nfnetlink_queue.h: nlmsghdr, nfgenmsg (res_id = queue number, big-endian),
-then attributes whose payloads are big-endian.
+`config_message`, `acknowledgement`), tested without a socket; `QueueSocket`
+is the only thing here that owns a file descriptor. Messages follow
+include/uapi/linux/netfilter/nfnetlink_queue.h, framed by netlink/codec.py.
+
+Start-up: the queue is live from the bind request on, so packets can arrive
+before the ACKs of the requests after it. Each request waits for the ACK
+with its own sequence number; packets read meanwhile are kept and returned
+by the first read(), so every queued packet gets its verdict.
 """
 
 from __future__ import annotations
@@ -23,18 +27,14 @@ import errno
 import os
 import socket
 import struct
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_NO_ENOBUFS = 5
-SO_RCVBUFFORCE = 33
+from ..netlink import codec
+from ..netlink.codec import ATTR, BE32, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, message_type
+from ..packet import PacketQueued
 
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK = 1, 4
-
 NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK, NFQA_PAYLOAD = 1, 2, 3, 10
 NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
 NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
@@ -42,60 +42,54 @@ NFQNL_COPY_PACKET = 2
 NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO = 1, 4
 NF_DROP, NF_ACCEPT = 0, 1
 
-_NLMSGHDR = struct.Struct("=IHHII")
-_ATTR = struct.Struct("=HH")
-_BE32 = struct.Struct("!I")
 # One verdict: nlmsghdr, nfgenmsg, NFQA_VERDICT_HDR {verdict, id}, NFQA_MARK {mark}; 40 bytes.
 _VERDICT = struct.Struct("=IHHII BBH HH II HH I")
-_VERDICT_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
-_PACKET_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
+VERDICTS_PER_DATAGRAM = 256
+_VERDICT_TYPE = message_type(NFNL_SUBSYS_QUEUE, NFQNL_MSG_VERDICT)
+_PACKET_TYPE = message_type(NFNL_SUBSYS_QUEUE, NFQNL_MSG_PACKET)
+_CONFIG_TYPE = message_type(NFNL_SUBSYS_QUEUE, NFQNL_MSG_CONFIG)
 _htonl, _htons = socket.htonl, socket.htons
-
-
-class Queued(NamedTuple):
-    """One packet the kernel queued: its queue, id (for the verdict), mark and first bytes."""
-
-    queue: int
-    packet_id: int
-    mark: int
-    payload: bytes
+_LENGTH_TYPE = struct.Struct("=IH").unpack_from  # the first two fields of nlmsghdr
+_RECV_SIZE = 4096  # one queued packet per datagram: 128 bytes copied plus about 100 of attributes
 
 
 class QueueError(OSError):
     pass
 
 
-def decode_packets(data: bytes, into: list[Queued]) -> int:
+def decode_packets(data: bytes, into: list[PacketQueued]) -> int:
     """Appends the packets in one netlink datagram to `into`; returns the first error code seen (0 if none).
 
-    Malformed messages end the walk; they never raise.
+    Malformed messages end the walk; they never raise. (The walk is written
+    out here rather than through codec.attributes: it runs once per packet,
+    and the payload, the kernel's last attribute, is tested for first.)
     """
     offset, size, error = 0, len(data), 0
+    unpack_attr, unpack_be32 = ATTR.unpack_from, BE32.unpack_from
     while offset + 16 <= size:
-        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
-        if length < 16 or offset + length > size:
+        length, kind = _LENGTH_TYPE(data, offset)
+        end = offset + length
+        if length < 16 or end > size:
             break
         if kind == _PACKET_TYPE and length >= 20:
-            queue = (data[offset + 18] << 8) | data[offset + 19]
             packet_id, mark, payload = None, 0, b""
-            at, end = offset + 20, offset + length
+            at = offset + 20
             while at + 4 <= end:
-                alen, atype = _ATTR.unpack_from(data, at)
+                alen, atype = unpack_attr(data, at)
                 if alen < 4 or at + alen > end:
                     break
                 atype &= 0x3FFF
-                if atype == NFQA_PACKET_HDR and alen >= 8:
-                    packet_id = _BE32.unpack_from(data, at + 4)[0]
-                elif atype == NFQA_MARK and alen >= 8:
-                    mark = _BE32.unpack_from(data, at + 4)[0]
-                elif atype == NFQA_PAYLOAD:
+                if atype == NFQA_PAYLOAD:
                     payload = data[at + 4 : at + alen]
+                elif atype == NFQA_PACKET_HDR and alen >= 8:
+                    packet_id = unpack_be32(data, at + 4)[0]
+                elif atype == NFQA_MARK and alen >= 8:
+                    mark = unpack_be32(data, at + 4)[0]
                 at += (alen + 3) & ~3
             if packet_id is not None:
-                into.append(Queued(queue, packet_id, mark, payload))
+                into.append(PacketQueued((data[offset + 18] << 8) | data[offset + 19], packet_id, mark, payload))
         elif kind == NLMSG_ERROR and length >= 20:
-            code = -struct.unpack_from("=i", data, offset + 16)[0]
-            error = error or code
+            error = error or codec.error_code(data, offset)
         offset += (length + 3) & ~3
     return error
 
@@ -111,25 +105,35 @@ def encode_verdicts(verdicts: Iterable[tuple[int, int, int]], verdict: int = NF_
     )
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    return _ATTR.pack(4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
-
-
 def config_message(queue: int, attributes: list[tuple[int, bytes]], seq: int = 0) -> bytes:
-    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, _htons(queue)) + b"".join(_attr(k, p) for k, p in attributes)
-    return _NLMSGHDR.pack(16 + len(body), (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG,
-                          NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+    return codec.request(_CONFIG_TYPE, NLM_F_REQUEST | NLM_F_ACK, seq, socket.AF_UNSPEC, queue, attributes)
 
 
-def bind_messages(queue: int, copy_range: int = 128, maxlen: int = 4096) -> list[bytes]:
-    """The configuration that binds this socket to `queue`, fail-open, headers only."""
+def bind_messages(queue: int, copy_range: int = 128, maxlen: int = 4096, first_seq: int = 1) -> list[bytes]:
+    """The configuration that binds this socket to `queue`, fail-open, headers only; sequence numbers from first_seq."""
     flags = NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO
     return [
-        config_message(queue, [(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, 0))], 1),
-        config_message(queue, [(NFQA_CFG_PARAMS, struct.pack("!IB", copy_range, NFQNL_COPY_PACKET))], 2),
-        config_message(queue, [(NFQA_CFG_QUEUE_MAXLEN, _BE32.pack(maxlen))], 3),
-        config_message(queue, [(NFQA_CFG_FLAGS, _BE32.pack(flags)), (NFQA_CFG_MASK, _BE32.pack(flags))], 4),
+        config_message(queue, [(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, 0))], first_seq),
+        config_message(queue, [(NFQA_CFG_PARAMS, struct.pack("!IB", copy_range, NFQNL_COPY_PACKET))], first_seq + 1),
+        config_message(queue, [(NFQA_CFG_QUEUE_MAXLEN, BE32.pack(maxlen))], first_seq + 2),
+        config_message(queue, [(NFQA_CFG_FLAGS, BE32.pack(flags)), (NFQA_CFG_MASK, BE32.pack(flags))], first_seq + 3),
     ]
+
+
+def acknowledgement(data: bytes, seq: int, early: list[PacketQueued]) -> int | None:
+    """Reads one datagram received while waiting for the ACK of request `seq`.
+
+    Returns that ACK's errno (0: done) once it is there, else None; packets
+    queued meanwhile (the queue is bound from the first request on) go to
+    `early`, so that they still get their verdict.
+    """
+    found = None
+    for kind, _, sequence, start, end in codec.messages(data):
+        if kind == NLMSG_ERROR and sequence == seq:
+            found = codec.error_code(data, start)
+        elif kind == _PACKET_TYPE:
+            decode_packets(data[start:end], early)
+    return found
 
 
 class QueueSocket:
@@ -137,50 +141,59 @@ class QueueSocket:
 
     Raises QueueError (with the errno) when a queue cannot be bound, e.g.
     EBUSY when another process holds it, EPERM without CAP_NET_ADMIN.
+    `sock`: an already open socket standing in for the kernel's (tests).
     """
 
-    def __init__(self, queues: Iterable[int], copy_range: int = 128, maxlen: int = 16384, rcvbuf: int = 32 << 20):
+    def __init__(self, queues: Iterable[int], copy_range: int = 128, maxlen: int = 16384, rcvbuf: int = 32 << 20,
+                 sock: socket.socket | None = None):
         self.queues = tuple(queues)
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        # Overruns are the kernel's to count (fail-open); the socket must not turn them into errors.
+        self.sock = sock if sock is not None else codec.netfilter_socket(rcvbuf, no_enobufs=True)
+        self._early: list[PacketQueued] = []  # packets read while waiting for an ACK: the first read() returns them
         try:
-            self.sock.bind((0, 0))
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-            except OSError:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            # Overruns are the kernel's to count (fail-open); the socket must not turn them into errors.
-            self.sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
+            self.sock.settimeout(5.0)
+            seq = 1
             for queue in self.queues:
-                for message in bind_messages(queue, copy_range, maxlen):
-                    self._request(message)
-            self.sock.setblocking(False)
+                for message in bind_messages(queue, copy_range, maxlen, seq):
+                    self._request(message, seq)
+                    seq += 1
+            self.sock.settimeout(None)  # blocking; read() asks for MSG_DONTWAIT unless told to wait
         except BaseException:
             self.sock.close()
             raise
 
-    def _request(self, message: bytes) -> None:
+    def _request(self, message: bytes, seq: int) -> None:
         self.sock.send(message)
-        reply = self.sock.recv(65536)
-        length, kind, _, _, _ = _NLMSGHDR.unpack_from(reply)
-        if kind == NLMSG_ERROR:
-            code = -struct.unpack_from("=i", reply, 16)[0]
-            if code:
-                raise QueueError(code, f"nfnetlink_queue: {os.strerror(code)}")
+        while (code := acknowledgement(self.sock.recv(65536), seq, self._early)) is None:
+            pass
+        if code:
+            raise QueueError(code, f"nfnetlink_queue: {os.strerror(code)}")
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self, into: list[Queued], limit: int = 1024) -> int:
-        """Reads every waiting packet (at most `limit`) into `into`; returns how many datagrams were read."""
-        recv = self.sock.recv
+    def read(self, into: list[PacketQueued], limit: int = 1024, block: bool = False) -> int:
+        """Reads every waiting packet (at most `limit` datagrams) into `into`; returns how many datagrams were read.
+
+        Never blocks, unless `block`: then it first waits in recv for one
+        datagram (the blocking reader's sleep: no poll before the read).
+        """
+        if self._early:
+            into += self._early
+            self._early = []
+            block = False
+        recv, dontwait = self.sock.recv, socket.MSG_DONTWAIT
+        flags = 0 if block else dontwait
         count = 0
         while count < limit:
             try:
-                data = recv(65536)
+                data = recv(_RECV_SIZE, flags)
+                flags = dontwait
             except BlockingIOError:
                 break
             except OSError as error:
                 if error.errno in (errno.ENOBUFS, errno.EINTR):
+                    flags = dontwait
                     continue
                 raise
             decode_packets(data, into)
@@ -189,11 +202,12 @@ class QueueSocket:
 
     def send(self, verdicts: list[tuple[int, int, int]]) -> None:
         """Sends verdicts (queue, packet id, mark): ACCEPT with that mark; in datagrams of at most 256."""
-        for start in range(0, len(verdicts), 256):
-            data = encode_verdicts(verdicts[start : start + 256])
+        send = self.sock.send
+        for start in range(0, len(verdicts), VERDICTS_PER_DATAGRAM):
+            data = encode_verdicts(verdicts[start : start + VERDICTS_PER_DATAGRAM])
             while True:
                 try:
-                    self.sock.send(data)
+                    send(data)
                     break
                 except BlockingIOError:
                     # The kernel takes netlink writes synchronously; EAGAIN here is transient.

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -213,8 +214,12 @@ def test_status_command_prints_each_service(lab, daemon):
 
 def test_fail_open_when_the_forwarder_is_killed(lab, daemon):
     before = fail_open_count(lab)
-    daemon.process.kill()  # SIGKILL: no goodbye, the queue socket just vanishes
+    workers = worker_pids(daemon.process.pid).values()
+    daemon.process.kill()  # SIGKILL: no goodbye
     daemon.process.wait()
+    # Its forwarder processes see their control socket close, answer what they hold, and exit.
+    wait_until(lambda: not any(alive(pid) for pid in workers), timeout=3,
+               what="the forwarder processes exit with the daemon")
     try:
         outcomes = [tcp_request(lab.client, "10.96.0.30", 80, timeout=1.0) for _ in range(30)]
         assert set(tally(outcomes)) == ALL, tally(outcomes)  # every new flow: the kernel's own pick
@@ -260,10 +265,18 @@ import socket, struct, sys
 count, dst, dport, base = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 for n in range(count):
-    src = bytes((192, 168, 50, 10 + n % 200))  # many sources: the kernel hashes them over the queues
+    src = bytes((192, 168, 50, 10 + n % 200))
     udp = struct.pack("!HHHH", base + n, dport, 8, 0)
     s.sendto(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, n, 0, 64, 17, 0, src, socket.inet_aton(dst)) + udp, (dst, 0))
 """
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def worker_pids(daemon_pid: int) -> dict[int, int]:
@@ -277,38 +290,59 @@ def worker_pids(daemon_pid: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="fanning out by CPU needs two CPUs")
 def test_several_queues_decide_in_worker_processes_and_one_dying_fails_open(lab, daemon, manifests, tmp_path):
     daemon.stop()
     multi = Daemon.for_source(lab.node, manifests.path, tmp_path / "multi.log",
                               extra=["-v", "--proxy-mode", "userspace", "--queues", "2"])
     try:
         multi.start()
-        spread = lambda base: lab.client.python("-c", SPREAD, "400", "10.96.0.10", "9", str(base)).wait(30)
 
-        def settled(queued: int) -> dict:  # workers report once a second
+        def spread(base: int, cpu: int) -> None:  # fanout: a packet goes to the queue of the CPU that sent it
+            lab.client.popen("taskset", "-c", str(cpu), sys.executable, "-c", SPREAD, "400", "10.96.0.10", "9",
+                             str(base)).wait(30)
+
+        def settled(queued: int) -> dict:
             wait_until(lambda: status(lab)["packets_queued"] >= queued, timeout=5, what=f"{queued} packets decided")
             return status(lab)
 
-        spread(20000)
-        first = settled(400)
-        assert set(first["packets_per_queue"]) == {"0", "1"}
-        assert all(n > 0 for n in first["packets_per_queue"].values()), first["packets_per_queue"]
+        spread(20000, 0)
+        spread(20400, 1)
+        first = settled(800)
+        assert first["queue_fanout"] is True
+        assert first["packets_per_queue"] == {"0": 400, "1": 400}, first["packets_per_queue"]
         assert first["undecided"] == 0
 
         workers = worker_pids(multi.process.pid)
         assert set(workers) == {0, 1}
+        # Kill queue 1's worker under load: new connections from CPU 1 (queue 1's) keep coming throughout.
+        outcomes, stop = [], threading.Event()
+
+        def connect_from_cpu_1() -> None:
+            os.sched_setaffinity(0, {1})  # this thread only
+            while not stop.is_set():
+                # A SYN the killed worker held is dropped with its queue; TCP sends it again 1 s later,
+                # and that one bypasses to the kernel's pick: late, never refused.
+                outcomes.append(tcp_request(lab.client, "10.96.0.30", 80, timeout=3.0))
+
+        client = threading.Thread(target=connect_from_cpu_1)
+        client.start()
+        time.sleep(0.5)
         os.kill(workers[1], signal.SIGKILL)
-        time.sleep(0.2)
+        time.sleep(0.5)
+        stop.set()
+        client.join()
+        assert len(outcomes) > 20 and all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
         before = fail_open_count(lab)
-        spread(21000)
-        assert fail_open_count(lab) > before  # queue 1's share went to the kernel's pick
+        spread(21000, 1)
+        assert fail_open_count(lab) - before >= 400  # all of queue 1's flows went to the kernel's pick
         assert set(tally(tcp_request(lab.client, "10.96.0.30", 80) for _ in range(20))) == ALL
 
         wait_until(lambda: 1 in worker_pids(multi.process.pid) and worker_pids(multi.process.pid)[1] != workers[1],
                    timeout=10, what="the daemon starts queue 1's worker again")
         time.sleep(0.5)
         before = fail_open_count(lab)
-        spread(22000)
+        spread(22000, 1)
         time.sleep(0.3)
         assert fail_open_count(lab) == before
     finally:
@@ -330,8 +364,14 @@ def test_ipv6_flows_are_decided_too(tmp_path):
         extra = ["--proxy-mode", "userspace", "--lb-algorithm", "round-robin"]
         with Daemon.for_source(lab6.node, manifests.path, tmp_path / "v6.log", extra=extra,
                                cluster_cidr="10.244.0.0/16,fd00:244::/32"):
-            tcp = [tcp_request(lab6.client, "fd00:96::10", 80).pod for _ in range(6)]
-            udp = [udp_request(lab6.client, "fd00:96::10", 53).pod for _ in range(6)]
+            # Sent from one CPU, so one worker decides them all (each worker rotates on its own).
+            allowed = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {min(allowed)})
+            try:
+                tcp = [tcp_request(lab6.client, "fd00:96::10", 80).pod for _ in range(6)]
+                udp = [udp_request(lab6.client, "fd00:96::10", 53).pod for _ in range(6)]
+            finally:
+                os.sched_setaffinity(0, allowed)
             decided = status(lab6)
         # round-robin's strict rotation shows the forwarder decided every flow, not the kernel's random pick
         assert tcp == ["pod1", "pod2", "pod3"] * 2 and udp == ["pod1", "pod2", "pod3"] * 2

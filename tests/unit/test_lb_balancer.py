@@ -328,3 +328,18 @@ def test_mark_encoding_round_trips_and_avoids_kube_proxy_bits():
         assert id_of(mark) == endpoint_id
         assert mark & ~ID_MASK & 0xFFFFFFFF == 0
         assert mark & (QUEUE_BIT | 0x4000 | 0x8000) == 0
+
+
+def test_affinity_by_hash_gives_every_forwarder_the_same_first_pick():
+    """Queues fanned out by CPU: one client's flows can meet two forwarders, each with its own table."""
+    clients = [f"192.168.50.{i}" for i in range(2, 60)]
+    picks = []
+    for seed in (1, 2):  # two workers: different random streams, the same answer per client
+        balancer = balancer_with(table(3, "random", affinity=60), seed=seed)
+        balancer.affinity_by_hash = True
+        picks.append([decide(balancer, tcp(40000, client=c)) for c in clients])
+    assert picks[0] == picks[1]
+    assert len(set(picks[0])) == 3  # still spread over the endpoints
+    weighted = balancer_with(table(3, "random", weights=[0, 1, 1], affinity=60))
+    weighted.affinity_by_hash = True
+    assert 1 not in {decide(weighted, tcp(40000, client=c)) for c in clients}  # a weight of 0 drains

@@ -16,9 +16,9 @@ from scapy.all import (
     IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, fragment, raw,
 )
 
-from dataplane.netlink import ctevents
+from dataplane.netlink import codec, ctevents
 from dataplane.queue import nfqueue
-from dataplane.packet import Flow, parse
+from dataplane.packet import Flow, PacketQueued, parse
 
 V4 = dict(src="192.168.50.2", dst="10.96.0.10")
 V6 = dict(src="fd00:50::2", dst="fd00:96::10")
@@ -115,7 +115,7 @@ def test_decodes_every_packet_of_a_datagram():
     data = packet_message(3, 7, 0x2000, b"abc") + packet_message(3, 8, None, b"defgh")
     found: list = []
     assert nfqueue.decode_packets(data, found) == 0
-    assert found == [nfqueue.Queued(3, 7, 0x2000, b"abc"), nfqueue.Queued(3, 8, 0, b"defgh")]
+    assert found == [PacketQueued(3, 7, 0x2000, b"abc"), PacketQueued(3, 8, 0, b"defgh")]
 
 
 @pytest.mark.parametrize("cut", range(0, 60, 3))
@@ -146,6 +146,50 @@ def test_bind_asks_for_fail_open_and_headers_only():
     flags = messages[3][20:]
     assert struct.unpack_from("!I", flags, 4)[0] & nfqueue.NFQA_CFG_F_FAIL_OPEN
     assert all(struct.unpack_from("!H", m, 18)[0] == 4 for m in messages)
+
+
+def ack(seq: int, errno_: int = 0) -> bytes:
+    return struct.pack("=IHHIIi", 36, codec.NLMSG_ERROR, 0, seq, 0, -errno_) + bytes(16)
+
+
+def test_a_packet_queued_before_the_last_ack_still_gets_its_verdict():
+    """The queue is live from the bind on: a packet can come between the ACKs (the start-up race)."""
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    # What the kernel sends, in order: the bind's ACK, a packet (META copy: no payload yet), the other ACKs.
+    for datagram in (ack(1), packet_message(0, 41, 0x2000, b""), ack(2), ack(3), ack(4)):
+        kernel.send(datagram)
+    queue = nfqueue.QueueSocket([0], sock=ours)
+    requests = [kernel.recv(4096) for _ in range(4)]
+    assert [struct.unpack_from("=IHHII", r)[3] for r in requests] == [1, 2, 3, 4]
+    found: list = []
+    queue.read(found)
+    assert found == [PacketQueued(0, 41, 0x2000, b"")]
+    queue.send([(p.queue, p.packet_id, p.mark) for p in found])
+    assert struct.unpack_from("!II", kernel.recv(4096), 24) == (nfqueue.NF_ACCEPT, 41)
+    queue.close()
+    kernel.close()
+
+
+def test_a_refused_bind_raises_with_the_errno():
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    kernel.send(packet_message(0, 1, 0, b""))  # a stray packet first: not taken for the answer
+    kernel.send(ack(1, 16))  # EBUSY: another process holds the queue
+    with pytest.raises(nfqueue.QueueError) as raised:
+        nfqueue.QueueSocket([0], sock=ours)
+    assert raised.value.errno == 16
+    kernel.close()
+
+
+def test_codec_walks_messages_and_attributes_and_stops_at_bad_lengths():
+    message = codec.request(codec.message_type(3, 2), codec.NLM_F_REQUEST, 9, socket.AF_INET, 5,
+                            [(1, b"abc"), (2, b"defgh")])
+    walked = list(codec.messages(message + message[:10]))
+    assert [(kind, seq) for kind, _, seq, _, _ in walked] == [((3 << 8) | 2, 9)]
+    _, _, _, start, end = walked[0]
+    assert struct.unpack_from("!H", message, start + 18)[0] == 5
+    spans = codec.attributes(message, start + 20, end)
+    assert {k: message[a:b] for k, (a, b) in spans.items()} == {1: b"abc", 2: b"defgh"}
+    assert codec.attributes(message[:-4], start + 20, end - 4).keys() == {1}
 
 
 # -- conntrack events ----------------------------------------------------------------------------------

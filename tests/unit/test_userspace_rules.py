@@ -168,6 +168,9 @@ def test_the_queue_rule_text():
     assert Xtables(4).script(QueueSpec(count=2)).splitlines()[3] == (
         "-A DATAPLANE-QUEUE -m mark --mark 0x2000/0x2000 -j NFQUEUE --queue-balance 0:1 --queue-bypass")
     assert "--queue-num 0 " in Xtables(4).script(QueueSpec(count=1))
+    assert Xtables(4).script(QueueSpec(count=2, fanout=True)).splitlines()[3].endswith(
+        "--queue-balance 0:1 --queue-cpu-fanout --queue-bypass")
+    assert "fanout" not in Xtables(4).script(QueueSpec(count=1, fanout=True))  # one queue: nothing to fan out to
 
 
 def test_nft_queue_statement_where_the_kernel_has_it():
@@ -175,6 +178,8 @@ def test_nft_queue_statement_where_the_kernel_has_it():
     classify = rules._own["userspace-classify"]
     assert all(rule.statements[-1] == Queue("0-3", bypass=True) for rule in classify.rules)
     assert all(str(rule).endswith("queue num 0-3 bypass") for rule in classify.rules)
+    fanned = UserspaceRules(SETTINGS, layout.Family(4), QueueSpec(count=4, in_nft=True, fanout=True))
+    assert all(str(rule).endswith("queue num 0-3 bypass,fanout") for rule in fanned._own["userspace-classify"].rules)
 
 
 # -- policy: annotations and tables ---------------------------------------------------------------
@@ -302,7 +307,7 @@ def test_render_in_userspace_mode_prints_a_loadable_table_and_the_queue_rule(cap
 
     examples = Path(__file__).resolve().parents[2] / "examples"
     assert main(["render", "--source", str(examples), "--node-ips", "192.168.50.1", "--proxy-mode", "userspace",
-                 "--hostname-override", "node1"]) == 0
+                 "--hostname-override", "node1", "--queues", "1"]) == 0
     text = capsys.readouterr().out
     comments = [line for line in text.splitlines() if line.startswith("#")]
     assert any("-j NFQUEUE --queue-num 0 --queue-bypass" in line for line in comments)

@@ -332,7 +332,12 @@ def _rule(cur: Cursor, family: str) -> Rule:
             cur.next("queue")
             cur.take("num")
             numbers = cur.word("queue numbers").text
-            statements.append(Queue(numbers, cur.accept("bypass")))
+            flags = set()
+            while cur.peek() in ("bypass", "fanout"):
+                flags.add(cur.next("a queue flag").text)
+                if not cur.accept(","):
+                    break
+            statements.append(Queue(numbers, "bypass" in flags, "fanout" in flags))
         elif word in _SELECTOR_STARTS:
             statements.append(_expression_statement(cur, start))
         else:
