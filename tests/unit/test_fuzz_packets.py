@@ -4,7 +4,7 @@ the bytes. Neither may raise; each must give exactly what a well-formed input ho
 generator builds the input from its fields, so it knows the answer) and nothing impossible
 for a damaged one.
 
-Only the public decode functions are used: nfqueue.py is being rewritten elsewhere.
+Only the public decode functions are used.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import struct
 
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
-from dataplane.packet import Flow, parse
+from dataplane.packet import Flow, PacketQueued, parse
 from dataplane.queue import nfqueue
 
 PACKET_CASES = 10_000
@@ -112,7 +112,7 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
 
-def datagram(rng: random.Random) -> tuple[bytes, list[nfqueue.Queued], int]:
+def datagram(rng: random.Random) -> tuple[bytes, list[PacketQueued], int]:
     """Netlink messages of every kind the socket may carry, and what a correct decoder returns."""
     out, expected, error = b"", [], 0
     for _ in range(rng.randrange(1, 6)):
@@ -134,7 +134,7 @@ def datagram(rng: random.Random) -> tuple[bytes, list[nfqueue.Queued], int]:
             body = struct.pack("=BBH", socket.AF_INET, 0, socket.htons(queue)) + b"".join(attrs)
             message_type = (nfqueue.NFNL_SUBSYS_QUEUE << 8) | nfqueue.NFQNL_MSG_PACKET
             if has_id:
-                expected.append(nfqueue.Queued(queue, packet_id, mark or 0, payload))
+                expected.append(PacketQueued(queue, packet_id, mark or 0, payload))
         elif kind == "error":
             code = rng.choice([0, 1, 2, 105])
             body = struct.pack("=i", -code) + rng.randbytes(16)
@@ -170,7 +170,7 @@ def datagrams(draw):
 @given(datagrams())
 def test_nfqueue_decode_never_raises_and_returns_exactly_the_queued_packets(case):
     data, expected, error, damage = case
-    found: list[nfqueue.Queued] = []
+    found: list[PacketQueued] = []
     code = nfqueue.decode_packets(data, found)
     assert isinstance(code, int)
     if damage == "none":

@@ -332,12 +332,12 @@ def _rule(cur: Cursor, family: str) -> Rule:
             cur.next("queue")
             cur.take("num")
             numbers = cur.word("queue numbers").text
-            flags = set()
+            queue_flags: set[str] = set()
             while cur.peek() in ("bypass", "fanout"):
-                flags.add(cur.next("a queue flag").text)
+                queue_flags.add(cur.next("a queue flag").text)
                 if not cur.accept(","):
                     break
-            statements.append(Queue(numbers, "bypass" in flags, "fanout" in flags))
+            statements.append(Queue(numbers, "bypass" in queue_flags, "fanout" in queue_flags))
         elif word in _SELECTOR_STARTS:
             statements.append(_expression_statement(cur, start))
         else:
