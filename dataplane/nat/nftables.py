@@ -29,7 +29,7 @@ from .ruleset import Transaction
 log = logging.getLogger(__name__)
 
 APPLIERS = ("netlink", "nft")
-DEFAULT_APPLIER = "nft"
+DEFAULT_APPLIER = "netlink"
 
 
 class NftError(RuntimeError):
@@ -137,6 +137,7 @@ class Nftables:
         self._bulk = bulk or self._backend
         self.applier = applier
         self._encoder = Encoder()
+        self.fallbacks = 0  # transactions the netlink applier handed to the text path
         self._batches: NetlinkBatches | None = None
         if applier == "netlink":
             try:
@@ -163,7 +164,8 @@ class Nftables:
             try:
                 messages = self._encoder.encode(tx)
             except Unsupported as why:
-                log.debug("transaction applied as nft text: %s", why)
+                self.fallbacks += 1
+                log.info("transaction applied as nft text: %s", why)
             else:
                 try:
                     self._batches.send(messages)
