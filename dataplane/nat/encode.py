@@ -185,17 +185,22 @@ class TextKeys:
 
     def __init__(self):
         self._cache: dict[tuple[str, str], bytes] = {}
+        self._fields: dict[tuple[str, bool], dict[str, bytes]] = {}  # (type, padded) -> text -> bytes
 
     def field(self, type_: str, text: str) -> bytes:
         key = (type_, text)
         found = self._cache.get(key)
         if found is None:
-            if type_ == "ipv4_addr":
-                found = socket.inet_aton(text) if text.count(".") == 3 else value_bytes(type_, text)
-            elif type_ == "ipv6_addr":
-                found = socket.inet_pton(socket.AF_INET6, text)
-            else:
-                found = value_bytes(type_, text)
+            try:
+                if type_ == "ipv4_addr":
+                    found = socket.inet_aton(text) if text.count(".") == 3 else value_bytes(type_, text)
+                elif type_ == "ipv6_addr":
+                    found = socket.inet_pton(socket.AF_INET6, text)
+                else:
+                    found = value_bytes(type_, text)
+            except (ValueError, OSError, KeyError, struct.error) as error:
+                # nft, given the same text, names the bad element in its own words
+                raise Unsupported(f"{type_} {text!r}: {error}") from None
             if len(self._cache) > 500_000:
                 self._cache.clear()
             self._cache[key] = found
@@ -212,6 +217,58 @@ class TextKeys:
             data = self.field(type_, part)
             out.append(data + b"\0" * (-len(data) % 4))
         return b"".join(out)
+
+    def data_attr(self, kind: int, types: tuple[str, ...]):
+        """A function from key text to the whole attribute `kind { NFTA_DATA_VALUE <key> }`: the hot
+        loop of a full sync, so headers are computed once per container and fields come from caches."""
+        length = key_length(types)
+        pad = b"\0" * (-length % 4)
+        header = struct.pack("=HHHH", 8 + length + len(pad), kind | NLA_F_NESTED, 4 + length, 1)
+        count = len(types)
+        caches = [self._fields.setdefault((t, count > 1), {}) for t in types]
+        field = self.field
+
+        def fields(parts: list[str], kinds: tuple[str, ...], stores: list[dict]) -> bytes:
+            out = []
+            for cache, part, type_ in zip(stores, parts, kinds):
+                data = cache.get(part)
+                if data is None:
+                    data = field(type_, part)
+                    if count > 1:
+                        data += b"\0" * (-len(data) % 4)
+                    if len(cache) > 200_000:
+                        cache.clear()
+                    cache[part] = data
+                out.append(data)
+            return b"".join(out)
+
+        if count == 1:
+            def encode(text: str) -> bytes:
+                return header + fields([text], types, caches) + pad
+
+            return encode
+        # Keys share their leading fields (a Service's address . proto . port before each endpoint slot):
+        # those are encoded once.
+        prefixes: dict[str, bytes] = {}
+        last_type, last_cache = types[-1:], caches[-1:]
+
+        def encode(text: str) -> bytes:
+            prefix, _, last = text.rpartition(" . ")
+            head = prefixes.get(prefix)
+            if head is None:
+                parts = prefix.split(" . ")
+                if len(parts) != count - 1:
+                    raise Unsupported(f"element {text!r} does not have {count} fields")
+                head = fields(parts, types[:-1], caches[:-1])
+                if len(prefixes) > 100_000:
+                    prefixes.clear()
+                prefixes[prefix] = head
+            tail = last_cache[0].get(last)
+            if tail is None:
+                tail = fields([last], last_type, last_cache)
+            return header + head + tail + pad
+
+        return encode
 
     def interval_concat(self, types: tuple[str, ...], text: str) -> tuple[bytes, bytes]:
         """(start, end) of a key of an interval set with a concatenated key; a CIDR or `a-b` field is a range."""
@@ -410,6 +467,7 @@ class Encoder:
     def __init__(self):
         self.sets: dict[tuple[str, str, str], SetInfo] = {}  # (family, table, name) -> info
         self.keys = TextKeys()
+        self.comments: dict[str, bytes] = {}  # element comment -> its userdata attribute
         self._rules: dict[tuple, bytes] = {}  # (family, table, rule) -> expressions, for rules without anonymous sets
 
     # -- the memory of declared containers
@@ -608,21 +666,35 @@ class _Batch:
         concat_interval = info.interval and len(info.key) > 1
         if info.interval and not concat_interval:
             raise Unsupported(f"elements of the interval set {elements.container}")
+        key_attr = keys.data_attr(1, info.key)  # NFTA_SET_ELEM_KEY
+        value_attr = keys.data_attr(2, info.value) if info.value and info.value != ("verdict",) else None
+        verdicts: dict[str, bytes] = {}
+        comments = self.encoder.comments
+        pack = struct.Struct("=HH").pack
+        add = verb == "add"
         for element in elements.elements:
             if concat_interval:
                 start, end = keys.interval_concat(info.key, element.key)
-                parts = [nest(1, attr(1, start)), nest(10, attr(1, end))]
+                data = nest(1, attr(1, start)) + nest(10, attr(1, end))
             else:
-                parts = [nest(1, attr(1, keys.concat(info.key, element.key)))]
-            if verb == "add":
-                if info.value == ("verdict",):
-                    parts.append(nest(2, verdict_data(element.value)))
+                data = key_attr(element.key)
+            if add:
+                if value_attr is not None:
+                    data += value_attr(element.value)
                 elif info.value:
-                    parts.append(nest(2, attr(1, keys.concat(info.value, element.value))))
+                    verdict = verdicts.get(element.value)
+                    if verdict is None:
+                        verdict = verdicts[element.value] = nest(2, verdict_data(element.value))
+                    data += verdict
                 if element.comment:
-                    text = safe_comment(element.comment).encode() + b"\0"
-                    parts.append(attr(6, _udata([(0, text)])))
-            encoded.append(b"".join(parts))
+                    comment = comments.get(element.comment)
+                    if comment is None:
+                        if len(comments) > 100_000:
+                            comments.clear()
+                        text = safe_comment(element.comment).encode() + b"\0"
+                        comment = comments[element.comment] = attr(6, _udata([(0, text)]))
+                    data += comment
+            encoded.append(pack(4 + len(data), 1 | NLA_F_NESTED) + data)  # NFTA_LIST_ELEM
         self._element_messages(verb, table, elements.container, self.set_ids.get(key), encoded)
 
     def _element_messages(self, verb: str, table: Table, name: str, set_id: int | None, encoded: list[bytes]) -> None:
@@ -632,8 +704,7 @@ class _Batch:
         label = f"{verb} element {table} {name}"
         chunk: list[bytes] = []
         size = 0
-        for data in encoded:
-            item = nest(1, data)  # NFTA_LIST_ELEM
+        for item in encoded:
             if chunk and size + len(item) > self.ELEMENTS_PER_NEST:
                 self.add(kind, flags, table, head + nest(3, *chunk), label)
                 chunk, size = [], 0
