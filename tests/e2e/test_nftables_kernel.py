@@ -33,6 +33,7 @@ from dataplane.nat.ruleset import AddRule, Chain, Container, Operation, Table, T
 from dataplane.nat.userspace import QueueSpec, UserspaceRules
 from dataplane.sync.manifests import ManifestSource
 from dataplane.sync.store import Store
+from tests import flows
 
 pytestmark = [
     pytest.mark.netns,
@@ -118,13 +119,20 @@ GOLDEN_SETTINGS = {
     "basic": NodeSettings(node_name="node-a", cluster_cidrs=("10.244.0.0/16", "fd00:10:244::/48"),
                           service_cidrs=("10.96.0.0/12", "fd00:10:96::/108")),
     "terminating": NodeSettings(node_name="node-a", masquerade_all=True),
+    # The packet-flow table's dual-stack cluster: every Service kind and policy in both families.
+    "flows": NodeSettings(node_name=flows.NODE_NAME, cluster_cidrs=(flows.CLUSTER_CIDR, flows.CLUSTER_CIDR6),
+                          service_cidrs=(flows.SERVICE_CIDR, flows.SERVICE_CIDR6), node_zone=flows.NODE_ZONE),
 }
-NODE_IPS = ("192.168.50.1", "fd00:50::1")
+NODE_IPS = ("192.168.50.1", "fd00:50::1", flows.NODE_IP, flows.NODE_IP6)
 
 
 def _golden_snapshot(case: str):
     store = Store()
-    ManifestSource(GOLDEN / f"{case}.yaml", store).load_all()
+    if case == "flows":
+        for origin, documents in {**flows.MANIFESTS, **flows.MANIFESTS6}.items():
+            store.replace(origin, parse_objects(documents, origin)[0])
+    else:
+        ManifestSource(GOLDEN / f"{case}.yaml", store).load_all()
     return store.snapshot()
 
 
