@@ -180,31 +180,25 @@ def _flags(bits: dict[str, int], names) -> int:
 
 
 class TextKeys:
-    """Parses element keys and values (nft literal text) into key bytes, with a cache per field:
-    addresses, protocols and ports repeat across hundreds of thousands of elements."""
+    """Parses element keys and values (nft literal text) into key bytes.
 
-    def __init__(self):
-        self._cache: dict[tuple[str, str], bytes] = {}
-        self._fields: dict[tuple[str, bool], dict[str, bytes]] = {}  # (type, padded) -> text -> bytes
+    Caches live as long as one `data_attr()` encoder, that is one batch of
+    at most a few thousand sorted elements: long enough for the fields and
+    key prefixes that repeat there, short enough that a full sync of 30,000
+    Services never holds a cache of every address.
+    """
 
-    def field(self, type_: str, text: str) -> bytes:
-        key = (type_, text)
-        found = self._cache.get(key)
-        if found is None:
-            try:
-                if type_ == "ipv4_addr":
-                    found = socket.inet_aton(text) if text.count(".") == 3 else value_bytes(type_, text)
-                elif type_ == "ipv6_addr":
-                    found = socket.inet_pton(socket.AF_INET6, text)
-                else:
-                    found = value_bytes(type_, text)
-            except (ValueError, OSError, KeyError, struct.error) as error:
-                # nft, given the same text, names the bad element in its own words
-                raise Unsupported(f"{type_} {text!r}: {error}") from None
-            if len(self._cache) > 500_000:
-                self._cache.clear()
-            self._cache[key] = found
-        return found
+    @staticmethod
+    def field(type_: str, text: str) -> bytes:
+        try:
+            if type_ == "ipv4_addr" and text.count(".") == 3:
+                return socket.inet_aton(text)
+            if type_ == "ipv6_addr":
+                return socket.inet_pton(socket.AF_INET6, text)
+            return value_bytes(type_, text)
+        except (ValueError, OSError, KeyError, struct.error) as error:
+            # nft, given the same text, names the bad element in its own words
+            raise Unsupported(f"{type_} {text!r}: {error}") from None
 
     def concat(self, types: tuple[str, ...], text: str) -> bytes:
         parts = text.split(" . ")
@@ -225,7 +219,7 @@ class TextKeys:
         pad = b"\0" * (-length % 4)
         header = struct.pack("=HHHH", 8 + length + len(pad), kind | NLA_F_NESTED, 4 + length, 1)
         count = len(types)
-        caches = [self._fields.setdefault((t, count > 1), {}) for t in types]
+        caches: list[dict[str, bytes]] = [{} for _ in types]
         field = self.field
 
         def fields(parts: list[str], kinds: tuple[str, ...], stores: list[dict]) -> bytes:
@@ -236,8 +230,6 @@ class TextKeys:
                     data = field(type_, part)
                     if count > 1:
                         data += b"\0" * (-len(data) % 4)
-                    if len(cache) > 200_000:
-                        cache.clear()
                     cache[part] = data
                 out.append(data)
             return b"".join(out)
@@ -259,10 +251,7 @@ class TextKeys:
                 parts = prefix.split(" . ")
                 if len(parts) != count - 1:
                     raise Unsupported(f"element {text!r} does not have {count} fields")
-                head = fields(parts, types[:-1], caches[:-1])
-                if len(prefixes) > 100_000:
-                    prefixes.clear()
-                prefixes[prefix] = head
+                head = prefixes[prefix] = fields(parts, types[:-1], caches[:-1])
             tail = last_cache[0].get(last)
             if tail is None:
                 tail = fields([last], last_type, last_cache)
@@ -467,7 +456,6 @@ class Encoder:
     def __init__(self):
         self.sets: dict[tuple[str, str, str], SetInfo] = {}  # (family, table, name) -> info
         self.keys = TextKeys()
-        self.comments: dict[str, bytes] = {}  # element comment -> its userdata attribute
         self._rules: dict[tuple, bytes] = {}  # (family, table, rule) -> expressions, for rules without anonymous sets
 
     # -- the memory of declared containers
@@ -518,6 +506,7 @@ class _Batch:
         self.messages: list[Message] = []
         self.set_ids: dict[tuple[str, str, str], int] = {}
         self.next_id = 1
+        self.comments: dict[str, bytes] = {}  # element comment -> its userdata attribute, for this batch
 
     def add(self, type_: int, flags: int, table: Table, body: bytes, label: str) -> None:
         self.messages.append(Message(type_, flags, _family(table), body, label))
@@ -669,7 +658,7 @@ class _Batch:
         key_attr = keys.data_attr(1, info.key)  # NFTA_SET_ELEM_KEY
         value_attr = keys.data_attr(2, info.value) if info.value and info.value != ("verdict",) else None
         verdicts: dict[str, bytes] = {}
-        comments = self.encoder.comments
+        comments = self.comments
         pack = struct.Struct("=HH").pack
         add = verb == "add"
         for element in elements.elements:
@@ -689,8 +678,6 @@ class _Batch:
                 if element.comment:
                     comment = comments.get(element.comment)
                     if comment is None:
-                        if len(comments) > 100_000:
-                            comments.clear()
                         text = safe_comment(element.comment).encode() + b"\0"
                         comment = comments[element.comment] = attr(6, _udata([(0, text)]))
                     data += comment

@@ -21,7 +21,6 @@ import select
 import socket
 import struct
 import threading
-from typing import Sequence
 
 from pyroute2.netlink import NETLINK_NETFILTER
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
@@ -112,34 +111,42 @@ class NetlinkBatches:
     def close(self) -> None:
         self._sock.close()
 
-    def send(self, messages: Sequence[Message]) -> None:
-        """Applies the messages as one transaction; raises BatchError with nothing changed on refusal."""
+    def send(self, messages: list[Message]) -> None:
+        """Applies the messages as one transaction; raises BatchError with nothing changed on refusal.
+
+        It empties `messages` as it writes them into the batch, so that a
+        full sync is held once, not twice (17 MB at 30,000 Services)."""
         if not messages:
             return
         with self._lock:
             self._send(messages)
 
-    def _send(self, messages: Sequence[Message]) -> None:
+    def _send(self, messages: list[Message]) -> None:
         first = self._seq + 1
-        parts = [_frame(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)]
-        for index, message in enumerate(messages):
-            parts.append(_frame((NFNL_SUBSYS_NFTABLES << 8) | message.type, message.flags | NLM_F_ACK,
-                                first + 1 + index, message.family, message.body))
         last = first + 1 + len(messages)
-        parts.append(_frame(NFNL_MSG_BATCH_END, NLM_F_REQUEST, last, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES))
         self._seq = last
-        data = b"".join(parts)
-        del parts
+        labels = [message.label for message in messages]
+        size = 2 * _FRAMED + sum(_FRAMED + ((len(m.body) + 3) & ~3) for m in messages)
+        data = bytearray(size)
+        offset = _put(data, 0, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
+        for index in range(len(messages)):
+            message = messages[index]
+            messages[index] = None  # type: ignore[call-overload]  # its bytes are in the batch now
+            offset = _put(data, offset, (NFNL_SUBSYS_NFTABLES << 8) | message.type, message.flags | NLM_F_ACK,
+                          first + 1 + index, message.family, message.body)
+        messages.clear()
+        offset = _put(data, offset, NFNL_MSG_BATCH_END, NLM_F_REQUEST, last, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
+        assert offset == size
         self._drain()  # nothing of an earlier batch may be taken for this one's replies
-        _set_buffer(self._sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, len(data) + (64 << 10))
+        _set_buffer(self._sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, size + (64 << 10))
         try:
             sent = self._sock.send(data)
         except OSError as error:
-            raise BatchError(f"sending the batch ({len(data)} bytes): {error.strerror}", error.errno) from None
-        if sent != len(data):
-            raise BatchError(f"the kernel took {sent} of {len(data)} bytes of the batch", None)
+            raise BatchError(f"sending the batch ({size} bytes): {error.strerror}", error.errno) from None
         del data
-        self._replies(first, last, messages)
+        if sent != size:
+            raise BatchError(f"the kernel took {sent} of {size} bytes of the batch", None)
+        self._replies(first, last, labels)
 
     def _drain(self) -> None:
         while True:
@@ -152,7 +159,7 @@ class NetlinkBatches:
                     continue
                 raise
 
-    def _replies(self, first: int, last: int, messages: Sequence[Message]) -> None:
+    def _replies(self, first: int, last: int, labels: list[str]) -> None:
         """Reads an ack or error for every message; raises for the first error by sequence."""
         pending = set(range(first + 1, last))
         errors: dict[int, tuple[int, str]] = {}
@@ -194,7 +201,7 @@ class NetlinkBatches:
         if errors:
             seq = min(errors)
             code, reason = errors[seq]
-            raise BatchError(_describe(code, reason, messages[seq - first - 1].label), code)
+            raise BatchError(_describe(code, reason, labels[seq - first - 1]), code)
 
 
 def _describe(code: int, reason: str, what: str) -> str:
@@ -204,10 +211,17 @@ def _describe(code: int, reason: str, what: str) -> str:
     return f"{text}: {what}"
 
 
-def _frame(kind: int, flags: int, seq: int, family: int, body: bytes, res_id: int = 0) -> bytes:
-    length = _HEADER.size + _NFGEN.size + len(body)
-    return (_HEADER.pack(length, kind, flags, seq, 0) + _NFGEN.pack(family, 0, socket.htons(res_id)) + body
-            + b"\0" * (-length % 4))
+_FRAMED = _HEADER.size + _NFGEN.size
+
+
+def _put(data: bytearray, offset: int, kind: int, flags: int, seq: int, family: int, body: bytes,
+         res_id: int = 0) -> int:
+    """Writes one message at `offset` (padding stays zero); returns where the next one goes."""
+    length = _FRAMED + len(body)
+    _HEADER.pack_into(data, offset, length, kind, flags, seq, 0)
+    _NFGEN.pack_into(data, offset + _HEADER.size, family, 0, socket.htons(res_id))
+    data[offset + _FRAMED:offset + length] = body
+    return offset + ((length + 3) & ~3)
 
 
 def _ext_ack_message(reply: memoryview, flags: int) -> str:

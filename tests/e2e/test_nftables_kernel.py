@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -302,3 +303,22 @@ def nft_objects(nft: Nftables) -> list[tuple[str, str]]:
     listing = json.loads(_list_json(nft, "ip", "dataplane"))
     return [(kind, item[kind]["name"]) for item in listing["nftables"] for kind in ("chain", "map", "set")
             if kind in item]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv is not installed")
+def test_a_batch_without_cap_net_admin_is_refused_with_eperm(pair) -> None:
+    """The netlink applier as nobody in the namespace: the kernel refuses the batch itself."""
+    namespace = pair[0]._backend._argv[3]
+    script = (
+        "from dataplane.nat.nftables import Nftables, NftCommand, NftError\n"
+        "from dataplane.nat.ruleset import Operation, Table, Transaction\n"
+        "nft = Nftables(NftCommand(['nft']), applier='netlink')\n"
+        "try:\n"
+        "    nft.apply(Transaction([Operation('add', Table('ip', 'dataplane'))]))\n"
+        "except NftError as error:\n"
+        "    print(error.errno, nft.fallbacks)\n"
+    )
+    done = subprocess.run(["ip", "netns", "exec", namespace, "setpriv", "--reuid=65534", "--regid=65534",
+                           "--clear-groups", sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.split() == [str(errno.EPERM), "0"], done.stderr
+    assert table_state(pair[0]) == []
