@@ -200,18 +200,6 @@ class TextKeys:
             # nft, given the same text, names the bad element in its own words
             raise Unsupported(f"{type_} {text!r}: {error}") from None
 
-    def concat(self, types: tuple[str, ...], text: str) -> bytes:
-        parts = text.split(" . ")
-        if len(parts) != len(types):
-            raise Unsupported(f"element {text!r} does not have {len(types)} fields")
-        if len(types) == 1:
-            return self.field(types[0], parts[0])
-        out = []
-        for type_, part in zip(types, parts):
-            data = self.field(type_, part)
-            out.append(data + b"\0" * (-len(data) % 4))
-        return b"".join(out)
-
     def data_attr(self, kind: int, types: tuple[str, ...]):
         """A function from key text to the whole attribute `kind { NFTA_DATA_VALUE <key> }`: the hot
         loop of a full sync, so headers are computed once per container and fields come from caches."""
@@ -703,7 +691,9 @@ class _Batch:
     # -- rules
 
     def rule(self, table: Table, add: AddRule) -> None:
-        cache_key = (table.family, table.name, add.rule)
+        # A rule's bytes depend on the sets it reads (an interval key adds a byteorder): they are in the key.
+        cache_key = (table.family, table.name, add.rule,
+                     tuple(self.sets.get((table.family, table.name, name)) for name in sorted(add.rule.sets)))
         cached = self.encoder._rules.get(cache_key)
         if cached is None:
             ctx = _RuleContext(self, table)
