@@ -55,6 +55,8 @@ class ControlPlaneResult:
     backend: str = "netlink"
     full_apply_s: float = 0.0  # the apply part of the full sync
     change_apply_ms: list[float] = field(default_factory=list)
+    resync_s: float | None = None  # a periodic full resync with nothing changed (flush and refill in place)
+    resync_apply_s: float | None = None
 
     def summary(self) -> dict:
         data = asdict(self)
@@ -90,7 +92,7 @@ class _Netns:
 class _Daemon:
     """`dataplane run` in a namespace, with its log lines timestamped as they arrive."""
 
-    def __init__(self, netns: str, source: Path, backend: str = "netlink"):
+    def __init__(self, netns: str, source: Path, backend: str = "netlink", sync_period: float = 86400):
         self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
         self.started = time.monotonic()
         self.last_apply_ms = 0.0
@@ -98,7 +100,7 @@ class _Daemon:
             ["ip", "netns", "exec", netns, sys.executable, "-m", "dataplane", "run", "--source", str(source),
              "--hostname-override", "node-0", "--cluster-cidr", "10.128.0.0/9",
              "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249",
-             "--min-sync-period", "0", "--sync-period", "86400", "--nftables-backend", backend],
+             "--min-sync-period", "0", "--sync-period", str(sync_period), "--nftables-backend", backend],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, bufsize=1,
         )
         threading.Thread(target=self._read, daemon=True).start()
@@ -136,11 +138,13 @@ class _Daemon:
 
 
 def measure(services: int, endpoints: int = 10, changes: int = 100, progress=print,
-            backend: str = "netlink") -> ControlPlaneResult:
+            backend: str = "netlink", resync_after: float = 0.0) -> ControlPlaneResult:
+    """With `resync_after`, the daemon's --sync-period: after the changes, the next periodic
+    full resync (nothing changed) is timed too."""
     with tempfile.TemporaryDirectory(prefix="dataplane-bench-") as tmp, _Netns(f"dpbench-{os.getpid()}") as netns:
         source = Path(tmp) / "manifests"
         write_cluster(source, services, endpoints)
-        daemon = _Daemon(netns.name, source, backend)
+        daemon = _Daemon(netns.name, source, backend, resync_after or 86400)
         try:
             live, full_ms = daemon.next_sync("full", timeout=600)
             result = ControlPlaneResult(services, endpoints, live - daemon.started, full_ms / 1000, backend=backend,
@@ -161,6 +165,11 @@ def measure(services: int, endpoints: int = 10, changes: int = 100, progress=pri
                 result.change_sync_ms.append(sync_ms)
                 result.change_apply_ms.append(daemon.last_apply_ms)
                 time.sleep(0.05)
+            if resync_after:
+                _, resync_ms = daemon.next_sync("full", timeout=resync_after + 600)
+                result.resync_s, result.resync_apply_s = resync_ms / 1000, daemon.last_apply_ms / 1000
+                progress(f"  {services} services ({backend}): full resync {resync_ms:.0f} ms "
+                         f"(apply {daemon.last_apply_ms:.0f} ms)")
             result.peak_rss_mb = daemon.peak_rss_mb()
             return result
         finally:
@@ -181,7 +190,8 @@ def iptables_restore_seconds(services: int, endpoints: int = 10, cluster_cidr: s
         ns.delete()
 
 
-def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=print) -> list[dict]:
+def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=print,
+                     resync_after: float = 0.0) -> list[dict]:
     """Both appliers at every size, in one run; the order alternates so that neither always runs on a
     machine warmed (or loaded) by the other. Changes are timed at `change_size` only."""
     records = []
@@ -191,14 +201,15 @@ def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=
         for backend in order:
             before = _loadavg()
             summary = measure(size, changes=changes if size == change_size else 0, progress=progress,
-                              backend=backend).summary()
+                              backend=backend, resync_after=resync_after).summary()
             summary["loadavg"] = f"{before} before, {_loadavg()} after"
             pair[backend] = summary
         netlink, text = pair["netlink"], pair["nft"]
         record = {"services": size, "netlink": netlink, "nft": text, "ratio_netlink_to_nft": {
             key: round(netlink[key] / text[key], 3) if netlink.get(key) and text.get(key) else None
-            for key in ("cold_start_s", "full_sync_s", "full_apply_s", "change_latency_ms_median",
-                        "change_sync_ms_median", "change_apply_ms_median", "peak_rss_mb")}}
+            for key in ("cold_start_s", "full_sync_s", "full_apply_s", "resync_s", "resync_apply_s",
+                        "change_latency_ms_median", "change_sync_ms_median", "change_apply_ms_median",
+                        "peak_rss_mb")}}
         records.append(record)
         progress(f"  {size} services: netlink/nft full sync {record['ratio_netlink_to_nft']['full_sync_s']}, "
                  f"apply {record['ratio_netlink_to_nft']['full_apply_s']}")
@@ -208,7 +219,9 @@ def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=
 def markdown(records: list[dict]) -> str:
     lines = ["| Services | figure | netlink | nft | netlink / nft |", "|---:|---|---:|---:|---:|"]
     figures = [("cold_start_s", "cold start (s)"), ("full_sync_s", "full sync (s)"),
-               ("full_apply_s", "  of which apply (s)"), ("change_latency_ms_median", "one change, write -> live (ms, median)"),
+               ("full_apply_s", "  of which apply (s)"), ("resync_s", "full resync, nothing changed (s)"),
+               ("resync_apply_s", "  of which apply (s)"),
+               ("change_latency_ms_median", "one change, write -> live (ms, median)"),
                ("change_latency_ms_p90", "one change, write -> live (ms, p90)"),
                ("change_sync_ms_median", "one change, sync (ms, median)"),
                ("change_apply_ms_median", "  of which apply (ms, median)"), ("peak_rss_mb", "daemon peak RSS (MB)")]
@@ -232,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1000,10000,30000", help="Service counts, comma-separated")
     parser.add_argument("--changes", type=int, default=30, help="endpoint changes timed at --change-size")
     parser.add_argument("--change-size", type=int, default=10000)
+    parser.add_argument("--resync-after", type=float, default=0.0,
+                        help="seconds: the daemon's --sync-period; the first periodic resync is timed (0: none)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "appliers"))
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -240,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     started = time.strftime("%Y-%m-%d %H:%M")
     code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    records = compare_appliers(sizes, args.changes, args.change_size, progress=lambda m: print(m, flush=True))
+    records = compare_appliers(sizes, args.changes, args.change_size, progress=lambda m: print(m, flush=True),
+                               resync_after=args.resync_after)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m bench.control_plane", *(argv if argv is not None else sys.argv[1:])])
