@@ -20,11 +20,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from .encode import Encoder, Unsupported
-from .netlink import BatchError, NetlinkBatches
 from .ruleset import Transaction
+
+if TYPE_CHECKING:
+    from .encode import Encoder
+    from .netlink import NetlinkBatches
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +138,15 @@ class Nftables:
             bulk = NftCommand([shutil.which("nft")])
         self._bulk = bulk or self._backend
         self.applier = applier
-        self._encoder = Encoder()
         self.fallbacks = 0  # transactions the netlink applier handed to the text path
+        self._encoder: Encoder | None = None
         self._batches: NetlinkBatches | None = None
         if applier == "netlink":
+            # Imported here: pyroute2 is for the netlink applier only (the fake and `render` do without).
+            from .encode import Encoder
+            from .netlink import NetlinkBatches
+
+            self._encoder = Encoder()
             try:
                 self._batches = NetlinkBatches(netns)
             except OSError as error:
@@ -160,20 +167,23 @@ class Nftables:
         """Applies `tx` whole or not at all; raises NftError with nothing changed when the kernel refuses it."""
         if not tx:
             return
-        if self._batches is not None:
+        if self._encoder is None:
+            self._apply_text(tx)
+            return
+        from .encode import Unsupported
+        from .netlink import BatchError
+
+        try:
+            messages = self._encoder.encode(tx)
+        except Unsupported as why:
+            self.fallbacks += 1
+            log.info("transaction applied as nft text: %s", why)
+            self._apply_text(tx)
+        else:
             try:
-                messages = self._encoder.encode(tx)
-            except Unsupported as why:
-                self.fallbacks += 1
-                log.info("transaction applied as nft text: %s", why)
-            else:
-                try:
-                    self._batches.send(messages)
-                except BatchError as error:
-                    raise NftError(str(error), "", error.code) from None
-                self._encoder.commit(tx)
-                return
-        self._apply_text(tx)
+                self._batches.send(messages)
+            except BatchError as error:
+                raise NftError(str(error), "", error.code) from None
         self._encoder.commit(tx)
 
     def _apply_text(self, tx: Transaction) -> None:
@@ -205,7 +215,8 @@ class Nftables:
     def delete_table(self, family: str, table: str) -> None:
         """Idempotent: a missing table is already deleted."""
         self.run(f"add table {family} {table}\ndelete table {family} {table}\n")
-        self._encoder.forget(family, table)
+        if self._encoder is not None:
+            self._encoder.forget(family, table)
 
 
 def _pick_backend() -> _LibNftables | NftCommand:
