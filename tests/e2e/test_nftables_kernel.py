@@ -30,7 +30,7 @@ from dataplane.nat import layout, plan
 from dataplane.nat.expr import Rule, Verdict
 from dataplane.nat.nftables import APPLIERS, NftCommand, NftError, Nftables
 from dataplane.nat.render import RulesetBuilder
-from dataplane.nat.ruleset import AddRule, Chain, Container, Operation, Table, Transaction
+from dataplane.nat.ruleset import AddRule, BaseChain, Chain, Container, Operation, Table, Transaction
 from dataplane.nat.userspace import QueueSpec, UserspaceRules
 from dataplane.sync.manifests import ManifestSource
 from dataplane.sync.store import Store
@@ -230,6 +230,8 @@ def _refusals() -> dict[str, tuple[Operation, int]]:
         "delete a chain still jumped to": (Operation("delete", table, Chain(layout.SERVICES)), errno.EBUSY),
         "a set declared again with another type": (
             Operation("add", table, Container(layout.CLUSTER_IPS, ("inet_service",), kind="set")), errno.EEXIST),
+        "a base chain moved to another hook": (
+            Operation("add", table, Chain("nat-prerouting", base=BaseChain("nat", "output", -100))), errno.EOPNOTSUPP),
     }
 
 
