@@ -35,8 +35,8 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
 )
 
 from .expr import (
-    PROTOCOLS, AnonMap, AnonSet, BinOp, Counter, Interval, Masquerade, Match, Nat, Queue, Reject, Rule, Selector,
-    SetMeta, SetRef, SetUpdate, Verdict, Vmap,
+    PROTOCOLS, AnonSet, BinOp, Counter, Interval, Masquerade, Match, Nat, Queue, Reject, Selector, SetMeta, SetRef,
+    SetUpdate, Verdict, Vmap,
 )
 from .ruleset import AddRule, Chain, Container, Elements, Operation, Table, Transaction, safe_comment
 
@@ -550,10 +550,12 @@ class _Batch:
             self.add(NFT_MSG_NEWCHAIN, NLM_F_REQUEST | NLM_F_CREATE, table,
                      _pyroute2_body(nft_chain_msg, family, attrs), label)
         elif verb == "delete":
-            body = _pyroute2_body(nft_chain_msg, family, [("NFTA_CHAIN_TABLE", table.name), ("NFTA_CHAIN_NAME", chain.name)])
+            body = _pyroute2_body(nft_chain_msg, family,
+                                  [("NFTA_CHAIN_TABLE", table.name), ("NFTA_CHAIN_NAME", chain.name)])
             self.add(NFT_MSG_DELCHAIN, NLM_F_REQUEST, table, body, label)
         elif verb == "flush":
-            body = _pyroute2_body(nft_rule_msg, family, [("NFTA_RULE_TABLE", table.name), ("NFTA_RULE_CHAIN", chain.name)])
+            body = _pyroute2_body(nft_rule_msg, family,
+                                  [("NFTA_RULE_TABLE", table.name), ("NFTA_RULE_CHAIN", chain.name)])
             self.add(NFT_MSG_DELRULE, NLM_F_REQUEST, table, body, label)
         else:
             raise Unsupported(f"{verb} chain")

@@ -135,7 +135,8 @@ class NetlinkBatches:
             offset = _put(data, offset, (NFNL_SUBSYS_NFTABLES << 8) | message.type, message.flags | NLM_F_ACK,
                           first + 1 + index, message.family, message.body)
         messages.clear()
-        offset = _put(data, offset, NFNL_MSG_BATCH_END, NLM_F_REQUEST, last, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
+        offset = _put(data, offset, NFNL_MSG_BATCH_END, NLM_F_REQUEST, last, socket.AF_UNSPEC, b"",
+                      NFNL_SUBSYS_NFTABLES)
         assert offset == size
         self._drain()  # nothing of an earlier batch may be taken for this one's replies
         _set_buffer(self._sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, size + (64 << 10))

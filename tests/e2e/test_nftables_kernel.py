@@ -225,8 +225,8 @@ def test_incremental_syncs_converge_to_the_full_ruleset(nft: Nftables) -> None:
 def _refusals() -> dict[str, tuple[Operation, int]]:
     table = Table("ip", "dataplane")
     return {
-        "goto a missing chain": (Operation("add", table, AddRule(layout.SERVICES, Rule.of(Verdict("goto", "no-such-chain")))),
-                                 errno.ENOENT),
+        "goto a missing chain": (
+            Operation("add", table, AddRule(layout.SERVICES, Rule.of(Verdict("goto", "no-such-chain")))), errno.ENOENT),
         "delete a chain still jumped to": (Operation("delete", table, Chain(layout.SERVICES)), errno.EBUSY),
         "a set declared again with another type": (
             Operation("add", table, Container(layout.CLUSTER_IPS, ("inet_service",), kind="set")), errno.EEXIST),

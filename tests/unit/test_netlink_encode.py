@@ -116,7 +116,8 @@ def test_what_the_encoder_cannot_express_is_refused_before_anything_is_sent(tx: 
 
 
 def test_declarations_are_remembered_only_once_committed_and_forgotten_with_their_table() -> None:
-    declare = Transaction([Operation("add", TABLE), Operation("add", TABLE, Container("ips", ("ipv4_addr",), kind="set"))])
+    declare = Transaction([Operation("add", TABLE),
+                           Operation("add", TABLE, Container("ips", ("ipv4_addr",), kind="set"))])
     fill = Transaction([Operation("add", TABLE, Elements("ips", (Element("ips", "10.96.0.1"),)))])
     encoder = Encoder()
     encoder.encode(declare)
