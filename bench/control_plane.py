@@ -10,10 +10,18 @@ YAML file per Service, start `dataplane run` on it and read its log.
 - the yardstick: kube-proxy's iptables layout for the same cluster
   (`iptables_reference.py`), timed through iptables-nft-restore in a
   namespace of its own.
+
+`python -m bench.control_plane` runs the daemon once per nftables applier
+(`--nftables-backend netlink` and `nft`) at each size, alternating which
+goes first, and reports both side by side with their ratio; the apply part
+of a sync (the daemon logs render, plan and apply apart) is where the two
+differ.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import queue
 import re
@@ -30,7 +38,9 @@ from pathlib import Path
 from . import iptables_reference
 from .manifests import service_yaml, synthetic_cluster, write_cluster
 
-_SYNC_LINE = re.compile(r'msg="(full|partial) sync: (\d+) commands in ([\d.]+) ms')
+_SYNC_LINE = re.compile(r'msg="(full|partial) sync: (\d+) commands in ([\d.]+) ms'
+                        r'(?: \(render ([\d.]+), plan ([\d.]+), apply ([\d.]+))?')
+APPLIERS = ("netlink", "nft")
 
 
 @dataclass
@@ -42,10 +52,15 @@ class ControlPlaneResult:
     change_latency_ms: list[float] = field(default_factory=list)
     change_sync_ms: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
+    backend: str = "netlink"
+    full_apply_s: float = 0.0  # the apply part of the full sync
+    change_apply_ms: list[float] = field(default_factory=list)
+    resync_s: float | None = None  # a periodic full resync with nothing changed (flush and refill in place)
+    resync_apply_s: float | None = None
 
     def summary(self) -> dict:
         data = asdict(self)
-        for key in ("change_latency_ms", "change_sync_ms"):
+        for key in ("change_latency_ms", "change_sync_ms", "change_apply_ms"):
             values = data.pop(key)
             data[f"{key}_median"] = round(statistics.median(values), 2) if values else None
             data[f"{key}_p90"] = round(_percentile(values, 0.9), 2) if values else None
@@ -77,14 +92,15 @@ class _Netns:
 class _Daemon:
     """`dataplane run` in a namespace, with its log lines timestamped as they arrive."""
 
-    def __init__(self, netns: str, source: Path):
+    def __init__(self, netns: str, source: Path, backend: str = "netlink", sync_period: float = 86400):
         self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
         self.started = time.monotonic()
+        self.last_apply_ms = 0.0
         self.process = subprocess.Popen(
             ["ip", "netns", "exec", netns, sys.executable, "-m", "dataplane", "run", "--source", str(source),
              "--hostname-override", "node-0", "--cluster-cidr", "10.128.0.0/9",
              "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249",
-             "--min-sync-period", "0", "--sync-period", "86400"],
+             "--min-sync-period", "0", "--sync-period", str(sync_period), "--nftables-backend", backend],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, bufsize=1,
         )
         threading.Thread(target=self._read, daemon=True).start()
@@ -103,6 +119,7 @@ class _Daemon:
                 raise TimeoutError(f"no {kind} sync within {timeout} s") from None
             match = _SYNC_LINE.search(line)
             if match and match.group(1) == kind:
+                self.last_apply_ms = float(match.group(6) or 0.0)
                 return stamp, float(match.group(3))
             if "level=error" in line:
                 print(f"  daemon: {line.strip()}", file=sys.stderr)
@@ -120,15 +137,20 @@ class _Daemon:
             self.process.kill()
 
 
-def measure(services: int, endpoints: int = 10, changes: int = 100, progress=print) -> ControlPlaneResult:
+def measure(services: int, endpoints: int = 10, changes: int = 100, progress=print,
+            backend: str = "netlink", resync_after: float = 0.0) -> ControlPlaneResult:
+    """With `resync_after`, the daemon's --sync-period: after the changes, the next periodic
+    full resync (nothing changed) is timed too."""
     with tempfile.TemporaryDirectory(prefix="dataplane-bench-") as tmp, _Netns(f"dpbench-{os.getpid()}") as netns:
         source = Path(tmp) / "manifests"
         write_cluster(source, services, endpoints)
-        daemon = _Daemon(netns.name, source)
+        daemon = _Daemon(netns.name, source, backend, resync_after or 86400)
         try:
             live, full_ms = daemon.next_sync("full", timeout=600)
-            result = ControlPlaneResult(services, endpoints, live - daemon.started, full_ms / 1000)
-            progress(f"  {services} services: cold start {result.cold_start_s:.2f} s, full sync {full_ms:.0f} ms")
+            result = ControlPlaneResult(services, endpoints, live - daemon.started, full_ms / 1000, backend=backend,
+                                        full_apply_s=daemon.last_apply_ms / 1000)
+            progress(f"  {services} services ({backend}): cold start {result.cold_start_s:.2f} s, "
+                     f"full sync {full_ms:.0f} ms (apply {daemon.last_apply_ms:.0f} ms)")
             time.sleep(1.0)  # let the watcher settle after the initial scan
             generation: dict[int, int] = {}
             for k in range(changes):
@@ -141,7 +163,13 @@ def measure(services: int, endpoints: int = 10, changes: int = 100, progress=pri
                 applied, sync_ms = daemon.next_sync("partial", timeout=30)
                 result.change_latency_ms.append((applied - written) * 1000)
                 result.change_sync_ms.append(sync_ms)
+                result.change_apply_ms.append(daemon.last_apply_ms)
                 time.sleep(0.05)
+            if resync_after:
+                _, resync_ms = daemon.next_sync("full", timeout=resync_after + 600)
+                result.resync_s, result.resync_apply_s = resync_ms / 1000, daemon.last_apply_ms / 1000
+                progress(f"  {services} services ({backend}): full resync {resync_ms:.0f} ms "
+                         f"(apply {daemon.last_apply_ms:.0f} ms)")
             result.peak_rss_mb = daemon.peak_rss_mb()
             return result
         finally:
@@ -160,3 +188,85 @@ def iptables_restore_seconds(services: int, endpoints: int = 10, cluster_cidr: s
         return iptables_reference.load(ns, text)
     finally:
         ns.delete()
+
+
+def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=print,
+                     resync_after: float = 0.0) -> list[dict]:
+    """Both appliers at every size, in one run; the order alternates so that neither always runs on a
+    machine warmed (or loaded) by the other. Changes are timed at `change_size` only."""
+    records = []
+    for index, size in enumerate(sizes):
+        order = APPLIERS if index % 2 == 0 else APPLIERS[::-1]
+        pair = {}
+        for backend in order:
+            before = _loadavg()
+            summary = measure(size, changes=changes if size == change_size else 0, progress=progress,
+                              backend=backend, resync_after=resync_after).summary()
+            summary["loadavg"] = f"{before} before, {_loadavg()} after"
+            pair[backend] = summary
+        netlink, text = pair["netlink"], pair["nft"]
+        record = {"services": size, "netlink": netlink, "nft": text, "ratio_netlink_to_nft": {
+            key: round(netlink[key] / text[key], 3) if netlink.get(key) and text.get(key) else None
+            for key in ("cold_start_s", "full_sync_s", "full_apply_s", "resync_s", "resync_apply_s",
+                        "change_latency_ms_median", "change_sync_ms_median", "change_apply_ms_median",
+                        "peak_rss_mb")}}
+        records.append(record)
+        progress(f"  {size} services: netlink/nft full sync {record['ratio_netlink_to_nft']['full_sync_s']}, "
+                 f"apply {record['ratio_netlink_to_nft']['full_apply_s']}")
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["| Services | figure | netlink | nft | netlink / nft |", "|---:|---|---:|---:|---:|"]
+    figures = [("cold_start_s", "cold start (s)"), ("full_sync_s", "full sync (s)"),
+               ("full_apply_s", "  of which apply (s)"), ("resync_s", "full resync, nothing changed (s)"),
+               ("resync_apply_s", "  of which apply (s)"),
+               ("change_latency_ms_median", "one change, write -> live (ms, median)"),
+               ("change_latency_ms_p90", "one change, write -> live (ms, p90)"),
+               ("change_sync_ms_median", "one change, sync (ms, median)"),
+               ("change_apply_ms_median", "  of which apply (ms, median)"), ("peak_rss_mb", "daemon peak RSS (MB)")]
+    for record in records:
+        for key, name in figures:
+            a, b = record["netlink"].get(key), record["nft"].get(key)
+            if a is None or b is None:
+                continue
+            ratio = f"{a / b:.2f}x" if b else "-"
+            lines.append(f"| {record['services']:,} | {name} | {a:.3f} | {b:.3f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.control_plane",
+                                     description="both nftables appliers side by side: full syncs and one change")
+    parser.add_argument("--sizes", default="1000,10000,30000", help="Service counts, comma-separated")
+    parser.add_argument("--changes", type=int, default=30, help="endpoint changes timed at --change-size")
+    parser.add_argument("--change-size", type=int, default=10000)
+    parser.add_argument("--resync-after", type=float, default=0.0,
+                        help="seconds: the daemon's --sync-period; the first periodic resync is timed (0: none)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "appliers"))
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("python -m bench.control_plane: needs root (it builds network namespaces)", file=sys.stderr)
+        return 3
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    started = time.strftime("%Y-%m-%d %H:%M")
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    records = compare_appliers(sizes, args.changes, args.change_size, progress=lambda m: print(m, flush=True),
+                               resync_after=args.resync_after)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python -m bench.control_plane", *(argv if argv is not None else sys.argv[1:])])
+    (out / "results.json").write_text(json.dumps({"command": command, "date": started, "code": code,
+                                                  "records": records}, indent=1) + "\n")
+    text = f"`{command}` at {code}, {started}\n\n" + markdown(records)
+    (out / "results.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

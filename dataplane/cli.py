@@ -168,7 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     proxy_flags.add_argument("--dns-ttl", type=int, default=5, help="seconds: TTL of DNS answers, negative ones too")
     proxy_flags.add_argument("-v", "--verbose", action="count", default=0)
 
-    commands.add_parser("run", parents=[proxy_flags], help="run the daemon (root)")
+    run = commands.add_parser("run", parents=[proxy_flags], help="run the daemon (root)")
+    run.add_argument("--nftables-backend", default="netlink", choices=["netlink", "nft"],
+                     help="how rules reach the kernel: netlink, one nfnetlink batch encoded here; nft, nft's "
+                          "text through libnftables (or `nft -f`). Both are atomic (default: netlink)")
     render = commands.add_parser("render", parents=[proxy_flags], help="print the ruleset; touches nothing")
     render.add_argument("--node-ips", default=None,
                         help="node addresses to assume, comma-separated (default: this host's)")
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         from .nat.nftables import NftError, Nftables
 
         try:
-            nft = Nftables()
+            nft = Nftables(applier=getattr(args, "nftables_backend", "nft"))
             nft.run("list tables")
         except NftError as error:
             log.error("nftables is not usable: %s", error)

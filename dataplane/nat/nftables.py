@@ -1,9 +1,12 @@
 """The one module that talks to the kernel's nftables.
 
-It runs transactions through libnftables in-process (no fork per sync) and
-falls back to `nft -f -` where the library cannot be loaded. Every
-transaction is one netlink batch: the kernel applies all of it or none.
-Errors are classified here, once; callers never parse nft's stderr.
+`apply()` sends a typed transaction as one nfnetlink batch it encodes
+itself (nat/encode.py, nat/netlink.py: no text is written or parsed), or,
+with the `nft` applier, as nft text through libnftables in-process (no fork
+per sync) or `nft -f -`. Either way a transaction is one netlink batch: the
+kernel applies all of it or none. libnftables/`nft` stay for listing, the
+capability probe and `run(text)`. Errors are classified here, once; callers
+never parse nft's stderr.
 """
 
 from __future__ import annotations
@@ -12,24 +15,38 @@ import ctypes
 import ctypes.util
 import errno
 import json
+import logging
 import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from .ruleset import Transaction
 
+if TYPE_CHECKING:
+    from .encode import Encoder
+    from .netlink import NetlinkBatches
+
+log = logging.getLogger(__name__)
+
+APPLIERS = ("netlink", "nft")
+DEFAULT_APPLIER = "netlink"
+
 
 class NftError(RuntimeError):
-    def __init__(self, message: str, text: str = ""):
+    def __init__(self, message: str, text: str = "", code: int | None = None):
         super().__init__(message.strip())
         self.text = text  # the script that failed, for the log
+        self._code = code  # the kernel's errno, when the netlink applier read it
 
     @property
     def errno(self) -> int | None:
+        if self._code is not None:
+            return self._code
         for code, phrase in ((errno.ENOENT, "No such file or directory"), (errno.EEXIST, "File exists"),
-                             (errno.EPERM, "Operation not permitted"), (errno.EBUSY, "Device or resource busy")):
+                             (errno.EPERM, "Operation not permitted"), (errno.EBUSY, "Device or resource busy"),
+                             (errno.EOPNOTSUPP, "Operation not supported")):
             if phrase in str(self):
                 return code
         return None
@@ -93,27 +110,52 @@ class NftCommand:
 
 
 class Nftables:
-    """Runs nft scripts; raises NftError with nft's message on failure.
+    """Applies transactions and runs nft scripts; raises NftError, with the kernel's errno, on failure.
 
-    Small transactions (incremental syncs) run in-process through
-    libnftables. Large ones (full syncs) run in a short-lived `nft` process:
-    nft caches what it parsed, 250 MB for 10,000 Services, and that memory
-    should leave with the process instead of staying in the daemon.
+    The `netlink` applier encodes each transaction into one nfnetlink batch
+    and reads every ack back. The `nft` applier writes it as text: small
+    transactions (incremental syncs) run in-process through libnftables;
+    large ones (full syncs) in a short-lived `nft` process, since nft caches
+    what it parsed (250 MB for 10,000 Services) and that memory should leave
+    with the process. A transaction the encoder cannot express (a command
+    given as text, elements of a map no transaction here declared) goes the
+    `nft` way whatever the applier.
+
+    `netns` names the `ip netns` namespace the netlink socket is opened in
+    (tests); the text path is namespaced by its `backend` command.
     """
 
     LARGE = 20_000  # map and set elements: about 1 MB of script text
 
-    def __init__(self, backend: _LibNftables | NftCommand | None = None, bulk: NftCommand | None = None):
+    def __init__(self, backend: _LibNftables | NftCommand | None = None, bulk: NftCommand | None = None,
+                 applier: str = DEFAULT_APPLIER, netns: str | None = None):
+        if applier not in APPLIERS:
+            raise ValueError(f"--nftables-backend: {applier!r} is not one of {', '.join(APPLIERS)}")
         self._backend = backend or _pick_backend()
         if bulk is None and isinstance(self._backend, NftCommand):
             bulk = self._backend
         elif bulk is None and shutil.which("nft"):
             bulk = NftCommand([shutil.which("nft")])
         self._bulk = bulk or self._backend
+        self.applier = applier
+        self.fallbacks = 0  # transactions the netlink applier handed to the text path
+        self._encoder: Encoder | None = None
+        self._batches: NetlinkBatches | None = None
+        if applier == "netlink":
+            # Imported here: pyroute2 is for the netlink applier only (the fake and `render` do without).
+            from .encode import Encoder
+            from .netlink import NetlinkBatches
+
+            self._encoder = Encoder()
+            try:
+                self._batches = NetlinkBatches(netns)
+            except OSError as error:
+                raise NftError(f"cannot open a netlink socket to nf_tables: {error}", code=error.errno) from None
 
     @property
     def backend_name(self) -> str:
-        return "libnftables" if isinstance(self._backend, _LibNftables) else "nft"
+        text = "libnftables" if isinstance(self._backend, _LibNftables) else "nft"
+        return f"netlink (listing: {text})" if self._batches is not None else text
 
     def run(self, text: str, check_only: bool = False) -> str:
         rc, out, err = self._backend.run(text, check_only)
@@ -122,8 +164,29 @@ class Nftables:
         return out
 
     def apply(self, tx: Transaction) -> None:
+        """Applies `tx` whole or not at all; raises NftError with nothing changed when the kernel refuses it."""
         if not tx:
             return
+        if self._encoder is None:
+            self._apply_text(tx)
+            return
+        from .encode import Unsupported
+        from .netlink import BatchError
+
+        try:
+            messages = self._encoder.encode(tx)
+        except Unsupported as why:
+            self.fallbacks += 1
+            log.info("transaction applied as nft text: %s", why)
+            self._apply_text(tx)
+        else:
+            try:
+                self._batches.send(messages)
+            except BatchError as error:
+                raise NftError(str(error), "", error.code) from None
+        self._encoder.commit(tx)
+
+    def _apply_text(self, tx: Transaction) -> None:
         if isinstance(self._bulk, NftCommand) and tx.element_count() >= self.LARGE:
             rc, _, err = self._bulk.run_commands(map(str, tx.commands))
             if rc != 0:
@@ -152,6 +215,8 @@ class Nftables:
     def delete_table(self, family: str, table: str) -> None:
         """Idempotent: a missing table is already deleted."""
         self.run(f"add table {family} {table}\ndelete table {family} {table}\n")
+        if self._encoder is not None:
+            self._encoder.forget(family, table)
 
     def counters(self, family: str, table: str) -> dict[str, tuple[int, int]]:
         """The table's named counters, name -> (packets, bytes), read from `nft -j`.
