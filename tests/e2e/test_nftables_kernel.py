@@ -30,7 +30,7 @@ from dataplane.nat import layout, plan
 from dataplane.nat.expr import Rule, Verdict
 from dataplane.nat.nftables import APPLIERS, NftCommand, NftError, Nftables
 from dataplane.nat.render import RulesetBuilder
-from dataplane.nat.ruleset import AddRule, BaseChain, Chain, Container, Element, Elements, Operation, Table, Transaction
+from dataplane.nat.ruleset import AddRule, BaseChain, Chain, Container, Operation, Table, Transaction
 from dataplane.nat.userspace import QueueSpec, UserspaceRules
 from dataplane.sync.manifests import ManifestSource
 from dataplane.sync.store import Store

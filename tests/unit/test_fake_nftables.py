@@ -157,14 +157,14 @@ REFUSED = [
     ("map-still-looked-up", "delete map ip t m", errno.EBUSY, "used by chain pre"),
     ("overlapping-intervals", ("add set ip t i { type ipv4_addr ; flags interval ; }\n"
       "add element ip t i { 10.0.0.0/8, 10.1.0.0/16 }"), errno.EEXIST, "overlaps"),
-    ("dnat-reached-from-a-filter-chain", "add rule ip t filter jump c", None, "Operation not supported"),
+    ("dnat-reached-from-a-filter-chain", "add rule ip t filter jump c", errno.EOPNOTSUPP, "Operation not supported"),
     ("dnat-reached-through-a-verdict-map", ("add map ip t fm { type ipv4_addr : verdict ; }\n"
-      "add rule ip t filter ip daddr vmap @fm\nadd element ip t fm { 1.1.1.1 : goto c }"), None,
+      "add rule ip t filter ip daddr vmap @fm\nadd element ip t fm { 1.1.1.1 : goto c }"), errno.EOPNOTSUPP,
      "Operation not supported"),
-    ("masquerade-in-prerouting", "add rule ip t pre masquerade", None, "Operation not supported"),
-    ("reject-in-postrouting", "add chain ip t r\nadd rule ip t r reject\nadd rule ip t post jump r", None,
-     "Operation not supported"),
-    ("jump-to-a-base-chain", "add rule ip t c jump pre", None, "Operation not supported"),
+    ("masquerade-in-prerouting", "add rule ip t pre masquerade", errno.EOPNOTSUPP, "Operation not supported"),
+    ("reject-in-postrouting", "add chain ip t r\nadd rule ip t r reject\nadd rule ip t post jump r",
+     errno.EOPNOTSUPP, "Operation not supported"),
+    ("jump-to-a-base-chain", "add rule ip t c jump pre", errno.EOPNOTSUPP, "Operation not supported"),
     ("jump-loop", LOOP, None, "Too many links"),
     ("sixteen-levels-of-jumps", DEEP, None, "Too many links"),
     ("lookup-with-another-key-type", "add rule ip t c ip daddr . th dport vmap @m", None, "datatype mismatch"),
@@ -173,7 +173,8 @@ REFUSED = [
     ("mapped-port-without-protocol-match", ("add map ip t e { typeof ip daddr : ip daddr . th dport ; }\n"
       "add rule ip t c dnat ip to ip daddr map @e"), None, "transport protocol mapping"),
     ("range-in-a-plain-set", "add element ip t s { 10.0.0.0/8 }", None, "flags interval"),
-    ("element-timeout-without-timeout-flag", "add element ip t s { 1.2.3.4 timeout 10s }", None, "timeout"),
+    ("element-timeout-without-timeout-flag", "add element ip t s { 1.2.3.4 timeout 10s }", errno.EOPNOTSUPP,
+     "timeout"),
     ("address-of-the-other-family", "add element ip t s { fd00::1 }", None, "datatype mismatch"),
 ]
 ACCEPTED = [
