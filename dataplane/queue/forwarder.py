@@ -114,7 +114,10 @@ class Forwarder:
         if self._socket is not None:
             self._decide_waiting()
         if self._tick is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._tick.cancel)
+            try:
+                self._loop.call_soon_threadsafe(self._tick.cancel)
+            except RuntimeError:
+                pass  # the loop is closed already (the blocking reader closes after it)
         for sock in (self._socket, self._events):
             if sock is not None and self._loop is not None:
                 try:

@@ -313,3 +313,15 @@ def test_render_in_userspace_mode_prints_a_loadable_table_and_the_queue_rule(cap
     assert any("-j NFQUEUE --queue-num 0 --queue-bypass" in line for line in comments)
     FakeNftables().run("".join(line + "\n" for line in text.splitlines() if not line.startswith("#")))
     assert "add chain ip dataplane userspace-classify" in text and "endpoint-ids" in text
+
+
+@pytest.mark.parametrize("refuses, expected", [(True, False), (False, True)])
+def test_the_queue_rule_falls_back_to_the_hash_where_fanout_is_refused(tmp_path, refuses, expected):
+    # A stand-in for iptables(-restore): refuses a batch naming --queue-cpu-fanout, as an old xt_NFQUEUE does.
+    fake = tmp_path / "iptables"
+    fake.write_text("#!/bin/sh\ninput=''\ncase \"$1\" in *-restore) input=$(cat);; esac\ncase \"$input\" in *--queue-cpu-fanout*) "
+                    f"[ {'1' if refuses else '0'} = 1 ] && {{ echo 'NFQUEUE: revision 3 not supported' >&2; exit 1; }};; esac\n"
+                    "exit 0\n")
+    fake.chmod(0o755)
+    installed = Xtables(4, wrap=(str(fake),)).install_probing(QueueSpec(count=2, fanout=True))
+    assert installed == QueueSpec(count=2, fanout=expected)
