@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     proxy_flags.add_argument("--queues", type=_positive, default=1,
                              help="userspace: NFQUEUE queues 0..N-1; the kernel spreads flows over them by hash")
     proxy_flags.add_argument("--lb-algorithm", default="random", choices=ALGORITHMS,
-                             help="userspace: the algorithm of Services without a dataplane.io/lb-algorithm annotation")
+                             help="the algorithm of Services without a dataplane.io/lb-algorithm annotation "
+                                  "(maglev: a kernel table in either mode; the others: userspace only)")
     proxy_flags.add_argument("--hostname-override", default="", help="this node's name (default: the hostname)")
     proxy_flags.add_argument("--cluster-cidr", default="",
                              help="Pod CIDRs, comma-separated; traffic from elsewhere to a ClusterIP is masqueraded")
@@ -101,6 +102,7 @@ def settings_from(args: argparse.Namespace) -> NodeSettings:
         nodeport_primary_only=nodeport == "primary",
         service_cidrs=parse_cidrs(args.service_cidr, "--service-cidr"),
         node_zone=args.node_zone,
+        lb_algorithm=getattr(args, "lb_algorithm", "random"),
     )
 
 

@@ -1,0 +1,73 @@
+"""Balancing tables as map elements: a Service port's Maglev (or weighted) table in `slots-M`.
+
+Invariants:
+- One table per Service port and endpoint set, whatever its addresses: the ClusterIP, the
+  external and LoadBalancer IPs and the NodePort map to the same table id (`table-ids`,
+  `nodeport-table-ids`), so the port's M slots exist once (README, "Balancing tables").
+- A table id stays the Service port's while it exists (`TableIdAllocator`), so a change of
+  endpoints changes only the slot elements whose endpoint Maglev moved: the planner diffs
+  elements, and unchanged slots are the same elements.
+- Ids are marks in userspace mode's id bits (marks.mark_for): the bits kube-proxy gives
+  meaning to (0x4000, 0x8000) and the queue bit stay free.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Sequence
+
+from ..lb import tables as lb_tables
+from ..marks import MAX_ID, mark_for
+from ..model import Backend, Service
+
+
+def id_text(table_id: int) -> str:
+    """A table id as the mark literal the maps hold."""
+    return f"0x{mark_for(table_id):08x}"
+
+
+class TableIdAllocator:
+    """Stable ids for (owner, table) pairs; an owner's ids are released when it stops using them.
+
+    Ids never leave one transaction's packets (the mark is set and read in the same chain
+    walk), so a released id may be handed out again at once.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[Hashable, dict[Hashable, int]] = {}  # owner -> table -> id
+        self._free: list[int] = []
+        self._next = 1
+
+    def get(self, owner: Hashable, table: Hashable) -> int:
+        """`owner`'s id for `table`, the same as last time if it had one."""
+        ids = self._ids.setdefault(owner, {})
+        if table not in ids:
+            ids[table] = self._allocate()
+        return ids[table]
+
+    def keep(self, owner: Hashable, tables: set[Hashable]) -> None:
+        """Releases `owner`'s ids of tables other than `tables` (it no longer has them)."""
+        ids = self._ids.get(owner, {})
+        for table in [t for t in ids if t not in tables]:
+            self._free.append(ids.pop(table))
+        if not ids:
+            self._ids.pop(owner, None)
+
+    def retain(self, owners) -> None:
+        """Releases the ids of every owner not in `owners` (a full rebuild: the others are gone)."""
+        for owner in [o for o in self._ids if o not in owners]:
+            self.keep(owner, set())
+
+    def _allocate(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._next > MAX_ID:
+            raise OverflowError(f"more than {MAX_ID} balancing tables")
+        self._next += 1
+        return self._next - 1
+
+
+def slot_elements(service: Service, backends: Sequence[Backend], size: int, table_id: int) -> list[tuple[str, str]]:
+    """(key, value) of the table's slots: `id . slot` : `endpoint . port`."""
+    prefix = id_text(table_id)
+    return [(f"{prefix} . {slot}", f"{b.ip} . {b.port}")
+            for slot, b in enumerate(lb_tables.fill(service, backends, size))]
