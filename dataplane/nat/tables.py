@@ -18,6 +18,7 @@ from typing import Hashable, Sequence
 from ..lb import tables as lb_tables
 from ..marks import MAX_ID, mark_for
 from ..model import Backend, Service
+from .ruleset import Chain, Fragment
 
 
 def id_text(table_id: int) -> str:
@@ -71,3 +72,10 @@ def slot_elements(service: Service, backends: Sequence[Backend], size: int, tabl
     prefix = id_text(table_id)
     return [(f"{prefix} . {slot}", f"{b.ip} . {b.port}")
             for slot, b in enumerate(lb_tables.fill(service, backends, size))]
+
+
+def balanced_by_table(fragment: Fragment) -> bool:
+    """The Service's rendered fragment picks by a balancing table (its slots, or affinity chains that
+    hash), so userspace mode has nothing to decide for it."""
+    return any(e.container.startswith("slots-") for e in fragment.elements) or any(
+        isinstance(d, Chain) and any(rule.hashes for rule in d.rules) for d in fragment.owned)
