@@ -25,7 +25,7 @@ from . import maglev
 from .policy import ALGORITHM_ANNOTATION, ALGORITHMS, WEIGHTS_ANNOTATION, parse_weights, weight_of
 
 TABLE_SIZE_ANNOTATION = "dataplane.io/lb-table-size"
-DEFAULT_TABLE_SIZE = 1021  # prime; about 1/1000 of the flows per slot
+DEFAULT_TABLE_SIZE = 4093  # prime; at 1021, Maglev moves 11.8% of slots when 1 of 10 endpoints leaves (README)
 MAX_TABLE_SIZE = maglev.DEFAULT_SIZE  # 65537
 DEFAULT_SEED = DEFAULT_HASH_SEED  # "dplb": the same on every node, so every node hashes a flow alike
 TABLE_ALGORITHMS = ("maglev",)

@@ -242,7 +242,7 @@ MUTATIONS = [
     ("unallocated-service-address-drops", _replace("ip daddr != @cluster-ips drop", "ip daddr != @cluster-ips accept")),
     ("itp-local-without-local-endpoint-drops-tcp", _replace("10.96.5.3 . tcp . 80 comment", "10.96.5.99 . tcp . 80 comment")),
     # Balancing tables: another seed names other endpoints; the local table swapped for the cluster one.
-    ("maglev-clusterip-from-outside", _replace("seed 0x64706c62 map @slots-1021", "seed 0x1 map @slots-1021")),
+    ("maglev-clusterip-from-outside", _replace("seed 0x64706c62 map @slots-4093", "seed 0x1 map @slots-4093")),
     ("maglev-etp-local-lb-uses-the-local-table", _replace("map @local-table-ids goto", "map @table-ids goto")),
     ("maglev-itp-local-clusterip-uses-the-local-table", _replace("10.96.5.28 . tcp . 80 : 0x0000", "10.96.5.28 . tcp . 80 : 0x0001")),
 ]
