@@ -208,6 +208,9 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=1))
     else:
         format_status(body)
+        for entry in body.get("paths", []):  # which path each Service port takes (nat/tables.balancing_paths)
+            slots = f", {entry['table_slots']} slots" if entry.get("table_slots") else ""
+            print(f"{entry['service']} ({entry['family']})  {' + '.join(entry['paths'])}{slots}")
     return 0
 
 

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..config import NodeSettings, select_nodeport_ips
 from ..dns import DnsServer, parse_list
 from ..nat.nftables import NftError, Nftables
+from ..nat.tables import balancing_paths
 from ..netlink import addresses, conntrack
 from ..sync.manifests import ManifestSource
 from ..sync.store import Store
@@ -273,7 +274,12 @@ class Daemon:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
 
     def _status(self) -> tuple[int, str, bytes]:
-        """`dataplane status` reads this: the mode, and in userspace mode each Service port's balancing."""
+        """`dataplane status` reads this: the mode, each Service port's path (a kernel balancing table,
+        the forwarder, the kernel's random pick: nat/tables.balancing_paths), and in userspace mode
+        each Service port's balancing."""
+        paths = [p for state in self.proxier.programmed for p in balancing_paths(state.ruleset)]
         if self.userspace is not None:
-            return self.userspace.status()
-        return 200, "application/json", (json.dumps({"mode": "kernel", "services": []}) + "\n").encode()
+            code, kind, body = self.userspace.status()
+            merged = {**json.loads(body), "paths": paths}
+            return code, kind, (json.dumps(merged, indent=1) + "\n").encode()
+        return 200, "application/json", (json.dumps({"mode": "kernel", "services": [], "paths": paths}) + "\n").encode()

@@ -18,7 +18,9 @@ from typing import Hashable, Sequence
 from ..lb import tables as lb_tables
 from ..marks import MAX_ID, mark_for
 from ..model import Backend, Service
-from .ruleset import Chain, Fragment
+from . import layout
+from .expr import Jhash, Vmap
+from .ruleset import Chain, Fragment, Ruleset
 
 
 def id_text(table_id: int) -> str:
@@ -79,3 +81,40 @@ def balanced_by_table(fragment: Fragment) -> bool:
     hash), so userspace mode has nothing to decide for it."""
     return any(e.container.startswith("slots-") for e in fragment.elements) or any(
         isinstance(d, Chain) and any(rule.hashes for rule in d.rules) for d in fragment.owned)
+
+
+KERNEL_TABLE, FORWARDER, KERNEL_RANDOM = "kernel-table", "forwarder", "kernel-random"
+
+
+def balancing_paths(ruleset: Ruleset | None) -> list[dict]:
+    """Which path each Service port's new flows take in `ruleset` (what the kernel holds, userspace
+    mode's part included): a kernel balancing table (with its slots), the userspace forwarder,
+    or the kernel's random pick. A port whose addresses differ (an externalTrafficPolicy: Local
+    Service's external traffic is never queued) lists each path it takes."""
+    if ruleset is None:
+        return []
+    found: dict[str, dict] = {}
+    for owner, fragment in ruleset.fragments.items():
+        queued = ruleset.fragments.get(("userspace", owner), Fragment()).elements
+        queued_keys = {e.key for e in queued}
+        hashing_affinity = next((part.mod for d in fragment.owned if isinstance(d, Chain) for r in d.rules
+                                 if r.hashes for s in r.statements if isinstance(s, Vmap)
+                                 for part in s.expr if isinstance(part, Jhash)), 0)
+        for element in fragment.elements:
+            if element.container not in (layout.SERVICE_IPS, layout.SERVICE_NODEPORTS) or not element.comment:
+                continue
+            chain = element.value.split()[-1]
+            entry = found.setdefault(element.comment, {"service": element.comment, "family": ruleset.family,
+                                                       "paths": []})
+            if chain.startswith("hash-") or (chain.startswith("aff-") and hashing_affinity):
+                path = KERNEL_TABLE
+                slots = [int(e.container.rsplit("-", 1)[1]) for e in fragment.elements
+                         if e.container.startswith("slots-")] or [hashing_affinity]
+                entry["table_slots"] = slots[0]
+            elif element.key in queued_keys:
+                path = FORWARDER
+            else:
+                path = KERNEL_RANDOM
+            if path not in entry["paths"]:
+                entry["paths"].append(path)
+    return sorted(found.values(), key=lambda e: (e["service"], e["family"]))
