@@ -23,7 +23,7 @@ import pytest
 from dataplane.config import NodeSettings
 from dataplane.lab.manifests import endpoint_slice, port, service
 from dataplane.lab.netns import Netns
-from dataplane.lb.tables import DEFAULT_TABLE_SIZE, slot_of
+from dataplane.lb.tables import DEFAULT_TABLE_SIZE, TABLE_SIZE_ANNOTATION, slot_of
 from dataplane.model import parse_objects
 from dataplane.nat import plan
 from dataplane.nat.nftables import NftCommand, Nftables
@@ -44,9 +44,10 @@ SETTINGS = NodeSettings(node_name="node-a", cluster_cidrs=("10.244.0.0/16",))
 _serial = itertools.count(9001)
 
 
-def manifests(endpoints: list[str]) -> list[dict]:
+def manifests(endpoints: list[str], size: int | None = None) -> list[dict]:
     svc = service("maglev", CLUSTER_IP, [port("udp", 53, 8080, "UDP", node_port=NODE_PORT)], type="NodePort")
-    svc["metadata"]["annotations"] = {"dataplane.io/lb-algorithm": "maglev"}
+    svc["metadata"]["annotations"] = {"dataplane.io/lb-algorithm": "maglev",
+                                      **({TABLE_SIZE_ANNOTATION: str(size)} if size else {})}
     return [svc, endpoint_slice("maglev", endpoints, [("udp", 8080, "UDP")])]
 
 
@@ -76,9 +77,9 @@ class Node:
         for cidr in ("10.96.0.0/12", "10.244.0.0/16"):
             ns.ip("route", "add", cidr, "dev", "d0")
 
-    def publish(self, endpoints: list[str]):
+    def publish(self, endpoints: list[str], size: int | None = None):
         """Programs the Service with `endpoints`, incrementally after the first time; returns the transaction."""
-        objects, errors = parse_objects(manifests(endpoints), "maglev.yaml")
+        objects, errors = parse_objects(manifests(endpoints, size), "maglev.yaml")
         assert not errors
         self.store.replace("maglev.yaml", objects)
         tx, change = self.state.plan(self.builder.build(self.store.snapshot(), [self.address]))
@@ -142,18 +143,26 @@ def test_two_nodes_send_a_flow_to_the_same_endpoint(nodes) -> None:
     assert all(len(endpoints) == 1 for endpoints in by_slot.values())
 
 
-def test_an_endpoint_leaving_moves_only_its_flows(nodes) -> None:
+# Maglev moves more than 1/N of the slots when M/N is small (nat/README.md, "Balancing tables"):
+# at the default 4093 slots about 11.0% (at most 11.3%) for 1 of 10; at 65537, 10.4% (at most 10.7%).
+MOVED_AT_MOST = {DEFAULT_TABLE_SIZE: 1 / len(ENDPOINTS) + 0.015, 65537: 1 / len(ENDPOINTS) + 0.01}
+
+
+@pytest.mark.parametrize("size", sorted(MOVED_AT_MOST))
+def test_an_endpoint_leaving_moves_only_its_flows(nodes, size: int) -> None:
     """One of N endpoints leaves: one transaction rewriting about M/N slots; established flows stay
-    (conntrack); new flows with the same 5-tuples move at most 1/N + 1% of the time."""
+    (conntrack); new flows with the same 5-tuples move at most 1/N + 1% of the time with 65537 slots
+    (the issue's goal), 1/N + 1.5% with the default."""
     node = nodes("192.168.50.1")
-    node.publish(ENDPOINTS)
+    node.publish(ENDPOINTS, size)
     before = node.send(CLUSTER_IP, 53)
     gone = ENDPOINTS[3]
-    tx = node.publish([e for e in ENDPOINTS if e != gone])
-    slot_commands = [c for c in tx if getattr(c.subject, "container", "").startswith("slots-")]
-    rewritten = {c.verb: len(c.subject.elements) for c in slot_commands}
-    share = DEFAULT_TABLE_SIZE / len(ENDPOINTS)
-    assert rewritten["delete"] == rewritten["add"] <= 1.2 * share, rewritten
+    tx = node.publish([e for e in ENDPOINTS if e != gone], size)
+    rewritten: dict[str, int] = {}
+    for command in tx:
+        if getattr(command.subject, "container", "").startswith("slots-"):
+            rewritten[command.verb] = rewritten.get(command.verb, 0) + len(command.subject.elements)
+    assert rewritten["delete"] == rewritten["add"] <= (MOVED_AT_MOST[size] + 0.01) * size, rewritten
     assert node.send(CLUSTER_IP, 53) == before  # conntrack keeps every established flow where it was
     node.forget_flows()
     after = node.send(CLUSTER_IP, 53)
@@ -161,4 +170,5 @@ def test_an_endpoint_leaving_moves_only_its_flows(nodes) -> None:
     assert all(after[flow] != gone for flow in after)
     assert {flow for flow in before if before[flow] == gone} <= set(moved)
     fraction = len(moved) / len(before)
-    assert fraction <= 1 / len(ENDPOINTS) + 0.01, f"{fraction:.3f} of the flows moved"
+    print(f"{size} slots: {fraction:.4f} of {len(before)} flows moved, {rewritten['add']} slots rewritten")
+    assert fraction <= MOVED_AT_MOST[size], f"{fraction:.3f} of the flows moved"
