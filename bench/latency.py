@@ -42,7 +42,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Interface
 from pathlib import Path
 
@@ -52,7 +52,8 @@ from dataplane.lab.topology import AddressPlan, Lab
 from . import iptables_reference, loadgen, stats
 from .manifests import ServiceSpec, measured_spec, synthetic_cluster, write_specs
 
-PATHS = ("direct", "kernel", "userspace", "iptables-reference", "direct-on-kernel-node")
+PATHS = ("direct", "kernel", "userspace", "iptables-reference", "direct-on-kernel-node", "kernel-maglev")
+MAGLEV = (("dataplane.io/lb-algorithm", "maglev"),)  # kernel-maglev: the measured Service's balancing table
 SERVICE_PORT = 80
 SERVER_PORT = 7000
 ENDPOINTS = 10
@@ -158,7 +159,13 @@ class LatencyBench:
             if {"kernel", "userspace"} & set(paths):
                 write_specs(source, specs)
             for path in paths:
-                if path in ("kernel", "userspace"):
+                if path == "kernel-maglev":
+                    # The same cluster, the measured Service balanced by its Maglev table (nat/tables.py).
+                    maglev_source = self.workdir / f"manifests-maglev-{size}"
+                    write_specs(maglev_source, [*specs[:-1], replace(specs[-1], annotations=MAGLEV)])
+                    target = self._daemon("kernel", size, maglev_source, "kernel-maglev")
+                    self._add(replace(target, path="kernel-maglev") if target else None)
+                elif path in ("kernel", "userspace"):
                     target = self._daemon(path, size, source)
                     self._add(target)
                     if path == "kernel" and target and "direct-on-kernel-node" in paths:
@@ -199,10 +206,10 @@ class LatencyBench:
         self.progress(f"  direct: lab ready in {time.monotonic() - started:.1f} s")
         return Target("direct", None, lab, endpoint_ips()[0], SERVER_PORT)
 
-    def _daemon(self, mode: str, size: int, source: Path) -> Target | None:
+    def _daemon(self, mode: str, size: int, source: Path, name: str = "") -> Target | None:
         lab = self._lab()
         spec = measured(size)
-        daemon = Daemon.for_source(lab.node, source, self.workdir / f"{mode}-{size}.log",
+        daemon = Daemon.for_source(lab.node, source, self.workdir / f"{name or mode}-{size}.log",
                                    extra=["--proxy-mode", mode, "--sync-period", "86400"],
                                    cluster_cidr=str(PLAN.cluster_cidr))
         started = time.monotonic()
@@ -272,7 +279,7 @@ class LatencyBench:
 # (reference path, its Service count or "same", record key) -> the paths compared with it
 REFERENCES = {
     ("direct", None, "vs_direct"): set(PATHS) - {"direct"},
-    ("kernel", "same", "vs_kernel"): {"userspace"},
+    ("kernel", "same", "vs_kernel"): {"userspace", "kernel-maglev"},
     ("direct-on-kernel-node", "same", "vs_pod_ip_same_node"): {"kernel"},
 }
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 DEFAULT_MASQUERADE_BIT = 0x4000  # the same bit kube-proxy marks, so other tooling reads it alike
 DEFAULT_HASH_SEED = 0x64706C62  # balancing tables: one seed on every node, so every node hashes a flow alike
-DEFAULT_TABLE_SLOTS = 1 << 22  # balancing tables: slots per address family on this node, at most (70 B each)
+DEFAULT_TABLE_SLOTS = 1 << 20  # balancing tables: slots per address family, at most (a slot: 70 B kernel, 350 B daemon)
 
 
 @dataclass(frozen=True, slots=True)
