@@ -11,7 +11,7 @@ from pathlib import Path
 from .loadgen import MODE_TEXT
 
 COLORS = {"direct": "black", "kernel": "tab:blue", "userspace": "tab:green", "iptables-reference": "tab:red",
-          "direct-on-kernel-node": "tab:gray"}
+          "direct-on-kernel-node": "tab:gray", "kernel-maglev": "tab:purple"}
 
 
 def write(results: dict, out: Path) -> list[str]:
