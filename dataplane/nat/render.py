@@ -175,7 +175,7 @@ class _FragmentBuilder:
         """A balancing table of the port's `role` endpoints: its slots added, its id as mark text."""
         key = (port.protocol, port.port, role)
         assert self.table_ids is not None and self.table_size is not None
-        table_id = self.table_ids.get(self.owner, key)
+        table_id = self.table_ids.get(self.owner, key, f"{self.name}/{port.protocol}/{port.port}/{role}")
         self.tables.add(key)
         self.add(layout.slots_map(self.table_size), *slot_elements(service, backends, self.table_size, table_id))
         return id_text(table_id)

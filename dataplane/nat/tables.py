@@ -4,15 +4,17 @@ Invariants:
 - One table per Service port and endpoint set, whatever its addresses: the ClusterIP, the
   external and LoadBalancer IPs and the NodePort map to the same table id (`table-ids`,
   `nodeport-table-ids`), so the port's M slots exist once (README, "Balancing tables").
-- A table id stays the Service port's while it exists (`TableIdAllocator`), so a change of
-  endpoints changes only the slot elements whose endpoint Maglev moved: the planner diffs
-  elements, and unchanged slots are the same elements.
+- A table id is a hash of the Service port's name and role (`TableIdAllocator`): it stays
+  while the port exists, so a change of endpoints changes only the slot elements whose
+  endpoint Maglev moved (the planner diffs elements; unchanged slots are the same elements),
+  and the same Services give the same ids in every process.
 - Ids are marks in userspace mode's id bits (marks.mark_for): the bits kube-proxy gives
   meaning to (0x4000, 0x8000) and the queue bit stay free.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Hashable, Sequence
 
 from ..lb import tables as lb_tables
@@ -29,29 +31,33 @@ def id_text(table_id: int) -> str:
 
 
 class TableIdAllocator:
-    """Stable ids for (owner, table) pairs; an owner's ids are released when it stops using them.
+    """Ids for (owner, table) pairs: a hash of the table's name, so the same Services get the same
+    ids whatever the order they came in (an incremental sync converges to a full one, and a
+    restarted daemon writes what the kernel already holds); an owner's ids are released when it
+    stops using them.
 
-    Ids never leave one transaction's packets (the mark is set and read in the same chain
-    walk), so a released id may be handed out again at once.
+    Two names hashing alike (about 1 in 270,000 pairs among 2^29 ids) are told apart by probing:
+    the later one takes the next free hash. Only then may the ids depend on history.
+    Ids never leave one packet's walk through the chains (the mark is set and read there), so
+    a released id may be handed out again at once.
     """
 
     def __init__(self) -> None:
         self._ids: dict[Hashable, dict[Hashable, int]] = {}  # owner -> table -> id
-        self._free: list[int] = []
-        self._next = 1
+        self._taken: set[int] = set()
 
-    def get(self, owner: Hashable, table: Hashable) -> int:
-        """`owner`'s id for `table`, the same as last time if it had one."""
+    def get(self, owner: Hashable, table: Hashable, name: str = "") -> int:
+        """`owner`'s id for `table` (named `name`, what the id is a hash of), the same as last time."""
         ids = self._ids.setdefault(owner, {})
         if table not in ids:
-            ids[table] = self._allocate()
+            ids[table] = self._allocate(name or repr((owner, table)))
         return ids[table]
 
     def keep(self, owner: Hashable, tables: set[Hashable]) -> None:
         """Releases `owner`'s ids of tables other than `tables` (it no longer has them)."""
         ids = self._ids.get(owner, {})
         for table in [t for t in ids if t not in tables]:
-            self._free.append(ids.pop(table))
+            self._taken.discard(ids.pop(table))
         if not ids:
             self._ids.pop(owner, None)
 
@@ -60,13 +66,16 @@ class TableIdAllocator:
         for owner in [o for o in self._ids if o not in owners]:
             self.keep(owner, set())
 
-    def _allocate(self) -> int:
-        if self._free:
-            return self._free.pop()
-        if self._next > MAX_ID:
+    def _allocate(self, name: str) -> int:
+        if len(self._taken) >= MAX_ID:
             raise OverflowError(f"more than {MAX_ID} balancing tables")
-        self._next += 1
-        return self._next - 1
+        for attempt in range(MAX_ID):
+            digest = hashlib.blake2b(f"{name}#{attempt}".encode(), digest_size=8).digest()
+            candidate = int.from_bytes(digest, "little") % MAX_ID + 1
+            if candidate not in self._taken:
+                self._taken.add(candidate)
+                return candidate
+        raise OverflowError("no free balancing table id")
 
 
 def slot_elements(service: Service, backends: Sequence[Backend], size: int, table_id: int) -> list[tuple[str, str]]:

@@ -158,12 +158,20 @@ def test_an_endpoint_leaving_rewrites_only_the_slots_maglev_moves() -> None:
     assert not [c for c in tx if not isinstance(c.subject, Elements)]  # elements only: no rule, no chain
 
 
-def test_table_ids_are_stable_and_reused() -> None:
+def test_table_ids_are_a_hash_of_the_name_whatever_the_order() -> None:
+    first, second = TableIdAllocator(), TableIdAllocator()
+    a, b = first.get("a", "t", "ns/a/TCP/80/cluster"), first.get("b", "t", "ns/b/TCP/80/cluster")
+    assert second.get("b", "t", "ns/b/TCP/80/cluster") == b and second.get("a", "t", "ns/a/TCP/80/cluster") == a
+    assert a != b and first.get("a", "t", "ignored once held") == a
+
+
+def test_table_ids_that_hash_alike_probe_and_are_released() -> None:
     ids = TableIdAllocator()
-    a, b = ids.get("a", "t1"), ids.get("b", "t1")
-    assert ids.get("a", "t1") == a and a != b
+    a = ids.get("a", "t", "same")
+    b = ids.get("b", "t", "same")  # the same name: a collision, settled by probing
+    assert a != b
     ids.keep("a", set())
-    assert ids.get("c", "t1") == a  # released, handed out again
+    assert ids.get("c", "t", "same") == a
 
 
 def test_the_node_bound_on_slots_falls_back_to_the_random_pick(caplog) -> None:
