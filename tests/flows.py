@@ -133,6 +133,10 @@ def forwarder(*pods: str) -> Forwarder:
 # traffic of an externalTrafficPolicy: Local Service is not queued (README, "Userspace mode").
 KERNEL = "KERNEL"
 
+# Userspace mode leaves the row to the Service's kernel balancing table (Maglev, weights): nothing is
+# queued for a Service whose algorithm needs no per-flow state (nat/README.md, "Balancing tables").
+TABLE = "TABLE"
+
 REJECT = "REJECT"  # refused at once: ICMP port unreachable (TCP: ECONNREFUSED)
 DROP = "DROP"  # silently dropped: the client times out
 
@@ -145,7 +149,7 @@ class Flow:
     port: int
     protocol: str  # TCP or UDP
     expect: Reached | Sticky | Hashed | str
-    userspace: Forwarder | str | None = None  # who decides in userspace mode; None: the row does not say
+    userspace: Forwarder | str | None = None  # who decides in userspace mode (KERNEL, TABLE); None: not said
 
     @property
     def id(self) -> str:
@@ -375,40 +379,40 @@ FLOWS = [
     Flow("affinity-with-etp-local-is-the-kernels-pick", "client", lb(16), 80, "UDP", Sticky(frozenset({"pod1", "pod2"})),
          KERNEL),
     # Balancing tables: the table names the endpoint of every flow, in every kind of pick chain; no upcall.
-    Flow("maglev-clusterip-from-outside", "client", cip(24), 80, "TCP", hashed(*ALL, masqueraded=True), KERNEL),
-    Flow("maglev-clusterip-udp-from-pod", "pod2", cip(24), 80, "UDP", hashed(*ALL, masqueraded=False), KERNEL),
-    Flow("maglev-clusterip-from-the-node", "node", cip(24), 80, "TCP", hashed(*ALL, masqueraded=None), KERNEL),
-    Flow("maglev-lb-ip-external-chain", "client", lb(24), 80, "TCP", hashed(*ALL, masqueraded=True), KERNEL),
-    Flow("maglev-external-ip-udp", "client", "192.168.70.24", 80, "UDP", hashed(*ALL, masqueraded=True), KERNEL),
-    Flow("maglev-nodeport-chain", "client", NODE_IP, np(24), "TCP", hashed(*ALL, masqueraded=True), KERNEL),
-    Flow("maglev-nodeport-udp-from-pod", "pod1", NODE_IP, np(24, "UDP"), "UDP", hashed(*ALL, masqueraded=True), KERNEL),
+    Flow("maglev-clusterip-from-outside", "client", cip(24), 80, "TCP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("maglev-clusterip-udp-from-pod", "pod2", cip(24), 80, "UDP", hashed(*ALL, masqueraded=False), TABLE),
+    Flow("maglev-clusterip-from-the-node", "node", cip(24), 80, "TCP", hashed(*ALL, masqueraded=None), TABLE),
+    Flow("maglev-lb-ip-external-chain", "client", lb(24), 80, "TCP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("maglev-external-ip-udp", "client", "192.168.70.24", 80, "UDP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("maglev-nodeport-chain", "client", NODE_IP, np(24), "TCP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("maglev-nodeport-udp-from-pod", "pod1", NODE_IP, np(24, "UDP"), "UDP", hashed(*ALL, masqueraded=True), TABLE),
     Flow("weighted-clusterip-drains-weight-0", "client", cip(25), 80, "TCP",
-         hashed(*ALL, masqueraded=True, weights=WEIGHTED), KERNEL),
+         hashed(*ALL, masqueraded=True, weights=WEIGHTED), TABLE),
     Flow("weighted-nodeport-udp-drains-weight-0", "client", NODE_IP, np(25, "UDP"), "UDP",
-         hashed(*ALL, masqueraded=True, weights=WEIGHTED), KERNEL),
+         hashed(*ALL, masqueraded=True, weights=WEIGHTED), TABLE),
     Flow("maglev-etp-local-lb-uses-the-local-table", "client", lb(26), 80, "TCP",
-         hashed("pod1", "pod2", masqueraded=False), KERNEL),
+         hashed("pod1", "pod2", masqueraded=False), TABLE),
     Flow("maglev-etp-local-nodeport-udp-uses-the-local-table", "client", NODE_IP, np(26, "UDP"), "UDP",
-         hashed("pod1", "pod2", masqueraded=False), KERNEL),
+         hashed("pod1", "pod2", masqueraded=False), TABLE),
     Flow("maglev-etp-local-lb-from-pod-uses-every-endpoint", "pod4", lb(26), 80, "TCP",
-         hashed("pod1", "pod2", "pod3", masqueraded=False), KERNEL),
+         hashed("pod1", "pod2", "pod3", masqueraded=False), TABLE),
     Flow("maglev-etp-local-nodeport-from-pod-direct", "pod4", NODE_IP, np(26), "TCP",
-         hashed("pod1", "pod2", "pod3", masqueraded=False), KERNEL),
+         hashed("pod1", "pod2", "pod3", masqueraded=False), TABLE),
     Flow("maglev-etp-local-lb-from-the-node", "node", lb(26), 80, "TCP",
-         hashed("pod1", "pod2", "pod3", masqueraded=None), KERNEL),
+         hashed("pod1", "pod2", "pod3", masqueraded=None), TABLE),
     Flow("maglev-etp-local-clusterip-is-cluster-wide", "client", cip(26), 80, "TCP",
-         hashed("pod1", "pod2", "pod3", masqueraded=True), KERNEL),
+         hashed("pod1", "pod2", "pod3", masqueraded=True), TABLE),
     Flow("maglev-etp-local-without-local-endpoint-drops", "client", lb(29), 80, "TCP", DROP),
     Flow("maglev-etp-local-without-local-endpoint-pods-reach-remote", "pod1", lb(29), 80, "TCP",
-         hashed("pod3", "pod4", masqueraded=False), KERNEL),
+         hashed("pod3", "pod4", masqueraded=False), TABLE),
     Flow("maglev-affinity-places-then-keeps-a-client", "client", cip(27), 80, "TCP",
-         hashed(*ALL, masqueraded=True, sticky=True), KERNEL),
+         hashed(*ALL, masqueraded=True, sticky=True), TABLE),
     Flow("maglev-affinity-nodeport-udp", "client", NODE_IP, np(27, "UDP"), "UDP",
-         hashed(*ALL, masqueraded=True, sticky=True), KERNEL),
+         hashed(*ALL, masqueraded=True, sticky=True), TABLE),
     Flow("maglev-itp-local-clusterip-uses-the-local-table", "client", cip(28), 80, "TCP",
-         hashed("pod1", "pod2", masqueraded=True), KERNEL),
+         hashed("pod1", "pod2", masqueraded=True), TABLE),
     Flow("maglev-itp-local-nodeport-uses-every-endpoint", "client", NODE_IP, np(28), "TCP",
-         hashed(*ALL, masqueraded=True), KERNEL),
+         hashed(*ALL, masqueraded=True), TABLE),
 ]
 
 DAEMON_FLAGS = ["--service-cidr", SERVICE_CIDR, "--node-zone", NODE_ZONE]
@@ -551,18 +555,18 @@ FLOWS6 = [
     Flow("v6-local-nodeport-from-pod-short-circuits-through-nodeport-direct", "pod4", NODE_IP6, np(46), "TCP",
          reached("pod1", "pod2", "pod3", masqueraded=False), KERNEL),
     # Balancing tables over IPv6 (see the IPv4 rows).
-    Flow("v6-maglev-clusterip-from-outside", "client", cip6(47), 80, "TCP", hashed(*ALL, masqueraded=True), KERNEL),
-    Flow("v6-maglev-clusterip-udp-from-pod", "pod2", cip6(47), 80, "UDP", hashed(*ALL, masqueraded=False), KERNEL),
-    Flow("v6-maglev-lb-ip-external-chain", "client", lb6(47), 80, "TCP", hashed(*ALL, masqueraded=True), KERNEL),
-    Flow("v6-maglev-nodeport-chain", "client", NODE_IP6, np(47), "TCP", hashed(*ALL, masqueraded=True), KERNEL),
+    Flow("v6-maglev-clusterip-from-outside", "client", cip6(47), 80, "TCP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("v6-maglev-clusterip-udp-from-pod", "pod2", cip6(47), 80, "UDP", hashed(*ALL, masqueraded=False), TABLE),
+    Flow("v6-maglev-lb-ip-external-chain", "client", lb6(47), 80, "TCP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("v6-maglev-nodeport-chain", "client", NODE_IP6, np(47), "TCP", hashed(*ALL, masqueraded=True), TABLE),
     Flow("v6-weighted-nodeport-drains-weight-0", "client", NODE_IP6, np(48), "TCP",
-         hashed(*ALL, masqueraded=True, weights=WEIGHTED), KERNEL),
+         hashed(*ALL, masqueraded=True, weights=WEIGHTED), TABLE),
     Flow("v6-maglev-etp-local-lb-uses-the-local-table", "client", lb6(49), 80, "TCP",
-         hashed("pod1", "pod2", masqueraded=False), KERNEL),
+         hashed("pod1", "pod2", masqueraded=False), TABLE),
     Flow("v6-maglev-etp-local-lb-from-pod-uses-every-endpoint", "pod4", lb6(49), 80, "TCP",
-         hashed("pod1", "pod2", "pod3", masqueraded=False), KERNEL),
+         hashed("pod1", "pod2", "pod3", masqueraded=False), TABLE),
     Flow("v6-maglev-affinity-places-then-keeps-a-client", "client", cip6(51), 80, "TCP",
-         hashed(*ALL, masqueraded=True, sticky=True), KERNEL),
+         hashed(*ALL, masqueraded=True, sticky=True), TABLE),
 ]
 
 # For a dual-stack node (MANIFESTS and MANIFESTS6 together): DAEMON_FLAGS with both families' CIDRs.

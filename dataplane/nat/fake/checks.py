@@ -50,7 +50,7 @@ def check_rule(table: TableState, rule: Rule) -> None:
         _check_statement(table, statement, rule.statements[:index])
 
 
-def _operands(rule: Rule) -> Iterator[Selector | BinOp]:
+def _operands(rule: Rule) -> Iterator[Selector | BinOp | Jhash | Lookup]:
     for statement in rule.statements:
         if isinstance(statement, (Match, Vmap, SetUpdate, Nat)):
             yield from statement.expr

@@ -274,9 +274,11 @@ def _expr(cur: Cursor) -> Expr:
     return tuple(parts)
 
 
-def _operand(cur: Cursor) -> Selector | BinOp:
-    operand: Selector | BinOp = _selector(cur)
+def _operand(cur: Cursor) -> Selector | BinOp | Jhash:
+    operand: Selector | BinOp | Jhash = _selector(cur)
     while cur.peek() in ("&", "|", "^"):
+        if isinstance(operand, Jhash):
+            raise cur.error("syntax error, a jhash is not combined with a constant here", cur.tokens[cur.i])
         op = cur.next("an operator").text
         token = cur.word("a constant")
         try:
