@@ -104,22 +104,27 @@ def balancing_paths(ruleset: Ruleset | None) -> list[dict]:
         return []
     found: dict[str, dict] = {}
     for owner, fragment in ruleset.fragments.items():
-        queued = ruleset.fragments.get(("userspace", owner), Fragment()).elements
-        queued_keys = {e.key for e in queued}
+        if owner == "node" or (isinstance(owner, tuple) and owner[:1] in (("userspace",), ("endpoint-ids",))):
+            continue
+        dispatch, slots = [], 0
+        for element in fragment.elements:  # one pass: a table Service holds thousands of slots
+            if element.container in (layout.SERVICE_IPS, layout.SERVICE_NODEPORTS) and element.comment:
+                dispatch.append(element)
+            elif not slots and element.container.startswith("slots-"):
+                slots = int(element.container.rsplit("-", 1)[1])
+        if not dispatch:
+            continue
+        queued_keys = {e.key for e in ruleset.fragments.get(("userspace", owner), Fragment()).elements}
         hashing_affinity = next((part.mod for d in fragment.owned if isinstance(d, Chain) for r in d.rules
                                  if r.hashes for s in r.statements if isinstance(s, Vmap)
                                  for part in s.expr if isinstance(part, Jhash)), 0)
-        for element in fragment.elements:
-            if element.container not in (layout.SERVICE_IPS, layout.SERVICE_NODEPORTS) or not element.comment:
-                continue
+        for element in dispatch:
             chain = element.value.split()[-1]
             entry = found.setdefault(element.comment, {"service": element.comment, "family": ruleset.family,
                                                        "paths": []})
             if chain.startswith("hash-") or (chain.startswith("aff-") and hashing_affinity):
                 path = KERNEL_TABLE
-                slots = [int(e.container.rsplit("-", 1)[1]) for e in fragment.elements
-                         if e.container.startswith("slots-")] or [hashing_affinity]
-                entry["table_slots"] = slots[0]
+                entry["table_slots"] = slots or hashing_affinity
             elif element.key in queued_keys:
                 path = FORWARDER
             else:

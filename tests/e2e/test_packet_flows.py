@@ -15,8 +15,8 @@ import subprocess
 import pytest
 
 from dataplane.lab import (
-    Daemon, Failure, Lab, ManifestDir, TcpSession, UdpSession, environment_problem, request, sample, tally,
-    tcp_request, wait_until,
+    Daemon, Failure, Lab, ManifestDir, TcpSession, UdpSession, environment_problem, http_get, request, sample,
+    tally, tcp_request, wait_until,
 )
 from dataplane.lab.daemon import cleanup, dataplane_executable
 from dataplane.lab.manifests import endpoint_slice, port, service
@@ -243,6 +243,24 @@ def check_outcome(lab: Lab, flow: Flow) -> None:
                 assert masqueraded, f"a Pod reaching itself must be masqueraded: {outcome}"
             elif expect.masqueraded is not None:
                 assert masqueraded == expect.masqueraded, f"masqueraded should be {expect.masqueraded}: {outcome}"
+
+
+def test_status_says_which_path_each_service_port_takes(lab: Lab, daemon: Daemon) -> None:
+    """/status: a Maglev or weighted Service port takes its kernel table in both modes; a plain one the
+    forwarder in userspace mode (its Local-policy external traffic the kernel's pick), else the kernel's pick."""
+    import json
+
+    code, body = http_get(lab.node, "127.0.0.1", 10249, "/status", timeout=10)
+    assert code == 200
+    paths = {(p["service"], p["family"]): p for p in json.loads(body)["paths"]}
+    userspace = proxy_mode(daemon) == "userspace"
+    assert paths[("default/maglev:tcp", "ip")]["paths"] == ["kernel-table"]
+    assert paths[("default/maglev:tcp", "ip")]["table_slots"] == 4093
+    assert paths[("default/v6-weighted:udp", "ip6")]["paths"] == ["kernel-table"]
+    assert paths[("default/maglev-sticky:tcp", "ip")]["paths"] == ["kernel-table"]
+    assert paths[("default/all:tcp", "ip")]["paths"] == (["forwarder"] if userspace else ["kernel-random"])
+    assert sorted(paths[("default/etp-local:tcp", "ip")]["paths"]) == (
+        ["forwarder", "kernel-random"] if userspace else ["kernel-random"])
 
 
 # Conntrack cleanup per family: a UDP flow pinned to an endpoint that leaves its Service
