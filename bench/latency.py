@@ -56,7 +56,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Interface
 from pathlib import Path
 
@@ -68,11 +68,12 @@ from . import iptables_reference, loadgen, stats
 from .manifests import ServiceSpec, measured_spec, synthetic_cluster, write_specs
 
 PATHS = ("direct", "kernel", "userspace", "netfilterqueue", "iptables-reference", "direct-on-kernel-node",
-         "userspace-event-loop", "userspace-busy-poll", "userspace-blocking")
+         "userspace-event-loop", "userspace-busy-poll", "userspace-blocking", "kernel-maglev")
 DEFAULT_PATHS = PATHS[:6]
 USERSPACE_PATHS = {"userspace", "netfilterqueue", "userspace-event-loop", "userspace-busy-poll", "userspace-blocking"}
 REFERENCE_FORWARDERS = {"netfilterqueue": "netfilterqueue", "userspace-blocking": "blocking"}
 BUSY_POLL_US = 50
+MAGLEV = (("dataplane.io/lb-algorithm", "maglev"),)  # kernel-maglev: the measured Service's balancing table
 SERVICE_PORT = 80
 SERVER_PORT = 7000
 ENDPOINTS = 10
@@ -189,7 +190,13 @@ class LatencyBench:
             if ({"kernel"} | USERSPACE_PATHS) & set(paths):
                 write_specs(source, specs)
             for path in paths:
-                if path == "kernel" or path in USERSPACE_PATHS:
+                if path == "kernel-maglev":
+                    # The same cluster, the measured Service balanced by its Maglev table (nat/tables.py).
+                    maglev_source = self.workdir / f"manifests-maglev-{size}"
+                    write_specs(maglev_source, [*specs[:-1], replace(specs[-1], annotations=MAGLEV)])
+                    target = self._daemon("kernel", size, maglev_source, "kernel-maglev")
+                    self._add(replace(target, path="kernel-maglev") if target else None)
+                elif path == "kernel" or path in USERSPACE_PATHS:
                     target = self._daemon(path, size, source)
                     self._add(target)
                     if path == "kernel" and target and "direct-on-kernel-node" in paths:
@@ -230,7 +237,7 @@ class LatencyBench:
         self.progress(f"  direct: lab ready in {time.monotonic() - started:.1f} s")
         return Target("direct", None, lab, endpoint_ips()[0], SERVER_PORT)
 
-    def _daemon(self, path: str, size: int, source: Path) -> Target | None:
+    def _daemon(self, path: str, size: int, source: Path, name: str = "") -> Target | None:
         lab = self._lab()
         spec = measured(size)
         extra = ["--proxy-mode", "kernel" if path == "kernel" else "userspace", "--sync-period", "86400"]
@@ -238,7 +245,7 @@ class LatencyBench:
             extra += ["--busy-poll", str(BUSY_POLL_US)]
         if path == "userspace-event-loop":
             extra += ["--forwarder-loop", "event"]
-        daemon = Daemon.for_source(lab.node, source, self.workdir / f"{path}-{size}.log", extra=extra,
+        daemon = Daemon.for_source(lab.node, source, self.workdir / f"{name or path}-{size}.log", extra=extra,
                                    cluster_cidr=str(PLAN.cluster_cidr))
         started = time.monotonic()
         try:
@@ -406,7 +413,7 @@ def forwarder_pids(daemon_pid: int) -> list[int]:
 # (reference path, its Service count or "same", record key) -> the paths compared with it
 REFERENCES = {
     ("direct", None, "vs_direct"): set(PATHS) - {"direct"},
-    ("kernel", "same", "vs_kernel"): USERSPACE_PATHS,
+    ("kernel", "same", "vs_kernel"): USERSPACE_PATHS | {"kernel-maglev"},
     ("userspace", "same", "vs_userspace"): USERSPACE_PATHS - {"userspace"},
     ("direct-on-kernel-node", "same", "vs_pod_ip_same_node"): {"kernel"},
 }

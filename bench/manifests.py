@@ -40,6 +40,7 @@ class ServiceSpec:
     ports: tuple[PortSpec, ...]
     endpoints: tuple[tuple[str, str], ...]  # (address, nodeName)
     namespace: str = NAMESPACE
+    annotations: tuple[tuple[str, str], ...] = ()
 
 
 SYNTHETIC_PORTS = (PortSpec("http", "TCP", 80, 8080),)
@@ -74,9 +75,10 @@ def spec_yaml(spec: ServiceSpec) -> str:
     slice_ports = ", ".join(f"{{name: {p.name}, port: {p.target_port}, protocol: {p.protocol}}}" for p in spec.ports)
     endpoints = "".join(f"- addresses: [{ip}]\n  conditions: {{ready: true}}\n  nodeName: {node}\n"
                         for ip, node in spec.endpoints)
+    annotations = "".join(f", annotations: {{{k}: {v}}}" for k, v in spec.annotations)
     return (
         "apiVersion: v1\nkind: Service\n"
-        f"metadata: {{name: {spec.name}, namespace: {spec.namespace}}}\n"
+        f"metadata: {{name: {spec.name}, namespace: {spec.namespace}{annotations}}}\n"
         f"spec:\n  clusterIP: {spec.cluster_ip}\n  ports: [{ports}]\n"
         "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n"
         f"metadata:\n  name: {spec.name}-abcde\n  namespace: {spec.namespace}\n"

@@ -12,7 +12,8 @@ from .loadgen import MODE_TEXT
 
 COLORS = {"direct": "black", "kernel": "tab:blue", "userspace": "tab:green", "iptables-reference": "tab:red",
           "direct-on-kernel-node": "tab:gray", "netfilterqueue": "tab:orange", "userspace-busy-poll": "tab:olive",
-          "userspace-blocking": "tab:purple", "userspace-event-loop": "tab:cyan"}
+          "userspace-blocking": "tab:purple", "userspace-event-loop": "tab:cyan",
+          "kernel-maglev": "tab:brown"}
 
 
 def write(results: dict, out: Path) -> list[str]:

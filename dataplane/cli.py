@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                              help="userspace, in forwarder processes: packets read by a thread blocking in recv, "
                                   "or by the event loop (measured slower; see bench/README.md)")
     proxy_flags.add_argument("--lb-algorithm", default="random", choices=ALGORITHMS,
-                             help="userspace: the algorithm of Services without a dataplane.io/lb-algorithm annotation")
+                             help="the algorithm of Services without a dataplane.io/lb-algorithm annotation "
+                                  "(maglev: a kernel table in either mode; the others: userspace only)")
     proxy_flags.add_argument("--hostname-override", default="", help="this node's name (default: the hostname)")
     proxy_flags.add_argument("--cluster-cidr", default="",
                              help="Pod CIDRs, comma-separated; traffic from elsewhere to a ClusterIP is masqueraded")
@@ -310,6 +311,7 @@ def settings_from(args: argparse.Namespace) -> NodeSettings:
         masquerade_bit=1 << args.masquerade_bit,
         service_cidrs=parse_cidrs(args.service_cidr, "--service-cidr"),
         node_zone=args.node_zone,
+        lb_algorithm=getattr(args, "lb_algorithm", "random"),
     )
 
 
@@ -490,6 +492,9 @@ def _status(args: argparse.Namespace) -> int:
         format_kernel_status(body)
     else:
         format_status(body)
+        for entry in body.get("paths", []):  # which path each Service port takes (nat/tables.balancing_paths)
+            slots = f", {entry['table_slots']} slots" if entry.get("table_slots") else ""
+            print(f"{entry['service']} ({entry['family']})  {' + '.join(entry['paths'])}{slots}")
     return 0
 
 

@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 
 DEFAULT_MASQUERADE_BIT = 0x4000  # the same bit kube-proxy marks, so other tooling reads it alike
+DEFAULT_HASH_SEED = 0x64706C62  # balancing tables: one seed on every node, so every node hashes a flow alike
+DEFAULT_TABLE_SLOTS = 1 << 20  # balancing tables: slots per address family, at most (a slot: 70 B kernel, 350 B daemon)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +21,9 @@ class NodeSettings:
     masquerade_bit: int = DEFAULT_MASQUERADE_BIT
     service_cidrs: tuple[str, ...] = ()  # unallocated addresses in them are dropped
     node_zone: str = ""  # topology.kubernetes.io/zone of this node, for zone hints
+    lb_algorithm: str = "random"  # Services without dataplane.io/lb-algorithm (maglev: a kernel table, nat/tables.py)
+    hash_seed: int = DEFAULT_HASH_SEED
+    table_slots: int = DEFAULT_TABLE_SLOTS
 
 
 def parse_cidrs(text: str, flag: str) -> tuple[str, ...]:

@@ -20,9 +20,15 @@ Address plan
 
 Who decided (userspace mode)
     Services 19-23 (IPv4) and 44-46 (IPv6) carry `dataplane.io/weights` that leave the
-    forwarder one endpoint (or drain one), while the kernel's own `numgen` pick spreads
+    forwarder one endpoint (or drain one), and algorithm least-conn (which needs per-flow
+    state, so userspace mode queues them), while the kernel's own `numgen` pick spreads
     flows over all of them; their rows say, in `userspace`, which Pods the forwarder may
     choose (Forwarder) or that userspace mode leaves the row to the kernel (KERNEL).
+
+Balancing tables (both modes; nat/README.md "Balancing tables")
+    Services 24-29 (IPv4) and 47-49, 51 (IPv6) are balanced by kernel tables (Maglev, or weights
+    under the default algorithm): each row says (Hashed) which endpoint every flow reaches,
+    from its source address and port (`table_pick`), checked for many sources.
     The client then also sends from CLIENT_ADDRESSES more addresses (192.168.50.100 ...,
     fd00:50::100 ...; dataplane/lab/topology.py AddressPlan.client_sources), so a row is
     seen deciding for many clients, as affinity needs.
@@ -39,9 +45,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dataplane.config import DEFAULT_HASH_SEED
 from dataplane.lab.manifests import endpoint_slice, port, service
 from dataplane.lab.topology import AddressPlan
-from dataplane.lb.policy import WEIGHTS_ANNOTATION
+from dataplane.lb import maglev
+from dataplane.lb.policy import ALGORITHM_ANNOTATION, WEIGHTS_ANNOTATION
+from dataplane.lb.tables import DEFAULT_TABLE_SIZE, slot_of
 
 NODE_NAME, NODE_ZONE = "node1", "zone-a"
 CLIENT, NODE_IP = "192.168.50.2", "192.168.50.1"
@@ -86,6 +95,36 @@ class Forwarder:
     pods: frozenset[str]
 
 
+@dataclass(frozen=True, slots=True)
+class Hashed:
+    """A balancing table (Maglev, or weights): each flow reaches the one Pod the table holds for its
+    source address and port (`table_pick`), among `pods` (the table's endpoints; `weights` as the
+    Service's annotation gives them, 0: drained); `sticky`: with ClientIP affinity, later connections
+    of a client stay on its first one's Pod."""
+
+    pods: tuple[str, ...]
+    masqueraded: bool | None
+    weights: tuple[tuple[str, int], ...] = ()
+    sticky: bool = False
+
+
+def hashed(*pods: str, masqueraded: bool | None, weights: dict[str, int] | None = None,
+           sticky: bool = False) -> Hashed:
+    return Hashed(tuple(sorted(pods)), masqueraded, tuple(sorted((weights or {}).items())), sticky)
+
+
+def table_pick(expect: Hashed, saddr: str, sport: int, size: int = DEFAULT_TABLE_SIZE,
+               seed: int = DEFAULT_HASH_SEED) -> str:
+    """The Pod a table sends saddr:sport to, restated from the parts: Maglev over the Pods' `ip:port`
+    names (sorted by address, as the renderer orders them), the kernel's jhash of the source."""
+    ips = POD_IPS6 if ":" in saddr else POD_IPS
+    pods = sorted(expect.pods, key=lambda p: ips[p])
+    names = [f"[{ips[p]}]:80" if ":" in saddr else f"{ips[p]}:80" for p in pods]
+    weights = dict(expect.weights)
+    table = maglev.build(names, [weights.get(p, 1) for p in pods], size)
+    return pods[table[slot_of(saddr, sport, size, seed)]]
+
+
 def forwarder(*pods: str) -> Forwarder:
     return Forwarder(frozenset(pods))
 
@@ -93,6 +132,10 @@ def forwarder(*pods: str) -> Forwarder:
 # Userspace mode leaves the row to the kernel's own pick, whatever the weights: external
 # traffic of an externalTrafficPolicy: Local Service is not queued (README, "Userspace mode").
 KERNEL = "KERNEL"
+
+# Userspace mode leaves the row to the Service's kernel balancing table (Maglev, weights): nothing is
+# queued for a Service whose algorithm needs no per-flow state (nat/README.md, "Balancing tables").
+TABLE = "TABLE"
 
 REJECT = "REJECT"  # refused at once: ICMP port unreachable (TCP: ECONNREFUSED)
 DROP = "DROP"  # silently dropped: the client times out
@@ -105,8 +148,8 @@ class Flow:
     destination: str  # an IP address
     port: int
     protocol: str  # TCP or UDP
-    expect: Reached | Sticky | str
-    userspace: Forwarder | str | None = None  # who decides in userspace mode; None: the row does not say
+    expect: Reached | Sticky | Hashed | str
+    userspace: Forwarder | str | None = None  # who decides in userspace mode (KERNEL, TABLE); None: not said
 
     @property
     def id(self) -> str:
@@ -150,17 +193,23 @@ def _only(pod: str, of=ALL) -> dict[str, int]:
 
 
 def _svc(name: str, number: int, pods=ALL, *, kind: str = "ClusterIP", lb: bool = False, external: bool = False,
-         conditions=None, hints=None, weights: dict[str, int] | None = None, **spec) -> list[dict]:
+         conditions=None, hints=None, weights: dict[str, int] | None = None, algorithm: str = "",
+         **spec) -> list[dict]:
     node_ports = kind in ("NodePort", "LoadBalancer")
     documents = [service(name, f"10.96.5.{number}", _ports(number, node_ports), type=kind,
                          ingress_ips=[f"192.168.60.{number}"] if lb else (),
                          external_ips=[f"192.168.70.{number}"] if external else (), **spec)]
-    if weights:
-        documents[0]["metadata"]["annotations"] = _weights(weights, POD_IPS)
+    annotations = {**(_weights(weights, POD_IPS) if weights else {}),
+                   **({ALGORITHM_ANNOTATION: algorithm} if algorithm else {})}
+    if annotations:
+        documents[0]["metadata"]["annotations"] = annotations
     if pods is not None:
         documents.append(_endpoints(name, pods, conditions, hints))
     return documents
 
+
+LEAST_CONN = "least-conn"
+WEIGHTED = {"pod1": 3, "pod3": 0}  # Service 25's weights (pod2 and pod4 weigh 1)
 
 TERMINATING = {"ready": False, "serving": True, "terminating": True}
 GONE = {"ready": False, "serving": False, "terminating": True}
@@ -192,16 +241,31 @@ MANIFESTS = {
     "self.yaml": _svc("self", 17, ("pod1",)),
     "sticky-local.yaml": _svc("sticky-local", 16, ("pod1", "pod2", "pod3"), kind="LoadBalancer", lb=True,
                               externalTrafficPolicy="Local", sessionAffinity="ClientIP"),
-    # Who decided: weights leave the forwarder one endpoint (or drain one); see Forwarder.
-    "decided.yaml": _svc("decided", 19, kind="LoadBalancer", lb=True, external=True, weights=_only("pod3")),
+    # Who decided: weights leave the forwarder one endpoint (or drain one); see Forwarder. least-conn:
+    # the forwarder's (weighted random or round-robin would be a kernel table, as below).
+    "decided.yaml": _svc("decided", 19, kind="LoadBalancer", lb=True, external=True, weights=_only("pod3"),
+                         algorithm=LEAST_CONN),
     # Two local endpoints of three (local-2-of-3 -> local-pick-2); the forwarder may use pod2 only.
     "decided-local.yaml": _svc("decided-local", 20, ("pod1", "pod2", "pod3"), kind="LoadBalancer", lb=True,
-                               externalTrafficPolicy="Local", weights=_only("pod2", ("pod1", "pod2", "pod3"))),
-    "sticky-drained.yaml": _svc("sticky-drained", 21, sessionAffinity="ClientIP", weights={"pod2": 0}),
+                               externalTrafficPolicy="Local", weights=_only("pod2", ("pod1", "pod2", "pod3")),
+                               algorithm=LEAST_CONN),
+    "sticky-drained.yaml": _svc("sticky-drained", 21, sessionAffinity="ClientIP", weights={"pod2": 0},
+                                algorithm=LEAST_CONN),
     "sticky-decided.yaml": _svc("sticky-decided", 22, kind="LoadBalancer", lb=True, sessionAffinity="ClientIP",
-                                weights=_only("pod4")),
+                                weights=_only("pod4"), algorithm=LEAST_CONN),
     "sticky-itp-local.yaml": _svc("sticky-itp-local", 23, internalTrafficPolicy="Local", sessionAffinity="ClientIP",
-                                  weights=_only("pod1")),
+                                  weights=_only("pod1"), algorithm=LEAST_CONN),
+    # Balancing tables: Maglev, and weights (pod1 3, pod3 drained) under the default algorithm.
+    "maglev.yaml": _svc("maglev", 24, kind="LoadBalancer", lb=True, external=True, algorithm="maglev"),
+    "weighted.yaml": _svc("weighted", 25, kind="NodePort", weights=WEIGHTED),
+    "maglev-local.yaml": _svc("maglev-local", 26, ("pod1", "pod2", "pod3"), kind="LoadBalancer", lb=True,
+                              externalTrafficPolicy="Local", algorithm="maglev"),
+    "maglev-sticky.yaml": _svc("maglev-sticky", 27, kind="LoadBalancer", lb=True, sessionAffinity="ClientIP",
+                               algorithm="maglev"),
+    "maglev-itp-local.yaml": _svc("maglev-itp-local", 28, kind="NodePort", internalTrafficPolicy="Local",
+                                  algorithm="maglev"),
+    "maglev-local-none.yaml": _svc("maglev-local-none", 29, ("pod3", "pod4"), kind="LoadBalancer", lb=True,
+                                   externalTrafficPolicy="Local", algorithm="maglev"),
 }
 
 
@@ -314,6 +378,41 @@ FLOWS = [
          forwarder("pod1")),
     Flow("affinity-with-etp-local-is-the-kernels-pick", "client", lb(16), 80, "UDP", Sticky(frozenset({"pod1", "pod2"})),
          KERNEL),
+    # Balancing tables: the table names the endpoint of every flow, in every kind of pick chain; no upcall.
+    Flow("maglev-clusterip-from-outside", "client", cip(24), 80, "TCP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("maglev-clusterip-udp-from-pod", "pod2", cip(24), 80, "UDP", hashed(*ALL, masqueraded=False), TABLE),
+    Flow("maglev-clusterip-from-the-node", "node", cip(24), 80, "TCP", hashed(*ALL, masqueraded=None), TABLE),
+    Flow("maglev-lb-ip-external-chain", "client", lb(24), 80, "TCP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("maglev-external-ip-udp", "client", "192.168.70.24", 80, "UDP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("maglev-nodeport-chain", "client", NODE_IP, np(24), "TCP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("maglev-nodeport-udp-from-pod", "pod1", NODE_IP, np(24, "UDP"), "UDP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("weighted-clusterip-drains-weight-0", "client", cip(25), 80, "TCP",
+         hashed(*ALL, masqueraded=True, weights=WEIGHTED), TABLE),
+    Flow("weighted-nodeport-udp-drains-weight-0", "client", NODE_IP, np(25, "UDP"), "UDP",
+         hashed(*ALL, masqueraded=True, weights=WEIGHTED), TABLE),
+    Flow("maglev-etp-local-lb-uses-the-local-table", "client", lb(26), 80, "TCP",
+         hashed("pod1", "pod2", masqueraded=False), TABLE),
+    Flow("maglev-etp-local-nodeport-udp-uses-the-local-table", "client", NODE_IP, np(26, "UDP"), "UDP",
+         hashed("pod1", "pod2", masqueraded=False), TABLE),
+    Flow("maglev-etp-local-lb-from-pod-uses-every-endpoint", "pod4", lb(26), 80, "TCP",
+         hashed("pod1", "pod2", "pod3", masqueraded=False), TABLE),
+    Flow("maglev-etp-local-nodeport-from-pod-direct", "pod4", NODE_IP, np(26), "TCP",
+         hashed("pod1", "pod2", "pod3", masqueraded=False), TABLE),
+    Flow("maglev-etp-local-lb-from-the-node", "node", lb(26), 80, "TCP",
+         hashed("pod1", "pod2", "pod3", masqueraded=None), TABLE),
+    Flow("maglev-etp-local-clusterip-is-cluster-wide", "client", cip(26), 80, "TCP",
+         hashed("pod1", "pod2", "pod3", masqueraded=True), TABLE),
+    Flow("maglev-etp-local-without-local-endpoint-drops", "client", lb(29), 80, "TCP", DROP),
+    Flow("maglev-etp-local-without-local-endpoint-pods-reach-remote", "pod1", lb(29), 80, "TCP",
+         hashed("pod3", "pod4", masqueraded=False), TABLE),
+    Flow("maglev-affinity-places-then-keeps-a-client", "client", cip(27), 80, "TCP",
+         hashed(*ALL, masqueraded=True, sticky=True), TABLE),
+    Flow("maglev-affinity-nodeport-udp", "client", NODE_IP, np(27, "UDP"), "UDP",
+         hashed(*ALL, masqueraded=True, sticky=True), TABLE),
+    Flow("maglev-itp-local-clusterip-uses-the-local-table", "client", cip(28), 80, "TCP",
+         hashed("pod1", "pod2", masqueraded=True), TABLE),
+    Flow("maglev-itp-local-nodeport-uses-every-endpoint", "client", NODE_IP, np(28), "TCP",
+         hashed(*ALL, masqueraded=True), TABLE),
 ]
 
 DAEMON_FLAGS = ["--service-cidr", SERVICE_CIDR, "--node-zone", NODE_ZONE]
@@ -339,7 +438,8 @@ def ext6(n: int) -> str:
 
 
 def _svc6(name: str, number: int, pods=ALL, *, kind: str = "ClusterIP", lb: bool = False, external: bool = False,
-          dual: bool = False, conditions=None, weights: dict[str, int] | None = None, **spec) -> list[dict]:
+          dual: bool = False, conditions=None, weights: dict[str, int] | None = None, algorithm: str = "",
+          **spec) -> list[dict]:
     """An IPv6 Service (with `dual`, a dual-stack one: IPv4 first, as a cluster would list it)."""
     node_ports = kind in ("NodePort", "LoadBalancer")
     families = [(4, cip(number), f"192.168.60.{number}", f"192.168.70.{number}")] if dual else []
@@ -351,8 +451,10 @@ def _svc6(name: str, number: int, pods=ALL, *, kind: str = "ClusterIP", lb: bool
         clusterIPs=[cluster_ip for _, cluster_ip, _, _ in families],
         ipFamilies=[f"IPv{version}" for version, _, _, _ in families],
         ipFamilyPolicy="RequireDualStack" if dual else "SingleStack", **spec)]
-    if weights:
-        documents[0]["metadata"]["annotations"] = _weights(weights, POD_IPS6)
+    annotations = {**(_weights(weights, POD_IPS6) if weights else {}),
+                   **({ALGORITHM_ANNOTATION: algorithm} if algorithm else {})}
+    if annotations:
+        documents[0]["metadata"]["annotations"] = annotations
     if pods is not None:
         if dual:
             documents.append(_endpoints(name, pods, conditions, slice_name=f"{name}-v4", address_type="IPv4"))
@@ -377,10 +479,18 @@ MANIFESTS6 = {
     "v6-ranges.yaml": _svc6("v6-ranges", 42, ("pod1", "pod2"), kind="LoadBalancer", lb=True,
                             loadBalancerSourceRanges=[f"{CLIENT6}/128"]),
     "v6-dual-nodeport.yaml": _svc6("v6-dual-nodeport", 43, kind="NodePort", dual=True),
-    "v6-decided.yaml": _svc6("v6-decided", 44, kind="LoadBalancer", lb=True, external=True, weights=_only("pod3")),
-    "v6-sticky-drained.yaml": _svc6("v6-sticky-drained", 45, sessionAffinity="ClientIP", weights={"pod2": 0}),
+    "v6-decided.yaml": _svc6("v6-decided", 44, kind="LoadBalancer", lb=True, external=True, weights=_only("pod3"),
+                             algorithm=LEAST_CONN),
+    "v6-sticky-drained.yaml": _svc6("v6-sticky-drained", 45, sessionAffinity="ClientIP", weights={"pod2": 0},
+                                    algorithm=LEAST_CONN),
     "v6-decided-local.yaml": _svc6("v6-decided-local", 46, ("pod1", "pod2", "pod3"), kind="LoadBalancer", lb=True,
-                                   externalTrafficPolicy="Local", weights=_only("pod2", ("pod1", "pod2", "pod3"))),
+                                   externalTrafficPolicy="Local", weights=_only("pod2", ("pod1", "pod2", "pod3")),
+                                   algorithm=LEAST_CONN),
+    "v6-maglev.yaml": _svc6("v6-maglev", 47, kind="LoadBalancer", lb=True, external=True, algorithm="maglev"),
+    "v6-weighted.yaml": _svc6("v6-weighted", 48, kind="NodePort", weights=WEIGHTED),
+    "v6-maglev-local.yaml": _svc6("v6-maglev-local", 49, ("pod1", "pod2", "pod3"), kind="LoadBalancer", lb=True,
+                                  externalTrafficPolicy="Local", algorithm="maglev"),
+    "v6-maglev-sticky.yaml": _svc6("v6-maglev-sticky", 51, sessionAffinity="ClientIP", algorithm="maglev"),
 }
 
 FLOWS6 = [
@@ -444,6 +554,19 @@ FLOWS6 = [
          reached("pod1", "pod2", masqueraded=False), KERNEL),
     Flow("v6-local-nodeport-from-pod-short-circuits-through-nodeport-direct", "pod4", NODE_IP6, np(46), "TCP",
          reached("pod1", "pod2", "pod3", masqueraded=False), KERNEL),
+    # Balancing tables over IPv6 (see the IPv4 rows).
+    Flow("v6-maglev-clusterip-from-outside", "client", cip6(47), 80, "TCP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("v6-maglev-clusterip-udp-from-pod", "pod2", cip6(47), 80, "UDP", hashed(*ALL, masqueraded=False), TABLE),
+    Flow("v6-maglev-lb-ip-external-chain", "client", lb6(47), 80, "TCP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("v6-maglev-nodeport-chain", "client", NODE_IP6, np(47), "TCP", hashed(*ALL, masqueraded=True), TABLE),
+    Flow("v6-weighted-nodeport-drains-weight-0", "client", NODE_IP6, np(48), "TCP",
+         hashed(*ALL, masqueraded=True, weights=WEIGHTED), TABLE),
+    Flow("v6-maglev-etp-local-lb-uses-the-local-table", "client", lb6(49), 80, "TCP",
+         hashed("pod1", "pod2", masqueraded=False), TABLE),
+    Flow("v6-maglev-etp-local-lb-from-pod-uses-every-endpoint", "pod4", lb6(49), 80, "TCP",
+         hashed("pod1", "pod2", "pod3", masqueraded=False), TABLE),
+    Flow("v6-maglev-affinity-places-then-keeps-a-client", "client", cip6(51), 80, "TCP",
+         hashed(*ALL, masqueraded=True, sticky=True), TABLE),
 ]
 
 # For a dual-stack node (MANIFESTS and MANIFESTS6 together): DAEMON_FLAGS with both families' CIDRs.

@@ -25,6 +25,7 @@ from ..dns import DnsServer, parse_list
 from ..model import Snapshot
 from ..nat.nftables import NftError, Nftables
 from ..nat.xtables import XtablesError
+from ..nat.tables import balancing_paths
 from ..netlink import addresses, conntrack
 from ..sync.manifests import ManifestSource
 from ..sync.reader import Limits
@@ -338,9 +339,13 @@ class Daemon:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
 
     async def _status(self) -> tuple[int, str, bytes]:
-        """`dataplane status` reads this: the mode, and in userspace mode each Service port's balancing."""
+        """`dataplane status` reads this: the mode, each Service port's path (a kernel balancing table,
+        the forwarder, the kernel's random pick: nat/tables.balancing_paths), and in userspace mode
+        each Service port's balancing."""
+        paths = [p for state in self.proxier.programmed for p in balancing_paths(state.ruleset)]
         if self.userspace is not None:
             await self.userspace.refresh_counters()
-            return 200, "application/json", (json.dumps(status.body(self.userspace), indent=1) + "\n").encode()
-        return status.answer(status.kernel_status(self.proxier.synced, self.options.settings.node_name,
-                                                  self.metrics.figures()))
+            body = {**status.body(self.userspace), "paths": paths}
+            return 200, "application/json", (json.dumps(body, indent=1) + "\n").encode()
+        body = status.kernel_status(self.proxier.synced, self.options.settings.node_name, self.metrics.figures())
+        return status.answer({**body, "paths": paths})

@@ -8,7 +8,8 @@ per-endpoint-count maps: the choice must be remembered per client):
   <base>-local     (externalTrafficPolicy: Local) Pods -> pick-all, the node
                    -> external, others -> pick-local, or drop
   <base>-pick-X    saddr in @<base>-clients-E ? goto <base>-endpoint-E  (each E)
-                   else numgen random over X's endpoints
+                   else numgen random over X's endpoints, or, for a Service balanced by
+                   a table (Maglev, weights: nat/tables.py), `jhash ... vmap { slot : goto E }`
   <base>-endpoint-E  update @<base>-clients-E { saddr }  dnat to E
 
 The sets time out after timeoutSeconds, refreshed by every new connection;
@@ -24,6 +25,7 @@ import hashlib
 import ipaddress
 
 from ..config import NodeSettings
+from ..lb import tables as lb_tables
 from ..model import Backend, Service, ServicePort
 from . import layout
 from .expr import L4PROTO, PROTOCOLS, AnonMap, Match, Nat, Rule, SetRef, SetUpdate, Verdict, Vmap, numgen
@@ -37,7 +39,8 @@ def _short_hash(text: str) -> str:
 class AffinityChains:
     """The chains and sets of one Service port with ClientIP affinity, for one family."""
 
-    def __init__(self, service: Service, port: ServicePort, settings: NodeSettings, family: layout.Family):
+    def __init__(self, service: Service, port: ServicePort, settings: NodeSettings, family: layout.Family,
+                 table: tuple[int, int] | None = None):
         proto = port.protocol.lower()
         # Names come from validated DNS labels; the hash keeps them apart whatever their length.
         ident = f"{service.namespace}/{service.name}/{proto}/{port.name or port.port}"
@@ -46,6 +49,8 @@ class AffinityChains:
         self.settings = settings
         self.family = family
         self.timeout = service.session_affinity_timeout
+        self.service = service
+        self.table = table  # (slots, seed) of its balancing table; None: numgen
         self.declarations: list[Declaration] = []
         self._endpoints: dict[str, tuple[str, str]] = {}  # "ip . port" -> (endpoint chain, clients set)
 
@@ -84,8 +89,15 @@ class AffinityChains:
         endpoint_chains = [self._endpoint(e) for e in endpoints]
         saddr = (self.family.saddr,)
         rules = [Rule.of(Match(saddr, "", SetRef(clients)), layout.goto(chain)) for chain, clients in endpoint_chains]
-        targets = tuple(((i,), layout.goto(chain)) for i, (chain, _) in enumerate(endpoint_chains))
-        rules.append(Rule.of(Vmap((numgen(len(targets)),), AnonMap(targets))))
+        if self.table is not None:
+            size, seed = self.table
+            chain_of = {(e.ip, e.port): chain for e, (chain, _) in zip(endpoints, endpoint_chains)}
+            slots = lb_tables.fill(self.service, endpoints, size)
+            targets = tuple(((slot,), layout.goto(chain_of[(e.ip, e.port)])) for slot, e in enumerate(slots))
+            rules.append(Rule.of(Vmap((layout.flow_slot(self.family, size, seed),), AnonMap(targets))))
+        else:
+            targets = tuple(((i,), layout.goto(chain)) for i, (chain, _) in enumerate(endpoint_chains))
+            rules.append(Rule.of(Vmap((numgen(len(targets)),), AnonMap(targets))))
         name = f"{self.base}-pick-{which}"
         self.declarations.append(Chain(name, tuple(rules)))
         return name

@@ -90,7 +90,7 @@ class BinOp:
         return f"{self.left} {self.op} 0x{self.value:x}"
 
 
-Expr = tuple  # a concatenation: tuple of Selector | BinOp
+Expr = tuple  # a concatenation: tuple of Selector | BinOp | Jhash
 
 
 def expr_text(expr: Expr) -> str:
@@ -111,10 +111,56 @@ def daddr(family: str) -> Selector:
 
 L4PROTO = Selector("meta l4proto", "inet_proto")
 DPORT = Selector("th dport", "inet_service")
+SPORT = Selector("th sport", "inet_service")
 MARK = Selector("meta mark", "mark")
 CT_STATE = Selector("ct state", "ct_state")
 CT_STATUS = Selector("ct status", "ct_status")
 FIB_SADDR_TYPE = Selector("fib saddr type", "fib_addrtype")
+
+
+@dataclass(frozen=True, slots=True)
+class Jhash:
+    """`jhash ip saddr . th sport mod 1021 seed 0x1`: a slot from the flow's own fields, the same for
+    every packet of it and on every node with the same seed (a balancing table's pick: nat/tables.py).
+
+    The kernel computes `reciprocal_scale(jhash(registers, len, seed), mod)` over the inputs'
+    registers (each input padded to 4 bytes); lb/tables.slot_of is the same computation.
+    """
+
+    inputs: Expr
+    mod: int
+    seed: int
+
+    @property
+    def type(self) -> str:
+        return "integer"
+
+    @property
+    def modulus(self) -> int:
+        return 0  # numgen's random modulus; a hash is not random
+
+    def __str__(self) -> str:
+        return f"jhash {expr_text(self.inputs)} mod {self.mod} seed 0x{self.seed:x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """`ip daddr . meta l4proto . th dport map @table-ids`: what a named map holds for the key.
+    A miss ends the rule, as the kernel's lookup does."""
+
+    expr: Expr
+    map: str
+
+    @property
+    def type(self) -> str:
+        return "mark"
+
+    @property
+    def modulus(self) -> int:
+        return 0
+
+    def __str__(self) -> str:
+        return f"{expr_text(self.expr)} map @{self.map}"
 
 
 def numgen(modulus: int) -> Selector:
@@ -190,7 +236,7 @@ class Vmap:
 @dataclass(frozen=True, slots=True)
 class SetMeta:
     target: Selector  # meta mark, ct mark
-    value: Selector | BinOp | int
+    value: Selector | BinOp | Lookup | int
 
     def __str__(self) -> str:
         value = literal("mark", self.value) if isinstance(self.value, int) else str(self.value)
@@ -292,6 +338,8 @@ class Rule:
                 sets.add(statement.set)
             elif isinstance(statement, Counter) and statement.name:
                 sets.add(statement.name)
+            elif isinstance(statement, SetMeta) and isinstance(statement.value, Lookup):
+                sets.add(statement.value.map)
         object.__setattr__(self, "sets", frozenset(sets))
         object.__setattr__(self, "chains", frozenset(chains))
 
@@ -312,6 +360,12 @@ class Rule:
         return any(
             (isinstance(s, Nat) and s.picks) or (isinstance(s, Vmap) and any(p.modulus for p in s.expr))
             for s in self.statements)
+
+    @property
+    def hashes(self) -> bool:
+        """The kernel picks an endpoint here by a balancing table: a `jhash` dnat or vmap."""
+        return any(isinstance(s, (Nat, Vmap)) and any(isinstance(p, Jhash) for p in s.expr)
+                   for s in self.statements)
 
     @property
     def matches(self) -> tuple[Statement, ...]:

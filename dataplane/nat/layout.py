@@ -21,9 +21,10 @@ import ipaddress
 from dataclasses import dataclass
 
 from ..config import NodeSettings
+from ..marks import ID_MASK
 from .expr import (
-    CT_STATE, CT_STATUS, DPORT, FIB_SADDR_TYPE, L4PROTO, MARK, AnonSet, BinOp, Expr, Interval, Masquerade, Match, Nat,
-    Reject, Rule, Selector, SetMeta, SetRef, Verdict, Vmap, daddr, numgen, saddr,
+    CT_STATE, CT_STATUS, DPORT, FIB_SADDR_TYPE, L4PROTO, MARK, SPORT, AnonSet, BinOp, Expr, Interval, Jhash, Lookup,
+    Masquerade, Match, Nat, Reject, Rule, Selector, SetMeta, SetRef, Verdict, Vmap, daddr, numgen, saddr,
 )
 from .ruleset import BaseChain, Chain, Container, Declaration
 
@@ -50,6 +51,12 @@ HAIRPIN = "hairpin"  # endpoint . endpoint: a Pod reaching itself through a Serv
 FIREWALL_IPS = "firewall-ips"  # LoadBalancer daddr . proto . port with loadBalancerSourceRanges
 FIREWALL_ALLOW = "firewall-allow"  # ... . saddr range: the sources allowed in
 FIREWALL_LOCAL = "firewall-local"  # ... whose ranges hold a node address: the node itself may connect
+
+# Balancing tables (nat/tables.py): a Service address -> its table's id, carried in the mark
+TABLE_IDS = "table-ids"  # daddr . proto . port : table id (as a mark)
+NODEPORT_TABLE_IDS = "nodeport-table-ids"  # proto . port : table id
+LOCAL_TABLE_IDS = "local-table-ids"  # externalTrafficPolicy: Local, external sources: the local table's id
+NODEPORT_LOCAL_TABLE_IDS = "nodeport-local-table-ids"
 
 L4_PROTOCOLS = Match((L4PROTO,), "", AnonSet(((6,), (17,), (132,))))  # meta l4proto { tcp, udp, sctp }
 
@@ -103,6 +110,17 @@ def local_endpoints_map(m: int) -> str:
 
 def nodeport_local_endpoints_map(m: int) -> str:
     return f"nodeport-local-endpoints-{m}"
+
+
+def slots_map(m: int) -> str:
+    """Every balancing table of m slots: table id . slot : endpoint."""
+    return f"slots-{m}"
+
+
+def hash_chain(kind: str, m: int) -> str:
+    """hash-cluster-M, hash-external-M, hash-nodeport-M, hash-nodeport-direct-M, hash-local-M,
+    hash-nodeport-local-M, hash-pick-M: the pick chains of Service ports with an m-slot table."""
+    return f"hash-{kind}-{m}"
 
 
 class Family:
@@ -284,7 +302,19 @@ class LocalChain:
     nodeport: bool
 
 
-Need = Pick | LocalPick | LocalChain  # dataclasses, not tuples: Pick(1) and LocalPick(1) must differ
+@dataclass(frozen=True, slots=True)
+class TableIds:
+    """The maps from a Service address to its balancing table's id (every table-balanced Service)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HashPick:
+    """The chains and slot map of every balancing table of m slots."""
+
+    m: int
+
+
+Need = Pick | LocalPick | LocalChain | TableIds | HashPick  # dataclasses, not tuples: Pick(1), LocalPick(1) differ
 
 
 def declare(need: Need, settings: NodeSettings, family: Family) -> list[Declaration]:
@@ -299,6 +329,10 @@ def declare(need: Need, settings: NodeSettings, family: Family) -> list[Declarat
         return [_local_chain(need.m, need.n, settings, family, need.nodeport)]
     if isinstance(need, LocalPick):
         return _local_pick_declarations(need.m, family)
+    if isinstance(need, TableIds):
+        return _table_id_maps(family)
+    if isinstance(need, HashPick):
+        return _hash_declarations(need.m, settings, family)
     return _pick_declarations(need.n, settings, family)
 
 
@@ -363,3 +397,61 @@ def _local_chain(m: int, n: int, settings: NodeSettings, family: Family, nodepor
     else:
         rules.append(Rule.of(Verdict("drop")))
     return Chain(nodeport_local_chain(m, n) if nodeport else local_chain(m, n), tuple(rules))
+
+
+def _table_id_maps(family: Family) -> list[Declaration]:
+    # type, not typeof: the hash chains of a table size added later read them.
+    address_key = (family.addr_type, "inet_proto", "inet_service")
+    return [
+        Container(TABLE_IDS, address_key, ("mark",)),
+        Container(NODEPORT_TABLE_IDS, ("inet_proto", "inet_service"), ("mark",)),
+        Container(LOCAL_TABLE_IDS, address_key, ("mark",)),
+        Container(NODEPORT_LOCAL_TABLE_IDS, ("inet_proto", "inet_service"), ("mark",)),
+    ]
+
+
+def table_id(key: Expr, map_name: str) -> SetMeta:
+    """`meta mark set KEY map @ids`: the table id rides in the mark to the dnat (a miss ends the rule)."""
+    return SetMeta(MARK, Lookup(key, map_name))
+
+
+def flow_slot(family: Family, m: int, seed: int) -> Jhash:
+    """The flow's slot: its source address and port, hashed. Not the destination: a NodePort's
+    (this node's address) differs between nodes, and every node must send a flow alike."""
+    return Jhash((family.saddr, SPORT), m, seed)
+
+
+def _hash_declarations(m: int, settings: NodeSettings, family: Family) -> list[Declaration]:
+    """The slot map of m-slot tables, declared with the chains that read it (see `declare`)."""
+    address_key = family.address_key()
+    slot = flow_slot(family, m, settings.hash_seed)
+    dnat = Rule.of(L4_PROTOCOLS, Nat("dnat", family.nft, expr=(BinOp(MARK, "&", ID_MASK), slot), map=slots_map(m)))
+    set_id = Rule.of(table_id(address_key, TABLE_IDS))
+    set_nodeport_id = Rule.of(table_id(NODEPORT_KEY, NODEPORT_TABLE_IDS))
+    mark = Rule.of(jump(MARK_FOR_MASQUERADE))
+    pods = pod_sources(settings, family)
+    local_node = is_(FIB_SADDR_TYPE, "local")
+
+    def local(nodeport: bool) -> Chain:
+        direct, via_node = ("nodeport-direct", "nodeport") if nodeport else ("cluster", "external")
+        ids, key = (NODEPORT_LOCAL_TABLE_IDS, NODEPORT_KEY) if nodeport else (LOCAL_TABLE_IDS, address_key)
+        rules = [Rule.of(pods, goto(hash_chain(direct, m)))] if pods else []
+        rules += [Rule.of(local_node, goto(hash_chain(via_node, m))),
+                  # No local endpoint: no local table id, the lookup misses and the packet is dropped.
+                  Rule.of(table_id(key, ids), goto(hash_chain("pick", m))),
+                  Rule.of(Verdict("drop"))]
+        return Chain(hash_chain("nodeport-local" if nodeport else "local", m), tuple(rules))
+
+    # typeof numgen, not jhash: the same 32-bit integer, and nft 1.0.6 segfaults listing a map
+    # declared `typeof ... jhash ...` (README, "Balancing tables").
+    slots = Container(slots_map(m), (MARK, numgen(1)), (family.daddr, DPORT), typeof=True)
+    return [
+        slots,
+        Chain(hash_chain("pick", m), (dnat,)),
+        Chain(hash_chain("cluster", m), (set_id, *masquerade_cluster_rules(settings, family), dnat)),
+        Chain(hash_chain("external", m), (set_id, mark, dnat)),
+        Chain(hash_chain("nodeport", m), (set_nodeport_id, mark, dnat)),
+        Chain(hash_chain("nodeport-direct", m), (set_nodeport_id, dnat)),
+        local(nodeport=False),
+        local(nodeport=True),
+    ]

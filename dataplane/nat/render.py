@@ -8,14 +8,19 @@ when it has none. The node's NodePort addresses are one more fragment.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import weakref
 from typing import Hashable, Iterable
 
 from ..config import NodeSettings
 from ..model import Backend, Selection, Service, ServicePort, ServiceState, Snapshot, TrafficPolicy
+from ..lb import tables as lb_tables
 from . import layout
 from .affinity import AffinityChains
 from .ruleset import EMPTY, Declaration, Element, Fragment, Ruleset
+from .tables import TableIdAllocator, id_text, slot_elements
+
+log = logging.getLogger(__name__)
 
 NODE = "node"  # the owner of node-level elements (NodePort addresses)
 
@@ -43,6 +48,9 @@ class RulesetBuilder:
         self._last_snapshot: weakref.ref[Snapshot] | None = None
         self._last: Ruleset | None = None
         self._last_node_ips: tuple[str, ...] = ()
+        self._table_ids = TableIdAllocator()
+        self._slots: dict[Hashable, int] = {}  # owner -> balancing-table slots it holds
+        self._slot_total = 0
 
     def build(self, snapshot: Snapshot, node_ips: Iterable[str] = ()) -> Ruleset:
         last = self._last
@@ -54,10 +62,15 @@ class RulesetBuilder:
             candidates = snapshot.changed
         else:
             fragments, candidates = {}, snapshot.services.keys()
+            self._slots, self._slot_total = {}, 0
+            self._table_ids.retain(snapshot.services.keys())
         changed = set()
         for key in candidates:
             state = snapshot.services.get(key)
-            fragment = service_fragment(state, self.settings, self.family, node_ips) if state is not None else EMPTY
+            fragment = self._fragment(key, state, node_ips) if state is not None else EMPTY
+            if state is None:
+                self._table_ids.keep(key, set())
+                self._slot_total -= self._slots.pop(key, 0)
             missing = fragment.needs - self._groups.keys()
             if missing:
                 # Copy on write: Rulesets already handed out keep their own mappings.
@@ -89,33 +102,83 @@ class RulesetBuilder:
         return ruleset
 
 
+    def _fragment(self, key: Hashable, state: ServiceState, node_ips: tuple[str, ...]) -> Fragment:
+        """The Service's fragment; without balancing tables when they would cross the node's slot bound."""
+        held = self._slots.pop(key, 0)
+        self._slot_total -= held
+        fragment = service_fragment(state, self.settings, self.family, node_ips, self._table_ids, key)
+        slots = _slot_count(fragment)
+        if slots and self._slot_total + slots > self.settings.table_slots:
+            log.error("Service %s/%s: its balancing tables would take %d slots, %d of %d held: kernel's random "
+                      "pick instead", state.service.namespace, state.service.name, slots, self._slot_total,
+                      self.settings.table_slots)
+            fragment = service_fragment(state, self.settings, self.family, node_ips, self._table_ids, key,
+                                        tables=False)
+            slots = 0
+        if slots:
+            self._slots[key] = slots
+            self._slot_total += slots
+        return fragment
+
+
+def _slot_count(fragment: Fragment) -> int:
+    return sum(1 for e in fragment.elements if e.container.startswith("slots-"))
+
+
 def node_fragment(node_ips: Iterable[str], family: layout.Family) -> Fragment:
     return Fragment(frozenset(Element(layout.NODEPORT_IPS, ip) for ip in node_ips if family.holds(ip)))
 
 
 def service_fragment(
-    state: ServiceState, settings: NodeSettings, family: layout.Family, node_ips: tuple[str, ...] = ()
+    state: ServiceState, settings: NodeSettings, family: layout.Family, node_ips: tuple[str, ...] = (),
+    table_ids: TableIdAllocator | None = None, owner: Hashable = None, tables: bool = True,
 ) -> Fragment:
-    """The elements one Service contributes, for one address family."""
+    """The elements one Service contributes, for one address family.
+
+    `table_ids` keeps the ids of its balancing tables (Maglev, weights) between calls; without
+    one every call numbers them from 1. `tables=False`: the kernel's random pick even so.
+    """
     service = state.service
     cluster_ips = [ip for ip in service.cluster_ips if family.holds(ip)] if service.proxied else []
+    owner = owner if owner is not None else (service.namespace, service.name)
+    ids = table_ids if table_ids is not None else TableIdAllocator()
     if not cluster_ips:
+        ids.keep(owner, set())
         return Fragment()
-    out = _FragmentBuilder(f"{service.namespace}/{service.name}")
+    size = None
+    if tables and lb_tables.table_balanced(service, settings.lb_algorithm):
+        size = lb_tables.table_size(service)
+    out = _FragmentBuilder(f"{service.namespace}/{service.name}", ids, owner, size, settings.hash_seed)
     out.add(layout.CLUSTER_IPS, *((ip, "") for ip in cluster_ips))
     external_ips = [ip for ip in service.external_ips_all if family.holds(ip)]
     for port, backends in state.port_backends():
         _render_port(out, service, port, [b for b in backends if family.holds(b.ip)], cluster_ips, external_ips,
                      settings, family, node_ips)
+    ids.keep(owner, out.tables)
     return out.fragment()
 
 
 class _FragmentBuilder:
-    def __init__(self, name: str):
+    def __init__(self, name: str, table_ids: TableIdAllocator | None = None, owner: Hashable = None,
+                 table_size: int | None = None, seed: int = 0):
         self.name = name
         self.elements: list[Element] = []
         self.needs: set[layout.Need] = set()
         self.owned: list[Declaration] = []
+        self.table_ids = table_ids
+        self.owner = owner
+        self.table_size = table_size  # None: no balancing tables (the kernel's numgen pick)
+        self.seed = seed
+        self.tables: set[Hashable] = set()  # the tables this Service has now (table_ids keys)
+
+    def table(self, service: Service, port: ServicePort, role: str, backends: tuple[Backend, ...]) -> str:
+        """A balancing table of the port's `role` endpoints: its slots added, its id as mark text."""
+        key = (port.protocol, port.port, role)
+        assert self.table_ids is not None and self.table_size is not None
+        table_id = self.table_ids.get(self.owner, key, f"{self.name}/{port.protocol}/{port.port}/{role}")
+        self.tables.add(key)
+        self.add(layout.slots_map(self.table_size), *slot_elements(service, backends, self.table_size, table_id))
+        return id_text(table_id)
 
     def add(self, container: str, *items: tuple[str, str], comment: str = "") -> None:
         self.elements.extend(Element(container, key, value, comment) for key, value in items)
@@ -156,11 +219,18 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
     used = {e.ip for e in chosen.cluster + chosen.local
             if local_policy or e.node_name in (settings.node_name, "")}
     out.add(layout.HAIRPIN, *((f"{ip} . {ip}", "") for ip in sorted(used)))
+    size = out.table_size if out.table_size is not None and n < out.table_size else None
     affinity = None
     if service.session_affinity_timeout:
-        # ClientIP affinity: the Service port's own chains, whatever the address (nat/affinity.py).
-        affinity = AffinityChains(service, port, settings, family)
+        # ClientIP affinity: the Service port's own chains, whatever the address (nat/affinity.py);
+        # with a balancing table, a new client is placed by it.
+        affinity = AffinityChains(service, port, settings, family,
+                                  table=(size, settings.hash_seed) if size else None)
         out.owned.extend(affinity.build(chosen.cluster, chosen.local, internal, local_policy))
+    elif size:
+        _render_table_port(out, service, port, chosen, internal, local_policy, cluster_ips, external_ips, size,
+                           comment)
+        return
     else:
         out.needs |= {layout.Pick(n)} | ({layout.Pick(len(internal))} if internal else set())
 
@@ -193,6 +263,36 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
         if not affinity:
             out.endpoints(layout.nodeport_endpoints_map(n) if nodeport else layout.endpoints_map(n), key,
                           chosen.cluster)
+        out.add(layout.SERVICE_NODEPORTS if nodeport else layout.SERVICE_IPS, (key, f"goto {chain}"), comment=comment)
+
+
+def _render_table_port(out: _FragmentBuilder, service: Service, port: ServicePort, chosen: Selection,
+                       internal: tuple[Backend, ...], local_policy: bool, cluster_ips: list[str],
+                       external_ips: list[str], size: int, comment: str) -> None:
+    """A Service port balanced by its table (nat/tables.py): ids and slots, no per-Service rule."""
+    proto = port.protocol.lower()
+    out.needs |= {layout.TableIds(), layout.HashPick(size)}
+    cluster_id = out.table(service, port, "cluster", chosen.cluster)
+    for ip in cluster_ips:
+        key = f"{ip} . {proto} . {port.port}"
+        if not internal:  # internalTrafficPolicy: Local and no endpoint here: drop, do not refuse
+            out.add(layout.NO_ENDPOINT_SERVICES, (key, "drop"), comment=comment)
+            continue
+        internal_id = cluster_id if internal == chosen.cluster else out.table(service, port, "internal", internal)
+        out.add(layout.TABLE_IDS, (key, internal_id))
+        out.add(layout.SERVICE_IPS, (key, f"goto {layout.hash_chain('cluster', size)}"), comment=comment)
+    local_id = out.table(service, port, "local", chosen.local) if local_policy and chosen.local else None
+    outside = [(f"{ip} . {proto} . {port.port}", False) for ip in external_ips]
+    if port.node_port:
+        outside.append((f"{proto} . {port.node_port}", True))
+    for key, nodeport in outside:
+        out.add(layout.NODEPORT_TABLE_IDS if nodeport else layout.TABLE_IDS, (key, cluster_id))
+        if local_policy:
+            chain = layout.hash_chain("nodeport-local" if nodeport else "local", size)
+            if local_id is not None:  # none: the local lookup misses and the chain drops
+                out.add(layout.NODEPORT_LOCAL_TABLE_IDS if nodeport else layout.LOCAL_TABLE_IDS, (key, local_id))
+        else:
+            chain = layout.hash_chain("nodeport" if nodeport else "external", size)
         out.add(layout.SERVICE_NODEPORTS if nodeport else layout.SERVICE_IPS, (key, f"goto {chain}"), comment=comment)
 
 

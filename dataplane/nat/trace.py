@@ -4,7 +4,10 @@ It interprets the rules the fake holds, statement by statement, and knows
 nothing of Services: a wrong rule gives a wrong answer, which is what lets a
 packet-flow table check the renderer. Where the kernel picks at random
 (`numgen random mod N`) the tracer follows all N branches, so a trace is the
-set of every possible outcome, not a sample.
+set of every possible outcome, not a sample. Where it hashes the flow
+(`jhash ... mod M seed S`, a balancing table) the tracer computes the one
+slot the kernel computes, bit for bit (lb/tables.jhash; checked against the
+kernel in tests/e2e/test_tables.py), so such a trace has one outcome per source port.
 
 Hooks, in the kernel's order (priorities from the base chains themselves):
 
@@ -32,9 +35,10 @@ import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
+from ..lb.tables import jhash, register_bytes, scale
 from .expr import (
-    MARK, AnonMap, AnonSet, BinOp, Counter, Masquerade, Match, Nat, Queue, Reject, Rule, Selector, SetMeta, SetRef,
-    SetUpdate, Verdict, Vmap,
+    MARK, AnonMap, AnonSet, BinOp, Counter, Jhash, Lookup, Masquerade, Match, Nat, Queue, Reject, Rule, Selector,
+    SetMeta, SetRef, SetUpdate, Verdict, Vmap,
 )
 from .fake import FLAG_TYPES, ChainState, FakeNftables, Learned, TableState, key_matches
 from .fake.fields import FIELDS
@@ -246,6 +250,14 @@ class Tracer:
                 raise TraceError(f"setting {statement.target} is not modelled")
             if isinstance(statement.value, int):
                 marks = [statement.value]
+            elif isinstance(statement.value, Lookup):
+                marks = []
+                for key in self._values(ctx, state, statement.value.expr):
+                    element = table.sets[statement.value.map].lookup(key, ctx.now)
+                    if element is not None:
+                        marks.append(element.value[0])
+                if not marks:
+                    yield state, NEXT_RULE  # a map miss breaks the rule
             else:
                 marks = self._operand(ctx, state, statement.value)
             for mark in marks:
@@ -324,6 +336,13 @@ class Tracer:
             return [v ^ part.value for v in values]
         if part.modulus:
             return list(range(part.modulus))
+        if isinstance(part, Jhash):
+            # The registers the kernel hashes: each input's value, padded to 4-byte words.
+            slots = []
+            for values in itertools.product(*(self._operand(ctx, state, p) for p in part.inputs)):
+                data = b"".join(register_bytes(p.type, v) for p, v in zip(part.inputs, values))
+                slots.append(scale(jhash(data, part.seed), part.mod))
+            return slots
         field = FIELDS.get(part)
         if part.protocol and part.protocol != ctx.protocol:
             return []  # tcp dport and the like: absent from other protocols' packets

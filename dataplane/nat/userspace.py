@@ -43,6 +43,7 @@ from . import layout
 from .expr import CT_STATE, CT_STATUS, MARK, AnonMap, BinOp, Counter, Match, Nat, Queue, Rule, SetMeta, Vmap
 from .layout import NODEPORT_IPS, Family
 from .ruleset import BaseChain, Chain, Container, Declaration, Element, Fragment, Ruleset
+from .tables import balanced_by_table
 
 ENDPOINT_IDS = "endpoint-ids"  # mark & ID_MASK : endpoint address . port
 USERSPACE_SERVICES = "userspace-services"  # daddr . proto . port of Service addresses to queue
@@ -246,7 +247,9 @@ class UserspaceRules:
         changed: set[Hashable] = set()
         for key in keys:
             state = snapshot.services.get(key)
-            fragment = service_fragment(state, self.family) if state is not None else Fragment()
+            # A Service balanced by a kernel table (Maglev, weights: nat/tables.py) is not queued.
+            tabled = balanced_by_table(ruleset.fragments.get(key, Fragment()))
+            fragment = service_fragment(state, self.family) if state is not None and not tabled else Fragment()
             owner = ("userspace", key)
             if fragment != self._fragments.get(owner, Fragment()):
                 changed.add(owner)

@@ -15,16 +15,16 @@ import subprocess
 import pytest
 
 from dataplane.lab import (
-    Daemon, Failure, Lab, ManifestDir, UdpSession, environment_problem, request, sample, tally, tcp_request,
-    wait_until,
+    Daemon, Failure, Lab, ManifestDir, TcpSession, UdpSession, environment_problem, http_get, request, sample,
+    tally, tcp_request, wait_until,
 )
 from dataplane.lab.daemon import cleanup, dataplane_executable
 from dataplane.lab.manifests import endpoint_slice, port, service
 
 from tests.flows import (
     CLIENT, CLIENT6, DROP, DUAL_STACK_CLUSTER_CIDRS, DUAL_STACK_DAEMON_FLAGS, FLOWS,
-    FLOWS6, LAB_PLAN, MANIFESTS, MANIFESTS6, POD_IPS, POD_IPS6, REJECT, Flow, Forwarder,
-    Reached, Sticky, cip, cip6, connections_per_source, source_ip, sources,
+    FLOWS6, LAB_PLAN, MANIFESTS, MANIFESTS6, POD_IPS, POD_IPS6, REJECT, Flow, Forwarder, Hashed,
+    Reached, Sticky, cip, cip6, connections_per_source, source_ip, sources, table_pick,
 )
 
 PROBLEM = environment_problem()
@@ -101,10 +101,59 @@ def test_packet_flow_ipv6(lab: Lab, daemon: Daemon, flow: Flow) -> None:
 
 
 def check(lab: Lab, daemon: Daemon, flow: Flow) -> None:
-    if proxy_mode(daemon) == "userspace" and isinstance(flow.userspace, Forwarder):
+    if isinstance(flow.expect, Hashed):
+        check_hashed(lab, flow, flow.expect, userspace=proxy_mode(daemon) == "userspace")
+    elif proxy_mode(daemon) == "userspace" and isinstance(flow.userspace, Forwarder):
         check_decided(lab, flow)
     else:
         check_outcome(lab, flow)
+
+
+def queued_packets(lab: Lab) -> int:
+    """Packets ever queued to userspace on the node, every queue (nfnetlink_queue's id_sequence)."""
+    text = lab.node.run("cat", "/proc/net/netfilter/nfnetlink_queue", check=False).stdout
+    # queue_number peer_portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1
+    return sum(int(line.split()[7]) for line in text.splitlines() if line.strip())
+
+
+def table_request(flow: Flow, ns, source: str | None):
+    """One new connection (or UDP flow) from a fresh port; (the local address and port, the outcome)."""
+    bound = (source, 0) if source else None
+    if flow.protocol == "TCP":
+        with TcpSession(ns, flow.destination, flow.port, 1.0, bound) as session:
+            failed = session.connect()
+            return session.local, failed or session.request()
+    with UdpSession(ns, flow.destination, flow.port, 1.0, bound) as session:
+        return session.local, session.request()
+
+
+def check_hashed(lab: Lab, flow: Flow, expect: Hashed, userspace: bool) -> None:
+    """A table row with real packets: every new flow, from every client address (or the row's one
+    source, a dozen times), reaches the Pod the table names for its source address and port
+    (flows.table_pick: the kernel's jhash, restated), with the row's masquerade; with affinity,
+    a client's later connections stay on its first Pod. In userspace mode nothing is queued."""
+    ns = namespace(lab, flow.source)
+    before = queued_packets(lab) if userspace else 0
+    wrong, first_pod = [], {}
+    count = 2 if flow.source == "client" else 12
+    for address in sources(flow):
+        for _ in range(3 if expect.sticky else count):
+            (local_ip, local_port), outcome = table_request(flow, ns, address if flow.source == "client" else None)
+            if not outcome.ok:
+                wrong.append(f"{local_ip}:{local_port}: {outcome}")
+                continue
+            want = first_pod.setdefault(local_ip, table_pick(expect, local_ip, local_port)) if expect.sticky \
+                else table_pick(expect, local_ip, local_port)
+            if outcome.pod != want:
+                wrong.append(f"{local_ip}:{local_port}: the table names {want}, {outcome.pod} answered")
+            masqueraded = outcome.reply.peer[0] != local_ip
+            if outcome.pod == flow.source:
+                assert masqueraded, f"a Pod reaching itself must be masqueraded: {outcome}"
+            elif expect.masqueraded is not None and masqueraded != expect.masqueraded:
+                wrong.append(f"{local_ip}:{local_port}: masqueraded should be {expect.masqueraded}: {outcome}")
+    assert wrong == []
+    if userspace:
+        assert queued_packets(lab) == before, "a table-balanced Service's flow was queued to userspace"
 
 
 def check_decided(lab: Lab, flow: Flow) -> None:
@@ -113,6 +162,7 @@ def check_decided(lab: Lab, flow: Flow) -> None:
     source over a dozen connections; the kernel's own pick would have spread them."""
     assert isinstance(flow.userspace, Forwarder)
     ns = namespace(lab, flow.source)
+    queued_before = queued_packets(lab)
     addresses = sources(flow)
     by_source: dict[str, list] = {}
     for address in addresses:
@@ -122,6 +172,8 @@ def check_decided(lab: Lab, flow: Flow) -> None:
     outcomes = [o for found in by_source.values() for o in found]
     failed = [str(o) for o in outcomes if not o.ok]
     assert not failed, failed
+    # What check_hashed's "nothing queued" relies on: the count moves when the forwarder decides.
+    assert queued_packets(lab) >= queued_before + len(outcomes), "the forwarder's flows were not counted as queued"
     answered = {o.pod for o in outcomes}
     if not answered <= flow.userspace.pods:
         elsewhere = {a: [o.pod for o in found] for a, found in by_source.items()
@@ -191,6 +243,24 @@ def check_outcome(lab: Lab, flow: Flow) -> None:
                 assert masqueraded, f"a Pod reaching itself must be masqueraded: {outcome}"
             elif expect.masqueraded is not None:
                 assert masqueraded == expect.masqueraded, f"masqueraded should be {expect.masqueraded}: {outcome}"
+
+
+def test_status_says_which_path_each_service_port_takes(lab: Lab, daemon: Daemon) -> None:
+    """/status: a Maglev or weighted Service port takes its kernel table in both modes; a plain one the
+    forwarder in userspace mode (its Local-policy external traffic the kernel's pick), else the kernel's pick."""
+    import json
+
+    code, body = http_get(lab.node, "127.0.0.1", 10249, "/status", timeout=10)
+    assert code == 200
+    paths = {(p["service"], p["family"]): p for p in json.loads(body)["paths"]}
+    userspace = proxy_mode(daemon) == "userspace"
+    assert paths[("default/maglev:tcp", "ip")]["paths"] == ["kernel-table"]
+    assert paths[("default/maglev:tcp", "ip")]["table_slots"] == 4093
+    assert paths[("default/v6-weighted:udp", "ip6")]["paths"] == ["kernel-table"]
+    assert paths[("default/maglev-sticky:tcp", "ip")]["paths"] == ["kernel-table"]
+    assert paths[("default/all:tcp", "ip")]["paths"] == (["forwarder"] if userspace else ["kernel-random"])
+    assert sorted(paths[("default/etp-local:tcp", "ip")]["paths"]) == (
+        ["forwarder", "kernel-random"] if userspace else ["kernel-random"])
 
 
 # Conntrack cleanup per family: a UDP flow pinned to an endpoint that leaves its Service

@@ -6,9 +6,10 @@ test_packet_flows.py parametrize their daemon by proxy mode.)
 Address plan
     client      192.168.50.2, default route via the node (192.168.50.1)
     pods        pod1 10.244.1.11, pod2 10.244.1.12, pod3 10.244.1.13; echo on TCP 80, UDP 80
-    ClusterIPs  10.96.0.10 maglev      http 80/TCP, dns 53/UDP -> 80, flood 9/UDP (nothing listens)
-                10.96.0.20 least-conn  http 80/TCP
-                10.96.0.30 random      http 80/TCP (fail-open)
+    ClusterIPs  10.96.0.10 maglev      http 80/TCP, dns 53/UDP -> 80, flood 9/UDP (nothing listens);
+                                       balanced by a kernel table, not queued (nat/README.md)
+                10.96.0.20 least-conn  the same ports
+                10.96.0.30 random      the same ports (fail-open, floods)
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ def test_a_flood_of_new_flows_does_not_stall_established_ones(lab, daemon):
     latencies, failures = [], []
     with TcpSession(lab.client, "10.96.0.30", 80, timeout=2.0) as session:
         assert session.connect() is None
-        flood = lab.client.python("-c", FLOOD, "20000", "3", "10.96.0.10", "9", stdout=subprocess.PIPE, text=True)
+        # The random Service's flood port: a Maglev Service is balanced by a kernel table, never queued.
+        flood = lab.client.python("-c", FLOOD, "20000", "3", "10.96.0.30", "9", stdout=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
             outcome = session.request()
@@ -197,7 +199,7 @@ def test_a_flood_of_new_flows_does_not_stall_established_ones(lab, daemon):
         sent = int(flood.communicate(timeout=30)[0])
     queued = status(lab)["packets_queued"] - before
     # 60,000 conntrack entries would slow whatever walks the table next (a restart's stale-flow cleanup).
-    lab.node.run("conntrack", "-D", "-p", "udp", "--orig-dst", "10.96.0.10", "--dport", "9", check=False)
+    lab.node.run("conntrack", "-D", "-p", "udp", "--orig-dst", "10.96.0.30", "--dport", "9", check=False)
     # The forwarder was busy (how busy depends on the machine: what it cannot take fails open)...
     assert sent > 30000 and queued > 10000, f"sent {sent}, queued {queued}"
     # ...and the established flow never waited for it.
@@ -297,6 +299,8 @@ def test_several_queues_decide_in_worker_processes_and_one_dying_fails_open(lab,
                               extra=["-v", "--proxy-mode", "userspace", "--queues", "2"])
     try:
         multi.start()
+        # To the random Service: a Maglev one is balanced by a kernel table, never queued.
+        spread = lambda base: lab.client.python("-c", SPREAD, "400", "10.96.0.30", "9", str(base)).wait(30)
 
         def spread(base: int, cpu: int) -> None:  # fanout: a packet goes to the queue of the CPU that sent it
             lab.client.popen("taskset", "-c", str(cpu), sys.executable, "-c", SPREAD, "400", "10.96.0.10", "9",

@@ -17,7 +17,8 @@ from dataplane.lb.policy import port_tables
 from dataplane.model import TrafficPolicy, parse_objects
 from dataplane.sync.store import Store
 from tests import flows
-from tests.flows import FLOWS, FLOWS6, KERNEL, MANIFESTS, MANIFESTS6, NODE_NAME, NODE_ZONE, Forwarder, Flow
+from dataplane.lb.tables import table_balanced
+from tests.flows import FLOWS, FLOWS6, KERNEL, MANIFESTS, MANIFESTS6, NODE_NAME, NODE_ZONE, TABLE, Forwarder, Flow, Hashed
 
 ROWS = FLOWS + FLOWS6
 POD_BY_IP = {ip: pod for ips in (flows.POD_IPS, flows.POD_IPS6) for pod, ip in ips.items()}
@@ -66,6 +67,17 @@ def test_a_kernel_row_is_external_traffic_of_a_local_policy_service(flow: Flow) 
     state = owner(flow)
     assert state.service.external_traffic_policy == TrafficPolicy.LOCAL
     assert flow.destination not in state.service.cluster_ips
+
+
+@pytest.mark.parametrize("flow", [f for f in ROWS if f.userspace == TABLE], ids=lambda f: f.id)
+def test_a_table_row_is_a_table_balanced_service(flow: Flow) -> None:
+    """TABLE rows: Maglev, or weights under the default algorithm; no Forwarder row is one."""
+    assert table_balanced(owner(flow).service, "random")
+    assert isinstance(flow.expect, Hashed)
+
+
+def test_no_forwarder_row_is_table_balanced() -> None:
+    assert not [f.id for f in ROWS if isinstance(f.userspace, Forwarder) and table_balanced(owner(f).service, "random")]
 
 
 def test_every_pick_chain_kind_has_a_row_of_who_decided() -> None:

@@ -28,7 +28,7 @@ from dataplane.nat import layout, plan
 from dataplane.nat.fake import FakeNftables
 from dataplane.nat.render import render
 from dataplane.lb.balancer import Balancer, NodeAddresses, PacketQueued, ServicesChanged
-from dataplane.lb.policy import ALGORITHMS, packed, port_tables
+from dataplane.lb.policy import ALGORITHM_ANNOTATION, ALGORITHMS, packed, port_tables
 from dataplane.marks import ID_MASK, QUEUE_BIT, id_of, mark_for
 from dataplane.nat.trace import DNAT, QUEUE, Outcome, Packet, Path, Tracer
 from dataplane.nat.userspace import CLASSIFY, ENDPOINT_IDS, QueueSpec, UserspaceRules
@@ -47,6 +47,7 @@ from tests.flows import (
     SERVICE_CIDR,
     SOURCES,
     Flow,
+    Hashed,
     Reached,
     Sticky,
     cip,
@@ -118,6 +119,8 @@ def problems(tracer: Tracer, flow: Flow) -> list[str]:
         wrong = [p for p in paths if p.outcome != Outcome(expect)]
         return [f"expected {expect}, got {p.outcome}:\n{p.explain()}" for p in wrong] or (
             [] if paths else [f"expected {expect}, got no outcome"])
+    if isinstance(expect, Hashed):
+        return hashed_problems(tracer, flow, expect)
     assert isinstance(expect, (Reached, Sticky))
     found = _reached(flow, paths, expect.masqueraded if isinstance(expect, Reached) else None)
     if isinstance(found, list):
@@ -143,6 +146,37 @@ def _reached(flow: Flow, paths: list[Path], masqueraded: bool | None) -> set[str
         if want is not None and outcome.masqueraded != want:
             wrong.append(f"{pod}: masqueraded should be {want}:\n{path.explain()}")
     return wrong or reached
+
+
+def hashed_ports(flow: Flow) -> range:
+    """The source ports a table row is traced from, per source address: enough that every Pod with
+    weight gets some (deterministic: the kernel's hash, not a random pick)."""
+    return range(40000, 40008 if len(flows.sources(flow)) > 1 else 40040)
+
+
+def hashed_problems(tracer: Tracer, flow: Flow, expect: Hashed) -> list[str]:
+    """A table row: from every source address and several ports, the one Pod the table names
+    (flows.table_pick), with the row's masquerade; over them all, every Pod with weight, none drained;
+    with affinity, a later connection of the client on its first Pod whatever its port."""
+    wrong, seen = [], set()
+    for saddr in flows.sources(flow):
+        for sport in hashed_ports(flow):
+            paths = tracer.trace(packet(flow, sport=sport, saddr=saddr))
+            want = flows.table_pick(expect, saddr, sport)
+            found = _reached(flow, paths, expect.masqueraded)
+            if found != {want} or len(paths) != 1:
+                wrong.append(f"{saddr}:{sport}: the table names {want}, reached {found} over {len(paths)} paths")
+                continue
+            seen.add(want)
+            if expect.sticky:
+                again = _reached(flow, tracer.trace(packet(flow, sport=sport + 1000, saddr=saddr), after=paths), None)
+                if again != {want}:
+                    wrong.append(f"{saddr}: affinity: first {want}, then {again}")
+    weights = dict(expect.weights)
+    weighed = {p for p in expect.pods if weights.get(p, 1) > 0}
+    if not wrong and seen != weighed:
+        wrong.append(f"over every source, reached {sorted(seen)}, the table's Pods with weight are {sorted(weighed)}")
+    return wrong
 
 
 def _sticky(tracer: Tracer, flow: Flow, first_paths: list[Path]) -> list[str]:
@@ -172,7 +206,7 @@ def test_userspace_mode_without_a_decision_fails_open_to_every_row() -> None:
 
 def test_the_table_covers_every_expectation_kind() -> None:
     kinds = {type(f.expect).__name__ if not isinstance(f.expect, str) else f.expect for f in FLOWS}
-    assert kinds == {"Reached", "Sticky", REJECT, DROP}
+    assert kinds == {"Reached", "Sticky", "Hashed", REJECT, DROP}
     assert len(FLOWS) >= 40
 
 
@@ -207,7 +241,20 @@ MUTATIONS = [
     ("source-range-drops-client-outside-it", _replace("@firewall-ips drop", "@firewall-ips accept")),
     ("unallocated-service-address-drops", _replace("ip daddr != @cluster-ips drop", "ip daddr != @cluster-ips accept")),
     ("itp-local-without-local-endpoint-drops-tcp", _replace("10.96.5.3 . tcp . 80 comment", "10.96.5.99 . tcp . 80 comment")),
+    # Balancing tables: another seed names other endpoints; the local table swapped for the cluster one.
+    ("maglev-clusterip-from-outside", _replace("seed 0x64706c62 map @slots-4093", "seed 0x1 map @slots-4093")),
+    ("maglev-etp-local-lb-uses-the-local-table", _replace("map @local-table-ids goto", "map @table-ids goto")),
+    ("maglev-itp-local-clusterip-uses-the-local-table", lambda text: _same_table_as_nodeport(text, 28)),
 ]
+
+
+def _same_table_as_nodeport(text: str, number: int) -> str:
+    """The ClusterIP of Service `number` mapped to its NodePort's table (every endpoint), not the local one."""
+    nodeport_id = re.search(rf"^\ttcp \. {np(number)} : (0x[0-9a-f]+)", text, re.M).group(1)
+    changed, count = re.subn(rf"^(\t{re.escape(cip(number))} \. tcp \. 80 : )0x[0-9a-f]+", rf"\g<1>{nodeport_id}",
+                             text, flags=re.M)
+    assert count == 1
+    return changed
 
 
 @pytest.mark.parametrize("behaviour, mutate", MUTATIONS, ids=[f"{m[0]}-{i}" for i, m in enumerate(MUTATIONS)])
@@ -355,7 +402,7 @@ def test_each_row_is_queued_exactly_when_the_forwarder_decides_it(queue_tracer: 
     if isinstance(flow.userspace, flows.Forwarder):
         assert outcomes == {Outcome(QUEUE)}
     else:
-        assert flow.userspace == flows.KERNEL
+        assert flow.userspace in (flows.KERNEL, flows.TABLE)
         assert Outcome(QUEUE) not in outcomes and outcomes
 
 
@@ -379,6 +426,10 @@ def balancer_for(nft: FakeNftables, algorithm: str) -> Balancer:
             ids[(ip, int(port))] = id_of(int(key, 16))
     tables = {}
     for key, state in snapshot().services.items():
+        # The forwarder runs `algorithm` whatever the Services' own annotation says (least-conn: what makes
+        # userspace mode queue them); the ruleset dnats by the mark, whichever algorithm chose it.
+        annotations = tuple((k, v) for k, v in state.service.annotations if k != ALGORITHM_ANNOTATION)
+        state = replace(state, service=replace(state.service, annotations=annotations))
         found = []
         for version in (4, 6):
             ports, _ = port_tables(state, ids.get, algorithm, version, NODE_NAME, NODE_ZONE)

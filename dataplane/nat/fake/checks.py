@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..expr import (
-    L4PROTO, AnonSet, BinOp, Counter, Expr, Masquerade, Match, Nat, Queue, Reject, Rule, Selector, SetMeta,
-    SetRef, SetUpdate, Statement, Verdict, Vmap,
+    L4PROTO, AnonSet, BinOp, Counter, Expr, Jhash, Lookup, Masquerade, Match, Nat, Queue, Reject, Rule, Selector,
+    SetMeta, SetRef, SetUpdate, Statement, Verdict, Vmap,
 )
 from ..ruleset import BaseChain
 from .errors import EMLINK, ENOENT, EOPNOTSUPP, JUMP_STACK, Failed
@@ -50,7 +50,7 @@ def check_rule(table: TableState, rule: Rule) -> None:
         _check_statement(table, statement, rule.statements[:index])
 
 
-def _operands(rule: Rule) -> Iterator[Selector | BinOp]:
+def _operands(rule: Rule) -> Iterator[Selector | BinOp | Jhash | Lookup]:
     for statement in rule.statements:
         if isinstance(statement, (Match, Vmap, SetUpdate, Nat)):
             yield from statement.expr
@@ -60,8 +60,13 @@ def _operands(rule: Rule) -> Iterator[Selector | BinOp]:
                 yield statement.value
 
 
-def _check_operand(family: str, operand: Selector | BinOp) -> None:
-    if isinstance(operand, BinOp):
+def _check_operand(family: str, operand) -> None:
+    if isinstance(operand, (Jhash, Lookup)):
+        for part in operand.inputs if isinstance(operand, Jhash) else operand.expr:
+            _check_operand(family, part)
+        if isinstance(operand, Jhash) and not 0 < operand.mod <= 0xFFFFFFFF:
+            raise Failed(f"syntax error, jhash modulus {operand.mod} is out of range")
+    elif isinstance(operand, BinOp):
         if operand.type not in ("mark", "integer"):
             raise Failed(f"{operand.op} needs an integer expression, not {operand.left}")
         if not fits("integer", operand.value, ranges=False):
@@ -128,6 +133,11 @@ def _check_statement(table: TableState, statement: Statement, before: tuple[Stat
             raise Failed(f"syntax error, only {' and '.join(map(str, SETTABLE))} can be set, not {statement.target}")
         if isinstance(statement.value, int) and not fits("mark", statement.value):
             raise Failed(f"datatype mismatch: {statement.value} is not a mark")
+        if isinstance(statement.value, Lookup):
+            found = _lookup(table, statement.value.map, statement.value.expr, ("map",), f"{statement.target} set")
+            if found.spec.data != ("mark",):
+                raise Failed(f"datatype mismatch: {statement.target} set needs a map to mark, @{found.name} maps to "
+                             f"{' . '.join(found.spec.data or ())}")
     elif isinstance(statement, Reject):
         kind = statement.how.partition(" ")[0]
         if _REJECT_FAMILIES.get(kind, family) != family and family != "inet":

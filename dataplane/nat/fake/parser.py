@@ -17,8 +17,8 @@ import re
 from typing import NamedTuple
 
 from ..expr import (
-    AnonMap, AnonSet, BinOp, Counter, Expr, Masquerade, Match, Nat, Queue, Reject, Rule, Selector, SetMeta, SetRef,
-    SetUpdate, Statement, Verdict, Vmap,
+    AnonMap, AnonSet, BinOp, Counter, Expr, Jhash, Lookup, Masquerade, Match, Nat, Queue, Reject, Rule, Selector,
+    SetMeta, SetRef, SetUpdate, Statement, Verdict, Vmap,
 )
 from ..ruleset import AddRule, BaseChain, Chain, Container, Element, Elements, Operation, Table
 from .commands import Command, Listing, TimedElement
@@ -36,7 +36,7 @@ _VERBS = {
 }
 _PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
 _HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
-_SELECTOR_STARTS = {words[0] for words in BY_WORDS} | {"numgen"}
+_SELECTOR_STARTS = {words[0] for words in BY_WORDS} | {"numgen", "jhash"}
 _TIME = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?$")
 
 
@@ -219,8 +219,33 @@ def _elements(cur: Cursor, container: str, with_values: bool) -> tuple[tuple, tu
 # Rules
 
 
-def _selector(cur: Cursor) -> Selector:
+def _number(cur: Cursor, what: str) -> int:
+    token = cur.word(what)
+    try:
+        return parse_number(token.text, 0xFFFFFFFF)
+    except Invalid as error:
+        raise cur.error(f"syntax error, {error}", token) from None
+
+
+def _jhash(cur: Cursor, first: Token) -> Jhash:
+    """`jhash EXPR mod N [seed S] [offset 0]`; the inputs are a concatenation of packet fields."""
+    inputs = _expr(cur)
+    if not all(isinstance(part, Selector) and not part.modulus for part in inputs):
+        raise cur.error("syntax error, jhash hashes packet fields", first)
+    cur.take("mod")
+    mod = _number(cur, "a modulus")
+    if mod == 0:
+        raise cur.error("syntax error, jhash modulus must be positive", first)
+    seed = _number(cur, "a seed") if cur.accept("seed") else 0
+    if cur.accept("offset") and _number(cur, "an offset") != 0:
+        raise cur.error("syntax error, a jhash offset is not supported by this fake", first)
+    return Jhash(inputs, mod, seed)
+
+
+def _selector(cur: Cursor) -> Selector | Jhash:
     first = cur.next("an expression")
+    if first.text == "jhash":
+        return _jhash(cur, first)
     if first.text == "numgen":
         how = cur.take("random", "inc")
         cur.take("mod")
@@ -249,9 +274,11 @@ def _expr(cur: Cursor) -> Expr:
     return tuple(parts)
 
 
-def _operand(cur: Cursor) -> Selector | BinOp:
-    operand: Selector | BinOp = _selector(cur)
+def _operand(cur: Cursor) -> Selector | BinOp | Jhash:
+    operand: Selector | BinOp | Jhash = _selector(cur)
     while cur.peek() in ("&", "|", "^"):
+        if isinstance(operand, Jhash):
+            raise cur.error("syntax error, a jhash is not combined with a constant here", cur.tokens[cur.i])
         op = cur.next("an operator").text
         token = cur.word("a constant")
         try:
@@ -353,6 +380,11 @@ def _expression_statement(cur: Cursor, start: Token) -> Statement:
             raise cur.error("syntax error, only a single field can be set", start)
         if cur.peek() in _SELECTOR_STARTS:
             value_expr = _expr(cur)
+            if cur.accept("map"):
+                name = cur.next("@map").text
+                if not name.startswith("@"):
+                    raise cur.error("syntax error, only named maps are supported here", cur.last())
+                return SetMeta(expr[0], Lookup(value_expr, name[1:]))
             if len(value_expr) != 1:
                 raise cur.error("syntax error, a mark is not a concatenation", start)
             value: Selector | BinOp | int = value_expr[0]
