@@ -11,6 +11,7 @@ then (equal or absent; absent sorts after any time) namespace/name. That
 order is the same on every node and after every restart, whichever file or
 event came first.
 
+A problem names the Service that held the claim when it was lost.
 A Service port that loses any of its address claims is left out whole (a
 client would otherwise reach it on one address and not another); a port
 that loses only its NodePort keeps its addresses without the NodePort.

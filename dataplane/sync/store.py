@@ -47,7 +47,8 @@ class Store:
         self._reported: dict[str, tuple[str, ...]] = {}  # origin -> its problems, as reported
         self._derived: dict[ServiceKey, tuple[tuple[str, str], ...]] = {}  # conflicts decided here: (origin, problem)
         self._pod_index: dict[tuple[str, str], Pod] = {}
-        self._contested: dict[ServiceKey, set[ServiceKey]] = {}  # Service -> rivals to decide again when it changes
+        self._winners: dict[Claim, ServiceKey] = {}  # who keeps each claim (model.claims.precedence)
+        self._moved: set[ServiceKey] = set()  # winners that lost or won a claim since the last _contenders()
         self._last: weakref.ref[Snapshot] | None = None
         self._changed: set[ServiceKey] = set()
 
@@ -153,25 +154,41 @@ class Store:
         return True
 
     def _set_claims(self, key: ServiceKey, claims: dict[Claim, int]) -> None:
+        """Replaces the Service's claims, keeping each claim's winner current (O(1) unless a winner leaves)."""
         for claim in self._claims.pop(key, {}):
             holders = self._claimants[claim]
             holders.discard(key)
             if not holders:
                 del self._claimants[claim]
+                del self._winners[claim]
+            elif self._winners[claim] == key:
+                self._winners[claim] = winner = min(holders, key=self._precedence)
+                self._moved.add(winner)
         if claims:
             self._claims[key] = claims
+            first = self._precedence(key)
             for claim in claims:
-                self._claimants[claim].add(key)
+                holders = self._claimants[claim]
+                holders.add(key)
+                winner = self._winners.get(claim)
+                if winner is None:
+                    self._winners[claim] = key
+                elif first < self._precedence(winner):
+                    self._winners[claim] = key
+                    self._moved.add(winner)
+
+    def _precedence(self, key: ServiceKey) -> tuple:
+        return precedence(self._joined[key].service)
 
     def _contenders(self, rejoined: set[ServiceKey]) -> set[ServiceKey]:
-        """The rejoined Services and every Service sharing a claim with one of them, now or before."""
-        keys = set(rejoined)
-        for key in rejoined:
-            for claim in self._claims.get(key, ()):
-                holders = self._claimants.get(claim)
-                if holders is not None and len(holders) > 1:
-                    keys |= holders
-            keys |= self._contested.pop(key, set())
+        """The rejoined Services, and those that won or lost a claim because of them.
+
+        The other holders of a claim still lose it whoever keeps it: they are not decided again
+        (a problem names the holder when the port was lost), so a folder of 10,000 Services on
+        one address costs linear work, not quadratic.
+        """
+        keys = rejoined | {key for key in self._moved if key in self._joined}
+        self._moved = set()
         return keys
 
     def _resolve(self, key: ServiceKey) -> bool:
@@ -180,18 +197,8 @@ class Store:
         if joined is None:
             self._derived.pop(key, None)
             return self._states.pop(key, None) is not None
-        lost: dict[Claim, ServiceKey] = {}
-        rivals: set[ServiceKey] = set()
-        for claim in self._claims.get(key, ()):
-            holders = self._claimants[claim]
-            if len(holders) > 1:
-                rivals |= holders
-                winner = min(holders, key=lambda k: precedence(self._joined[k].service))
-                if winner != key:
-                    lost[claim] = winner
-        rivals.discard(key)
-        for rival in rivals:  # so that when this Service changes, they are decided again
-            self._contested.setdefault(rival, set()).add(key)
+        lost = {claim: self._winners[claim] for claim in self._claims.get(key, ())
+                if self._winners[claim] != key}
         definitions = self._services[key]
         origin = max(definitions)
         derived = [(other, InvalidObject(

@@ -176,3 +176,22 @@ def test_one_owner_at_10000_services_costs_no_quadratic_work():
     objects, _ = parse_objects(objs, "all.yaml")
     assert len(store.replace("all.yaml", objects)) == 10_000
     assert store.problems() == {}
+
+
+def test_ten_thousand_services_on_one_address_and_port_cost_no_quadratic_work():
+    """A hostile folder: every Service claims the same ClusterIP:port, in the worst order for the
+    winner (each newcomer older than the last). Deciding stays fast, and only the oldest serves."""
+    import time
+    from datetime import datetime, timedelta
+
+    store = Store()
+    started = time.perf_counter()
+    for i in range(10_000):
+        created = (datetime(2030, 1, 1) - timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        put(store, f"s{i}.yaml", service(f"s{i}", created=created))
+    snapshot = store.snapshot()
+    elapsed = time.perf_counter() - started
+    served = [key for key, state in snapshot.services.items() if state.service.ports]
+    assert served == [ServiceKey("shop", "s9999")]
+    assert sum(len(p) for p in store.problems().values()) == 9_999
+    assert elapsed < 20, f"{elapsed:.1f} s"
