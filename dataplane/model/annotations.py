@@ -26,7 +26,8 @@ ALGORITHM_ANNOTATION = "dataplane.io/lb-algorithm"
 WEIGHTS_ANNOTATION = "dataplane.io/weights"
 ALGORITHMS = ("random", "round-robin", "maglev", "least-conn")
 MAX_WEIGHT = 1000
-KNOWN = (ALGORITHM_ANNOTATION, WEIGHTS_ANNOTATION)
+TABLE_SIZE_ANNOTATION = "dataplane.io/lb-table-size"  # read by lb/tables.py, where its problems are reported
+KNOWN = (ALGORITHM_ANNOTATION, WEIGHTS_ANNOTATION, TABLE_SIZE_ANNOTATION)
 
 
 def weight_items(text: str) -> tuple[dict[str, int], list[str]]:

@@ -30,9 +30,10 @@ ENDPOINTS = [f"10.244.1.{i}" for i in range(1, 11)]
 NODE_IPS = ("192.168.50.1",)
 
 
-def documents(endpoints=ENDPOINTS, annotations=None, name="maglev", cluster_ip="10.96.7.1", node_port=30701):
+def documents(endpoints=ENDPOINTS, annotations=None, name="maglev", cluster_ip="10.96.7.1", node_port=30701,
+              ingress_ip="192.168.60.7"):
     svc = service(name, cluster_ip, [port("tcp", 80, 8080, "TCP", node_port=node_port)], type="LoadBalancer",
-                  ingress_ips=["192.168.60.7"])
+                  ingress_ips=[ingress_ip])
     svc["metadata"]["annotations"] = annotations if annotations is not None else {"dataplane.io/lb-algorithm": "maglev"}
     return [svc, endpoint_slice(name, endpoints, [("tcp", 8080, "TCP")], name=f"{name}-1")]
 
@@ -177,8 +178,9 @@ def test_table_ids_that_hash_alike_probe_and_are_released() -> None:
 def test_the_node_bound_on_slots_falls_back_to_the_random_pick(caplog) -> None:
     store = Store()
     for n in range(3):
-        objects, errors = parse_objects(documents(name=f"m{n}", cluster_ip=f"10.96.7.{n + 1}", node_port=30701 + n),
-                                        f"m{n}.yaml")
+        # Each its own addresses: a shared LoadBalancer IP:port would be a conflict the store decides.
+        objects, errors = parse_objects(documents(name=f"m{n}", cluster_ip=f"10.96.7.{n + 1}", node_port=30701 + n,
+                                                  ingress_ip=f"192.168.60.{n + 7}"), f"m{n}.yaml")
         assert not errors
         store.replace(f"m{n}.yaml", objects)
     builder = RulesetBuilder(NodeSettings(cluster_cidrs=("10.244.0.0/16",), table_slots=2 * DEFAULT_TABLE_SIZE))
