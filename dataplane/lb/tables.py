@@ -10,7 +10,7 @@ per-flow state, so the kernel can apply a table written ahead of time (no upcall
 The table is `maglev.build` over the endpoints (named `ip:port`, weights as turns, so as slot
 shares; weight 0 takes no slot unless every endpoint has weight 0). The flow's slot is
 `slot_of(saddr, sport)`: the kernel's `jhash` over the source address and port registers,
-scaled to the table size, bit for bit (checked with real packets in tests/e2e/test_tables.py).
+scaled to the table size, bit for bit (checked with real packets in tests/e2e/test_tables_kernel.py).
 """
 
 from __future__ import annotations

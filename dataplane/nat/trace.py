@@ -7,7 +7,7 @@ packet-flow table check the renderer. Where the kernel picks at random
 set of every possible outcome, not a sample. Where it hashes the flow
 (`jhash ... mod M seed S`, a balancing table) the tracer computes the one
 slot the kernel computes, bit for bit (lb/tables.jhash; checked against the
-kernel in tests/e2e/test_tables.py), so such a trace has one outcome per source port.
+kernel in tests/e2e/test_tables_kernel.py), so such a trace has one outcome per source port.
 
 Hooks, in the kernel's order (priorities from the base chains themselves):
 
