@@ -13,7 +13,7 @@ import ipaddress
 from functools import lru_cache
 from typing import Any
 
-from ..expr import ADDRESS_TYPES, PROTOCOL_NAMES, PROTOCOLS, Interval, Verdict
+from ..expr import ADDRESS_TYPES, PROTOCOLS, Interval, Verdict, literal
 from .errors import Invalid
 
 FLAG_TYPES = {
@@ -130,19 +130,10 @@ def parse_verdict(text: str) -> Verdict:
 
 
 def format_value(type_: str, value: Any) -> str:
-    """A value as `nft list` prints it (marks in full hex: 0x00004000)."""
-    if isinstance(value, Interval):
-        if type_ in ADDRESS_TYPES:
-            networks = list(ipaddress.summarize_address_range(value.lo, value.hi))
-            return str(networks[0]) if len(networks) == 1 else f"{value.lo}-{value.hi}"
-        return f"{value.lo}-{value.hi}"
-    if type_ == "inet_proto":
-        return PROTOCOL_NAMES.get(value, str(value))
-    if type_ == "mark":
+    """A value as `nft list` prints it: as in a rule (expr.literal), but marks in full hex (0x00004000)."""
+    if type_ == "mark" and isinstance(value, int):
         return f"0x{value:08x}"
-    if isinstance(value, frozenset):
-        return ",".join(sorted(value))
-    return str(value)
+    return literal(type_, value)
 
 
 def format_key(types: tuple[str, ...], key: tuple) -> str:
