@@ -174,8 +174,12 @@ class Nftables:
         from .netlink import BatchError
 
         try:
+            if self._text_only and any(_touches(op) & self._text_only for op in tx):
+                raise Unsupported("maps and sets first declared by a transaction sent as text")
             messages = self._encoder.encode(tx)
         except (Unsupported, AttributeError, TypeError, KeyError, ValueError) as why:
+            # Their elements keep going as text: the encoder never saw how the kernel holds them.
+            self._text_only |= {name for op in tx for name in _touches(op)}
             # What the encoder cannot express (today: the balancing tables' jhash and mark-map
             # statements, nat/tables.py) goes to nft as text, in one transaction all the same.
             self.fallbacks += 1
@@ -187,6 +191,8 @@ class Nftables:
             except BatchError as error:
                 raise NftError(str(error), "", error.code) from None
         self._encoder.commit(tx)
+
+    _text_only: frozenset[str] = frozenset()
 
     def _apply_text(self, tx: Transaction) -> None:
         if isinstance(self._bulk, NftCommand) and tx.element_count() >= self.LARGE:
@@ -252,3 +258,15 @@ def _pick_backend() -> _LibNftables | NftCommand:
     if nft is None:
         raise NftError("nftables is not installed: neither libnftables nor the nft command was found")
     return NftCommand([nft])
+
+
+def _touches(operation) -> frozenset[str]:
+    """The maps and sets an operation declares or fills."""
+    from .ruleset import Container, Elements
+
+    subject = operation.subject
+    if isinstance(subject, Elements):
+        return frozenset((subject.container,))
+    if isinstance(subject, Container):
+        return frozenset((subject.name,))
+    return frozenset()

@@ -77,7 +77,10 @@ def apply_both(pair: tuple[Nftables, Nftables], tx: Transaction) -> None:
     text, netlink = pair
     text.apply(tx)
     netlink.apply(tx)
-    assert netlink.fallbacks == 0, "the netlink applier handed a typed transaction to nft"
+    # The encoder has no jhash or mark-map statements yet (issue 15's balancing tables): a
+    # transaction that holds them goes as nft text, and only such a one.
+    tables = any("jhash" in str(op) for op in tx)
+    assert netlink.fallbacks == (1 if tables else 0), "the netlink applier handed a typed transaction to nft"
 
 
 def assert_same_tables(pair: tuple[Nftables, Nftables], families=("ip", "ip6")) -> None:
