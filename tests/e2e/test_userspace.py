@@ -299,11 +299,10 @@ def test_several_queues_decide_in_worker_processes_and_one_dying_fails_open(lab,
                               extra=["-v", "--proxy-mode", "userspace", "--queues", "2"])
     try:
         multi.start()
-        # To the random Service: a Maglev one is balanced by a kernel table, never queued.
-        spread = lambda base: lab.client.python("-c", SPREAD, "400", "10.96.0.30", "9", str(base)).wait(30)
-
-        def spread(base: int, cpu: int) -> None:  # fanout: a packet goes to the queue of the CPU that sent it
-            lab.client.popen("taskset", "-c", str(cpu), sys.executable, "-c", SPREAD, "400", "10.96.0.10", "9",
+        # To the random Service (a Maglev one is balanced by a kernel table, never queued); fanout: a
+        # packet goes to the queue of the CPU that sent it.
+        def spread(base: int, cpu: int) -> None:
+            lab.client.popen("taskset", "-c", str(cpu), sys.executable, "-c", SPREAD, "400", "10.96.0.30", "9",
                              str(base)).wait(30)
 
         def settled(queued: int) -> dict:
