@@ -315,6 +315,8 @@ def load(selector: Selector | BinOp, dreg: int) -> list[bytes]:
     if isinstance(selector, BinOp):
         mask, xor = _bitwise(selector)
         return [*load(_root(selector), dreg), _bitwise_expr(dreg, mask, xor, with_op=True)]
+    if not isinstance(selector, Selector):  # e.g. the balancing tables' jhash and mark-map lookups
+        raise Unsupported(f"the expression {selector}")
     text = selector.text
     if text in _PAYLOAD:
         return [payload(dreg, *_PAYLOAD[text])]

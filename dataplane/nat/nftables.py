@@ -177,13 +177,13 @@ class Nftables:
             if self._text_only and any(_touches(op) & self._text_only for op in tx):
                 raise Unsupported("maps and sets first declared by a transaction sent as text")
             messages = self._encoder.encode(tx)
-        except (Unsupported, AttributeError, TypeError, KeyError, ValueError) as why:
+        except Unsupported as why:
             # Their elements keep going as text: the encoder never saw how the kernel holds them.
             self._text_only |= {name for op in tx for name in _touches(op)}
             # What the encoder cannot express (today: the balancing tables' jhash and mark-map
             # statements, nat/tables.py) goes to nft as text, in one transaction all the same.
             self.fallbacks += 1
-            log.info("transaction applied as nft text: %s", why if isinstance(why, Unsupported) else repr(why))
+            log.info("transaction applied as nft text: %s", why)
             self._apply_text(tx)
         else:
             try:
