@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
                       type=_duration_or_seconds, default=300.0,
                       help="between full resyncs (a Go duration like 5m, or seconds)")
     kube.add_argument("--config-sync-period", type=_duration, default=900.0,
-                      help="kube-proxy's informer resync; accepted, no effect here (see README)")
+                      help="kube-proxy's informer resync; accepted (must be > 0), no effect here (see README)")
     kube.add_argument("--detect-local-mode", default="ClusterCIDR",
                       help="how Pod traffic is told apart: ClusterCIDR (the only mode implemented here)")
     kube.add_argument("--pod-bridge-interface", default="", help="with --detect-local-mode BridgeInterface")
@@ -153,10 +153,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="nf_conntrack_udp_timeout_stream (0 leaves it as is)")
     kube.add_argument("--feature-gates", type=_feature_gates, default={},
                       help="NAME=true|false,...; accepted and exported as kubernetes_feature_enabled")
-    kube.add_argument("--kube-api-qps", type=float, default=5.0, help="accepted; see README")
-    kube.add_argument("--kube-api-burst", type=int, default=10, help="accepted; see README")
+    kube.add_argument("--kube-api-qps", type=float, default=5.0,
+                      help="API requests a second, client-side (lists and watch opens; negative: no limit)")
+    kube.add_argument("--kube-api-burst", type=int, default=10, help="API requests at once before --kube-api-qps")
     kube.add_argument("--kube-api-content-type", default="application/vnd.kubernetes.protobuf",
-                      help="accepted; the client speaks JSON")
+                      help="accepted; the client asks for and decodes JSON whatever is given (see README)")
     kube.add_argument("--v", dest="v", type=int, default=0, help="klog verbosity: 4 and above log debug lines")
     kube.add_argument("--logging-format", default="text", choices=["text", "json"],
                       help="text: key=value lines; json: one JSON object a line")
@@ -245,6 +246,8 @@ def apply_config(args: argparse.Namespace, argv: list[str], parser: argparse.Arg
         args.source = "kube"  # kube-proxy always reads the API server
     _configure_logging(args)  # the file may set the format and verbosity
     log.info("config %s: mode %r: kernel mode (nftables)", args.config, loaded.mode)
+    for problem in loaded.lenient:  # kube-proxy logs its strict decoding error and goes on leniently
+        log.warning("config %s: %s: ignored, as kube-proxy's lenient decoding does", args.config, problem)
     for name, why in loaded.ignored:
         log.info("config %s: %s is ignored: %s", args.config, name, why)
     for dest in resolution.overridden:
@@ -262,9 +265,12 @@ def check_kube_proxy_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"masquerade-bit {args.masquerade_bit}: must be within [0, 31]")
     if not -1000 <= args.oom_score_adj <= 1000:
         raise ValueError(f"oom-score-adj {args.oom_score_adj}: must be within [-1000, 1000]")
-    for name in ("conntrack_max_per_core", "conntrack_min"):
+    for name in ("conntrack_max_per_core", "conntrack_min", "kube_api_burst"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name.replace('_', '-')}: must not be negative")
+    if args.config_sync_period <= 0:
+        raise ValueError("config-sync-period: must be greater than 0")
+    kpc.media_type(args.kube_api_content_type, "kube-api-content-type")
 
 
 def bind_addresses(args: argparse.Namespace) -> tuple[str, str]:
@@ -429,7 +435,8 @@ def api_settings(args: argparse.Namespace):
         return None
     from .sync.kube import ApiSettings
 
-    return ApiSettings(kubeconfig=args.kubeconfig, master=args.master)
+    return ApiSettings(kubeconfig=args.kubeconfig, master=args.master, qps=args.kube_api_qps,
+                       burst=args.kube_api_burst, content_type=args.kube_api_content_type)
 
 
 def _render(args: argparse.Namespace) -> int:

@@ -81,6 +81,7 @@ API_CALLS: tuple[tuple[Resource, str], ...] = tuple(
 )
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
+JSON = "application/json"  # the only content type asked for and decoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,11 @@ class ApiSettings:
     watch_seconds: tuple[int, int] = (300, 600)  # server-side timeoutSeconds, random in this range (client-go's)
     backoff_first: float = 1.0
     backoff_cap: float = 10.0
+    # kube-proxy's clientConnection: the client-side rate limit of requests (qps < 0: none; 0: client-go's
+    # defaults, 5 and 10), and the content type (JSON is what is asked for and decoded: see `api_client`).
+    qps: float = 5.0
+    burst: int = 10
+    content_type: str = "application/vnd.kubernetes.protobuf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +191,45 @@ class ApiError(Exception):
 
 
 @dataclass
+class RateLimiter:
+    """client-go's client-side token bucket (flowcontrol.NewTokenBucketRateLimiter): `burst` requests
+    at once, then `qps` a second, shared by every request of one client. Reservation-based, as
+    golang.org/x/time/rate: a request takes a token now and waits until the bucket would have had it.
+    qps < 0: no limit (as client-go); 0 and burst 0: client-go's defaults (5, 10)."""
+
+    qps: float = 5.0
+    burst: int = 10
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.qps == 0:
+            self.qps = 5.0
+        if self.burst <= 0:
+            self.burst = 10
+        self._tokens = float(self.burst)
+        self._stamp: float | None = None
+
+    def reserve(self) -> float:
+        """Takes a token; returns the seconds to wait before the request may go (0: at once)."""
+        if self.qps < 0:
+            return 0.0
+        now = self.clock()
+        if self._stamp is not None:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.qps)
+        self._stamp = now
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.qps
+
+    async def wait(self, what: str) -> None:
+        delay = self.reserve()
+        if delay >= 1.0:  # client-go logs long throttling too; it says which limit to raise
+            log.info("%s: waiting %.1f s for client-side throttling (clientConnection.qps %g, burst %d)",
+                     what, delay, self.qps, self.burst)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+@dataclass
 class Backoff:
     """Jittered exponential backoff: delays in (d/2, d], d = first, 2*first, ... capped at `cap`."""
 
@@ -223,6 +268,12 @@ async def api_client(settings: ApiSettings) -> client.ApiClient:
         raise ValueError(f"{where}: {error} (give --kubeconfig or --master)") from None
     if settings.master:
         configuration.host = settings.master.rstrip("/")
+    if settings.content_type.split(";")[0].strip() != JSON:
+        # kube-proxy's default is protobuf; the client's generated calls always send `Accept:
+        # application/json`, and no Python codec reads Kubernetes' protobuf envelope. The
+        # requests are the same lists and watches either way.
+        log.info("clientConnection.contentType %s: the API client asks for and decodes %s instead",
+                 settings.content_type, JSON)
     return client.ApiClient(configuration)
 
 
@@ -253,9 +304,16 @@ class _Api:
             NODES: core.list_node,
         }
         self.settings = settings
+        self.limiter = RateLimiter(settings.qps, settings.burst)
 
     async def list_page(self, resource: Resource, field_selector: str, token: str, limit: int | None) -> dict:
-        """One page of a list; raises ApiError for an error answer."""
+        """One page of a list; raises ApiError for an error answer.
+
+        A list takes one token of the rate limit however many pages it has: kube-proxy's informers
+        list once, unpaged, from the watch cache (resourceVersion 0), so the same qps admits the
+        same lists here."""
+        if not token:
+            await self.limiter.wait(f"{resource.kind} list")
         kwargs: dict[str, Any] = {
             "_preload_content": False,
             "_request_timeout": (self.settings.connect_timeout, max(60.0, self.settings.idle_timeout)),
@@ -280,6 +338,7 @@ class _Api:
 
     async def watch(self, resource: Resource, field_selector: str, version: str) -> aiohttp.ClientResponse:
         """An open watch stream from `version`; raises ApiError when the server refuses it."""
+        await self.limiter.wait(f"{resource.kind} watch")
         kwargs: dict[str, Any] = {
             "watch": True,
             "allow_watch_bookmarks": True,
