@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                              help="Pod CIDRs, comma-separated; traffic from elsewhere to a ClusterIP is masqueraded")
     proxy_flags.add_argument("--nodeport-addresses", default="",
                              help="CIDRs whose node addresses serve NodePorts, or 'primary' (default: all but loopback)")
-    proxy_flags.add_argument("--masquerade-all", action="store_true", help="masquerade all Service traffic")
+    proxy_flags.add_argument("--masquerade-all", **GO_BOOL, help="masquerade all Service traffic")
     proxy_flags.add_argument("--service-cidr", default="",
                              help="Service CIDRs, comma-separated; traffic to unallocated addresses in them is dropped")
     proxy_flags.add_argument("--node-zone", default="",
@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     kube.add_argument("--config", default="",
                       help="a kube-proxy KubeProxyConfiguration file (YAML or JSON, kubeadm's config.conf); "
                            "it replaces kube-proxy's flags, as in kube-proxy")
-    kube.add_argument("--cleanup", action="store_true",
+    kube.add_argument("--cleanup", **GO_BOOL,
                       help="remove kube-proxy's and dataplane's rules from this node, then exit")
     kube.add_argument("--healthz-bind-address", default=f"0.0.0.0:{kpc.HEALTHZ_PORT}",
                       help="IP:port, or a bare IP (port 10256), for /healthz and /livez; \"\" turns it off")
@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     kube.add_argument("--metrics-port", type=int, default=None, help="deprecated in kube-proxy: 0 turns /metrics off")
     kube.add_argument("--bind-address", default="0.0.0.0",
                       help="this node's primary IP (as in kube-proxy, no socket binds it); 0.0.0.0: from the Node")
-    kube.add_argument("--bind-address-hard-fail", action="store_true",
+    kube.add_argument("--bind-address-hard-fail", **GO_BOOL,
                       help="exit when the healthz or metrics address cannot be bound (default: log and go on)")
     kube.add_argument("--min-sync-period", "--iptables-min-sync-period", dest="min_sync_period",
                       type=_duration_or_seconds, default=1.0,
@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="nf_conntrack_tcp_timeout_established (0 leaves it as is)")
     kube.add_argument("--conntrack-tcp-timeout-close-wait", type=_duration, default=3600.0,
                       help="nf_conntrack_tcp_timeout_close_wait (0 leaves it as is)")
-    kube.add_argument("--conntrack-tcp-be-liberal", action="store_true", help="set nf_conntrack_tcp_be_liberal to 1")
+    kube.add_argument("--conntrack-tcp-be-liberal", **GO_BOOL, help="set nf_conntrack_tcp_be_liberal to 1")
     kube.add_argument("--conntrack-udp-timeout", type=_duration, default=0.0,
                       help="nf_conntrack_udp_timeout (0 leaves it as is)")
     kube.add_argument("--conntrack-udp-timeout-stream", type=_duration, default=0.0,
@@ -161,6 +161,14 @@ def _parser() -> argparse.ArgumentParser:
     kube.add_argument("--v", dest="v", type=int, default=0, help="klog verbosity: 4 and above log debug lines")
     kube.add_argument("--logging-format", default="text", choices=["text", "json"],
                       help="text: key=value lines; json: one JSON object a line")
+    kube.add_argument("--init-only", **GO_BOOL,
+                      help="tune the node as --conntrack-* and --oom-score-adj say (the steps that need root), "
+                           "then exit")
+    for flag, (kind, why) in IGNORED_FLAGS.items():
+        spelling = {**GO_BOOL, "default": None} if kind == "bool" else {
+            "type": _IGNORED_TYPES[kind], "metavar": kind.upper()}
+        kube.add_argument(flag, dest=_ignored_dest(flag), **spelling,
+                          help=f"kube-proxy's; accepted, no effect: {why}")
     # ---- end of kube-proxy's flags
     proxy_flags.add_argument("--dns-bind-address", default="",
                              help="HOST:PORT to serve cluster DNS on, UDP and TCP (default: no DNS server)")
@@ -203,6 +211,50 @@ KUBE_PROXY_DESTS = (
     "conntrack_udp_timeout", "conntrack_udp_timeout_stream", "config_sync_period", "feature_gates",
     "v", "logging_format",
 )
+
+
+# kube-proxy flags that mean nothing here: accepted in kube-proxy's syntax (so its DaemonSet's
+# arguments still start the daemon) and logged once as ignored. Flag -> (value kind, why).
+_IPVS = "an IPVS setting; IPVS is not implemented here"
+IGNORED_FLAGS = {
+    "--iptables-localhost-nodeports": ("bool", "NodePorts never answer on loopback here"),
+    **{f"--ipvs-{name}": ("duration", _IPVS) for name in (
+        "sync-period", "min-sync-period", "tcp-timeout", "tcpfin-timeout", "udp-timeout")},
+    "--ipvs-scheduler": ("string", _IPVS),
+    "--ipvs-exclude-cidrs": ("string", _IPVS),
+    "--ipvs-strict-arp": ("bool", _IPVS),
+    "--profiling": ("bool", "no /debug/pprof here"),
+    "--show-hidden-metrics-for-version": ("string", "no metric is hidden here"),
+    "--vmodule": ("string", "per-module verbosity is klog's"),
+    "--log-flush-frequency": ("duration", "logs are written unbuffered"),
+    "--log-json-info-buffer-size": ("string", "logs are written unbuffered"),
+    "--log-json-split-stream": ("bool", "every log line goes to stderr"),
+    "--log-text-info-buffer-size": ("string", "logs are written unbuffered"),
+    "--log-text-split-stream": ("bool", "every log line goes to stderr"),
+}
+
+
+def _ignored_dest(flag: str) -> str:
+    return "ignored_" + flag.lstrip("-").replace("-", "_")
+
+
+def _go_bool(text: str) -> bool:
+    """A Go bool flag's value, as strconv.ParseBool reads it."""
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+# A kube-proxy bool flag in pflag's syntax: `--masquerade-all`, `--masquerade-all=true|false`.
+GO_BOOL = {"nargs": "?", "const": True, "default": False, "type": _go_bool, "metavar": "BOOL"}
+
+
+def log_ignored_flags(args: argparse.Namespace, log: logging.Logger) -> None:
+    for flag, (_, why) in IGNORED_FLAGS.items():
+        if getattr(args, _ignored_dest(flag), None) is not None:
+            log.info("%s is ignored: %s", flag, why)
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -337,8 +389,9 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("-") and "--cleanup" in argv:
-        argv = ["cleanup", "--kube-proxy", *[a for a in argv if a != "--cleanup"]]  # `kube-proxy --cleanup`
+    cleanup = {"--cleanup", "--cleanup=true", "--cleanup=True", "--cleanup=1"}
+    if argv and argv[0].startswith("-") and cleanup & set(argv):  # `kube-proxy --cleanup`
+        argv = ["cleanup", "--kube-proxy", *[a for a in argv if a not in cleanup]]
     parser = _parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
@@ -346,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "render"):
             apply_config(args, argv[1:], parser, log)
+            log_ignored_flags(args, log)
         if args.command == "run":
             if args.cleanup:
                 args.command, args.kube_proxy = "cleanup", True
@@ -405,6 +459,9 @@ def _duration_or_seconds(text: str) -> float:
         return kpc.parse_duration(text, bare_seconds=True)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_IGNORED_TYPES = {"duration": lambda text: str(_duration(text)), "string": str}
 
 
 def _feature_gates(text: str) -> dict[str, bool]:
@@ -548,6 +605,9 @@ def _run(args: argparse.Namespace, nft) -> int:
         tcp_close_wait_timeout=args.conntrack_tcp_timeout_close_wait,
         tcp_be_liberal=args.conntrack_tcp_be_liberal, udp_timeout=args.conntrack_udp_timeout,
         udp_stream_timeout=args.conntrack_udp_timeout_stream), nodetuning.cpu_count()))
+    if args.init_only:  # kube-proxy's --init-only: what needs full root is done; the daemon runs later
+        logging.getLogger("dataplane").info("--init-only: the node is tuned; exiting")
+        return 0
     options = Options(
         source=Path(args.source),
         settings=settings,

@@ -97,6 +97,48 @@ def test_kube_proxy_flag_spellings_parse():
     assert cli.settings_from(args).masquerade_bit == 1 << 12
 
 
+@pytest.mark.parametrize("flag, dest, want", [
+    ("--masquerade-all", "masquerade_all", True),
+    ("--masquerade-all=true", "masquerade_all", True),
+    ("--masquerade-all=false", "masquerade_all", False),
+    ("--bind-address-hard-fail=1", "bind_address_hard_fail", True),
+    ("--conntrack-tcp-be-liberal=F", "conntrack_tcp_be_liberal", False),
+    ("--init-only=true", "init_only", True),
+])
+def test_bool_flags_take_pflags_syntax(flag, dest, want):
+    assert getattr(resolved(flag), dest) is want
+
+
+# kube-proxy flags that mean nothing here: accepted in its syntax, so its DaemonSet's arguments start us.
+@pytest.mark.parametrize("flag, logged", [
+    ("--iptables-localhost-nodeports=false", "--iptables-localhost-nodeports is ignored: NodePorts never answer"),
+    ("--ipvs-scheduler=rr", "--ipvs-scheduler is ignored: an IPVS setting"),
+    ("--ipvs-sync-period=30s", "--ipvs-sync-period is ignored"),
+    ("--ipvs-strict-arp", "--ipvs-strict-arp is ignored"),
+    ("--profiling=false", "--profiling is ignored: no /debug/pprof"),
+    ("--vmodule=proxier=5", "--vmodule is ignored"),
+    ("--log-flush-frequency=5s", "--log-flush-frequency is ignored"),
+    ("--log-text-split-stream", "--log-text-split-stream is ignored"),
+    ("--show-hidden-metrics-for-version=1.33", "--show-hidden-metrics-for-version is ignored"),
+])
+def test_kube_proxy_flags_without_a_meaning_here_are_accepted_and_logged(flag, logged, caplog):
+    with caplog.at_level(logging.INFO):
+        cli.log_ignored_flags(resolved(flag), logging.getLogger("test"))
+    messages = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
+    assert len(messages) == 1 and logged in messages[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ipvs-sync-period=30x"], "not a duration"),
+    (["--profiling=maybe"], "not true or false"),
+    (["--masquerade-all=yes"], "not true or false"),
+])
+def test_bad_values_of_kube_proxy_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["run", *argv])
+    assert message in capsys.readouterr().err
+
+
 def test_old_spellings_still_work():
     args = resolved("--sync-period", "300", "--min-sync-period", "0.5", "--iptables-sync-period=1m")
     assert (args.sync_period, args.min_sync_period) == (60, 0.5)  # the last of the two spellings wins
@@ -431,6 +473,22 @@ def test_every_honoured_field_reaches_the_daemons_options(monkeypatch):
     assert options.settings.masquerade_bit == 1 << 12 and options.settings.masquerade_all
     assert options.dns_bind == "192.168.60.1:53" and options.cluster_domain == "cluster.example"
     assert tuned[0] == -500 and tuned[1][0] == nodetuning.Write("net/netfilter/nf_conntrack_max", 4096)
+
+
+def test_init_only_tunes_the_node_and_exits(monkeypatch):
+    import uvloop
+
+    from dataplane.daemon import app
+
+    started, tuned = [], []
+    monkeypatch.setattr(app, "Daemon", lambda options, nft: started.append(options) or _Runner())
+    monkeypatch.setattr(uvloop, "run", lambda coroutine: coroutine)
+    monkeypatch.setattr(nodetuning, "apply", lambda writes: tuned.append(writes) or [])
+    monkeypatch.setattr(nodetuning, "set_oom_score_adj", lambda value: tuned.append(value))
+    args = resolved("--source", "kube", "--init-only", "--oom-score-adj=-100")
+    assert cli._run(args, _FakeNft()) == 0
+    assert tuned[0] == -100 and len(tuned) == 2 and started == []  # tuned, and no daemon
+    assert cli._run(resolved("--source", "kube"), _FakeNft()) == 0 and len(started) == 1
 
 
 class _Runner:
