@@ -81,6 +81,7 @@ API_CALLS: tuple[tuple[Resource, str], ...] = tuple(
 )
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"  # the cluster autoscaler's, as kube-proxy checks it
 JSON = "application/json"  # the only content type asked for and decoded
 
 
@@ -116,7 +117,7 @@ class NodeInfo:
     @property
     def eligible(self) -> bool:
         """kube-proxy's node eligibility: not being deleted, not marked ToBeDeletedByClusterAutoscaler."""
-        return not self.deleting and "ToBeDeletedByClusterAutoscaler" not in self.taints
+        return not self.deleting and TO_BE_DELETED_TAINT not in self.taints
 
     @property
     def ips(self) -> tuple[str, ...]:
