@@ -51,6 +51,7 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..model import ObjectSet, ServiceKey, parse_objects
+from ..model.endpoints import TRIGGER_TIME_ANNOTATION
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -538,23 +539,34 @@ class _ObjectHandler(_Handler):
         origin, version = self._identify(obj)
         if version and self.versions.get(origin) == version:
             return origin, version, _UNCHANGED
-        return origin, version, self._parse(origin, obj)
+        # A changed EndpointSlice in a list (a relist after 410 Gone) is a change as a watch event is;
+        # kube-proxy's informer delivers it as an update, trigger time included. Only what the hook
+        # reads is kept until the list is in the store.
+        trigger = _trigger_part(obj) if self.resource is ENDPOINT_SLICES else None
+        return origin, version, (self._parse(origin, obj), trigger)
 
     def replace_all(self, entries: list[tuple[str, str, Any]]) -> None:
         listed = {origin for origin, _, _ in entries}
         for origin in [o for o in self.versions if o not in listed]:
             self._withdraw(origin)
-        for origin, version, objects in entries:
-            if objects is not _UNCHANGED:
+        for origin, version, prepared in entries:
+            if prepared is not _UNCHANGED:
+                objects, trigger = prepared
                 self.versions[origin] = version
                 self.source.changed(self.source.store.replace(origin, objects))
+                if trigger is not None:
+                    self._triggered(trigger)
 
     def upsert(self, obj: dict) -> None:
         origin, version = self._identify(obj)
         self.versions[origin] = version
         self.source.changed(self.source.store.replace(origin, self._parse(origin, obj)))
-        if self.resource is ENDPOINT_SLICES and self.source.on_endpoint_slice is not None:
-            self.source.on_endpoint_slice(obj)  # its last-change-trigger-time (network programming latency)
+        if self.resource is ENDPOINT_SLICES:
+            self._triggered(obj)
+
+    def _triggered(self, endpoint_slice: dict) -> None:
+        if self.source.on_endpoint_slice is not None:
+            self.source.on_endpoint_slice(endpoint_slice)  # its last-change-trigger-time (network programming)
 
     def delete(self, obj: dict) -> None:
         self._withdraw(self._identify(obj)[0])
@@ -563,6 +575,14 @@ class _ObjectHandler(_Handler):
         self.versions.pop(origin, None)
         self.source.store.report(origin, None)
         self.source.changed(self.source.store.replace(origin, None))
+
+
+def _trigger_part(endpoint_slice: dict) -> dict:
+    """The parts of an EndpointSlice the trigger-time hook reads: the annotation and addressType."""
+    meta = endpoint_slice.get("metadata") if isinstance(endpoint_slice.get("metadata"), dict) else {}
+    annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
+    return {"metadata": {"annotations": {TRIGGER_TIME_ANNOTATION: annotations.get(TRIGGER_TIME_ANNOTATION)}},
+            "addressType": endpoint_slice.get("addressType")}
 
 
 class _NodeHandler(_Handler):

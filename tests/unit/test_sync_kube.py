@@ -20,6 +20,7 @@ import pytest
 from dataplane.lab.kubeapi import KubeApi, kubeconfig, loopback_listener
 from dataplane.lab.manifests import endpoint_slice, port, service
 from dataplane.model import ServiceKey
+from dataplane.model.endpoints import TRIGGER_TIME_ANNOTATION
 from dataplane.sync.kube import API_CALLS, ApiSettings, Backoff, KubeSource, NodeInfo, RateLimiter, parse_node
 from dataplane.sync.store import Store
 
@@ -343,6 +344,32 @@ def test_gone_in_the_stream_relists_and_the_relist_replaces_the_cache(api):
             assert f.source.metrics.relists.labels("Service")._value.get() >= 1
 
     run(scenario())
+
+
+def test_a_slice_changed_behind_a_relist_still_carries_its_trigger_time(api):
+    """kube-proxy's informer delivers what a relist finds changed as updates, trigger time included;
+    an unchanged slice in the same list is no change and gives none."""
+    web_cluster(api)
+    api.apply(endpoint_slice("db", ["10.244.2.11"], [("pg", 5432, "TCP")]))
+    triggered = []
+
+    async def scenario():
+        async with Follower(api) as f:
+            f.source.on_endpoint_slice = triggered.append
+            await f.synced()
+            await eventually(lambda: api.open_watches() == 3, what="watches open")
+            triggered.clear()  # the first list: every slice is new (TriggerTimes skips times before the start)
+            api.silence()
+            changed = endpoint_slice("web", ["10.244.1.13"], SLICE_PORTS)
+            changed["metadata"]["annotations"] = {TRIGGER_TIME_ANNOTATION: "2026-12-02T10:00:00Z"}
+            api.apply(changed)
+            api.expire()  # the change reaches the client through the relist only
+            await eventually(lambda: backends(f.store).get("default/web") == ["10.244.1.13:8080"], timeout=10.0,
+                             what="relisted")
+
+    run(scenario())
+    # the changed web slice, once; not the unchanged db slice the relist also returned
+    assert [t["metadata"]["annotations"][TRIGGER_TIME_ANNOTATION] for t in triggered] == ["2026-12-02T10:00:00Z"]
 
 
 def test_gone_on_reconnect_after_an_api_server_restart_relists(api):
