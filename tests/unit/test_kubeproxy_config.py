@@ -448,7 +448,9 @@ def test_oom_score_adj(tmp_path):
 # ---- what reaches the daemon
 
 
-def test_every_honoured_field_reaches_the_daemons_options(monkeypatch):
+@pytest.fixture
+def recorded(monkeypatch):
+    """`cli._run` without a daemon or the host's /proc: (the Options each Daemon got, the tuning writes)."""
     import uvloop
 
     from dataplane.daemon import app
@@ -456,10 +458,14 @@ def test_every_honoured_field_reaches_the_daemons_options(monkeypatch):
     started, tuned = [], []
     monkeypatch.setattr(app, "Daemon", lambda options, nft: started.append(options) or _Runner())
     monkeypatch.setattr(uvloop, "run", lambda coroutine: coroutine)
-    # Never the host's /proc: the writes are recorded, not made.
     monkeypatch.setattr(nodetuning, "apply", lambda writes: tuned.append(writes) or [])
     monkeypatch.setattr(nodetuning, "set_oom_score_adj", lambda value: tuned.append(value))
     monkeypatch.setattr(nodetuning, "cpu_count", lambda: 2)
+    return started, tuned
+
+
+def test_every_honoured_field_reaches_the_daemons_options(recorded):
+    started, tuned = recorded
     args = resolved("--config", str(EVERY))
     args.proxy_mode, args.source = "kernel", "kube"  # the extension's userspace/manifests need more set-up
     assert cli._run(args, _FakeNft()) == 0
@@ -475,16 +481,8 @@ def test_every_honoured_field_reaches_the_daemons_options(monkeypatch):
     assert tuned[0] == -500 and tuned[1][0] == nodetuning.Write("net/netfilter/nf_conntrack_max", 4096)
 
 
-def test_init_only_tunes_the_node_and_exits(monkeypatch):
-    import uvloop
-
-    from dataplane.daemon import app
-
-    started, tuned = [], []
-    monkeypatch.setattr(app, "Daemon", lambda options, nft: started.append(options) or _Runner())
-    monkeypatch.setattr(uvloop, "run", lambda coroutine: coroutine)
-    monkeypatch.setattr(nodetuning, "apply", lambda writes: tuned.append(writes) or [])
-    monkeypatch.setattr(nodetuning, "set_oom_score_adj", lambda value: tuned.append(value))
+def test_init_only_tunes_the_node_and_exits(recorded):
+    started, tuned = recorded
     args = resolved("--source", "kube", "--init-only", "--oom-score-adj=-100")
     assert cli._run(args, _FakeNft()) == 0
     assert tuned[0] == -100 and len(tuned) == 2 and started == []  # tuned, and no daemon
