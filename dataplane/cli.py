@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                              help="Pod CIDRs, comma-separated; traffic from elsewhere to a ClusterIP is masqueraded")
     proxy_flags.add_argument("--nodeport-addresses", default="",
                              help="CIDRs whose node addresses serve NodePorts, or 'primary' (default: all but loopback)")
-    proxy_flags.add_argument("--masquerade-all", action="store_true", help="masquerade all Service traffic")
+    proxy_flags.add_argument("--masquerade-all", **GO_BOOL, help="masquerade all Service traffic")
     proxy_flags.add_argument("--service-cidr", default="",
                              help="Service CIDRs, comma-separated; traffic to unallocated addresses in them is dropped")
     proxy_flags.add_argument("--node-zone", default="",
@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     kube.add_argument("--config", default="",
                       help="a kube-proxy KubeProxyConfiguration file (YAML or JSON, kubeadm's config.conf); "
                            "it replaces kube-proxy's flags, as in kube-proxy")
-    kube.add_argument("--cleanup", action="store_true",
+    kube.add_argument("--cleanup", **GO_BOOL,
                       help="remove kube-proxy's and dataplane's rules from this node, then exit")
     kube.add_argument("--healthz-bind-address", default=f"0.0.0.0:{kpc.HEALTHZ_PORT}",
                       help="IP:port, or a bare IP (port 10256), for /healthz and /livez; \"\" turns it off")
@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     kube.add_argument("--metrics-port", type=int, default=None, help="deprecated in kube-proxy: 0 turns /metrics off")
     kube.add_argument("--bind-address", default="0.0.0.0",
                       help="this node's primary IP (as in kube-proxy, no socket binds it); 0.0.0.0: from the Node")
-    kube.add_argument("--bind-address-hard-fail", action="store_true",
+    kube.add_argument("--bind-address-hard-fail", **GO_BOOL,
                       help="exit when the healthz or metrics address cannot be bound (default: log and go on)")
     kube.add_argument("--min-sync-period", "--iptables-min-sync-period", dest="min_sync_period",
                       type=_duration_or_seconds, default=1.0,
@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
                       type=_duration_or_seconds, default=300.0,
                       help="between full resyncs (a Go duration like 5m, or seconds)")
     kube.add_argument("--config-sync-period", type=_duration, default=900.0,
-                      help="kube-proxy's informer resync; accepted, no effect here (see README)")
+                      help="kube-proxy's informer resync; accepted (must be > 0), no effect here (see README)")
     kube.add_argument("--detect-local-mode", default="ClusterCIDR",
                       help="how Pod traffic is told apart: ClusterCIDR (the only mode implemented here)")
     kube.add_argument("--pod-bridge-interface", default="", help="with --detect-local-mode BridgeInterface")
@@ -146,20 +146,29 @@ def _parser() -> argparse.ArgumentParser:
                       help="nf_conntrack_tcp_timeout_established (0 leaves it as is)")
     kube.add_argument("--conntrack-tcp-timeout-close-wait", type=_duration, default=3600.0,
                       help="nf_conntrack_tcp_timeout_close_wait (0 leaves it as is)")
-    kube.add_argument("--conntrack-tcp-be-liberal", action="store_true", help="set nf_conntrack_tcp_be_liberal to 1")
+    kube.add_argument("--conntrack-tcp-be-liberal", **GO_BOOL, help="set nf_conntrack_tcp_be_liberal to 1")
     kube.add_argument("--conntrack-udp-timeout", type=_duration, default=0.0,
                       help="nf_conntrack_udp_timeout (0 leaves it as is)")
     kube.add_argument("--conntrack-udp-timeout-stream", type=_duration, default=0.0,
                       help="nf_conntrack_udp_timeout_stream (0 leaves it as is)")
     kube.add_argument("--feature-gates", type=_feature_gates, default={},
                       help="NAME=true|false,...; accepted and exported as kubernetes_feature_enabled")
-    kube.add_argument("--kube-api-qps", type=float, default=5.0, help="accepted; see README")
-    kube.add_argument("--kube-api-burst", type=int, default=10, help="accepted; see README")
+    kube.add_argument("--kube-api-qps", type=float, default=5.0,
+                      help="API requests a second, client-side (lists and watch opens; negative: no limit)")
+    kube.add_argument("--kube-api-burst", type=int, default=10, help="API requests at once before --kube-api-qps")
     kube.add_argument("--kube-api-content-type", default="application/vnd.kubernetes.protobuf",
-                      help="accepted; the client speaks JSON")
+                      help="accepted; the client asks for and decodes JSON whatever is given (see README)")
     kube.add_argument("--v", dest="v", type=int, default=0, help="klog verbosity: 4 and above log debug lines")
     kube.add_argument("--logging-format", default="text", choices=["text", "json"],
                       help="text: key=value lines; json: one JSON object a line")
+    kube.add_argument("--init-only", **GO_BOOL,
+                      help="tune the node as --conntrack-* and --oom-score-adj say (the steps that need root), "
+                           "then exit")
+    for flag, (kind, why) in IGNORED_FLAGS.items():
+        spelling = {**GO_BOOL, "default": None} if kind == "bool" else {
+            "type": _IGNORED_TYPES[kind], "metavar": kind.upper()}
+        kube.add_argument(flag, dest=_ignored_dest(flag), **spelling,
+                          help=f"kube-proxy's; accepted, no effect: {why}")
     # ---- end of kube-proxy's flags
     proxy_flags.add_argument("--dns-bind-address", default="",
                              help="HOST:PORT to serve cluster DNS on, UDP and TCP (default: no DNS server)")
@@ -204,6 +213,50 @@ KUBE_PROXY_DESTS = (
 )
 
 
+# kube-proxy flags that mean nothing here: accepted in kube-proxy's syntax (so its DaemonSet's
+# arguments still start the daemon) and logged once as ignored. Flag -> (value kind, why).
+_IPVS = "an IPVS setting; IPVS is not implemented here"
+IGNORED_FLAGS = {
+    "--iptables-localhost-nodeports": ("bool", "NodePorts never answer on loopback here"),
+    **{f"--ipvs-{name}": ("duration", _IPVS) for name in (
+        "sync-period", "min-sync-period", "tcp-timeout", "tcpfin-timeout", "udp-timeout")},
+    "--ipvs-scheduler": ("string", _IPVS),
+    "--ipvs-exclude-cidrs": ("string", _IPVS),
+    "--ipvs-strict-arp": ("bool", _IPVS),
+    "--profiling": ("bool", "no /debug/pprof here"),
+    "--show-hidden-metrics-for-version": ("string", "no metric is hidden here"),
+    "--vmodule": ("string", "per-module verbosity is klog's"),
+    "--log-flush-frequency": ("duration", "logs are written unbuffered"),
+    "--log-json-info-buffer-size": ("string", "logs are written unbuffered"),
+    "--log-json-split-stream": ("bool", "every log line goes to stderr"),
+    "--log-text-info-buffer-size": ("string", "logs are written unbuffered"),
+    "--log-text-split-stream": ("bool", "every log line goes to stderr"),
+}
+
+
+def _ignored_dest(flag: str) -> str:
+    return "ignored_" + flag.lstrip("-").replace("-", "_")
+
+
+def _go_bool(text: str) -> bool:
+    """A Go bool flag's value, as strconv.ParseBool reads it."""
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+# A kube-proxy bool flag in pflag's syntax: `--masquerade-all`, `--masquerade-all=true|false`.
+GO_BOOL = {"nargs": "?", "const": True, "default": False, "type": _go_bool, "metavar": "BOOL"}
+
+
+def log_ignored_flags(args: argparse.Namespace, log: logging.Logger) -> None:
+    for flag, (_, why) in IGNORED_FLAGS.items():
+        if getattr(args, _ignored_dest(flag), None) is not None:
+            log.info("%s is ignored: %s", flag, why)
+
+
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The dests of the options spelled out in `argv` (kube-proxy's Changed()); abbreviations included."""
     spelled = set()
@@ -245,6 +298,8 @@ def apply_config(args: argparse.Namespace, argv: list[str], parser: argparse.Arg
         args.source = "kube"  # kube-proxy always reads the API server
     _configure_logging(args)  # the file may set the format and verbosity
     log.info("config %s: mode %r: kernel mode (nftables)", args.config, loaded.mode)
+    for problem in loaded.lenient:  # kube-proxy logs its strict decoding error and goes on leniently
+        log.warning("config %s: %s: ignored, as kube-proxy's lenient decoding does", args.config, problem)
     for name, why in loaded.ignored:
         log.info("config %s: %s is ignored: %s", args.config, name, why)
     for dest in resolution.overridden:
@@ -262,9 +317,12 @@ def check_kube_proxy_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"masquerade-bit {args.masquerade_bit}: must be within [0, 31]")
     if not -1000 <= args.oom_score_adj <= 1000:
         raise ValueError(f"oom-score-adj {args.oom_score_adj}: must be within [-1000, 1000]")
-    for name in ("conntrack_max_per_core", "conntrack_min"):
+    for name in ("conntrack_max_per_core", "conntrack_min", "kube_api_burst"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name.replace('_', '-')}: must not be negative")
+    if args.config_sync_period <= 0:
+        raise ValueError("config-sync-period: must be greater than 0")
+    kpc.media_type(args.kube_api_content_type, "kube-api-content-type")
 
 
 def bind_addresses(args: argparse.Namespace) -> tuple[str, str]:
@@ -331,8 +389,9 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("-") and "--cleanup" in argv:
-        argv = ["cleanup", "--kube-proxy", *[a for a in argv if a != "--cleanup"]]  # `kube-proxy --cleanup`
+    cleanup = {"--cleanup", "--cleanup=true", "--cleanup=True", "--cleanup=1"}
+    if argv and argv[0].startswith("-") and cleanup & set(argv):  # `kube-proxy --cleanup`
+        argv = ["cleanup", "--kube-proxy", *[a for a in argv if a not in cleanup]]
     parser = _parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
@@ -340,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "render"):
             apply_config(args, argv[1:], parser, log)
+            log_ignored_flags(args, log)
         if args.command == "run":
             if args.cleanup:
                 args.command, args.kube_proxy = "cleanup", True
@@ -401,6 +461,9 @@ def _duration_or_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+_IGNORED_TYPES = {"duration": lambda text: str(_duration(text)), "string": str}
+
+
 def _feature_gates(text: str) -> dict[str, bool]:
     try:
         return kpc.feature_gates(text)
@@ -429,7 +492,8 @@ def api_settings(args: argparse.Namespace):
         return None
     from .sync.kube import ApiSettings
 
-    return ApiSettings(kubeconfig=args.kubeconfig, master=args.master)
+    return ApiSettings(kubeconfig=args.kubeconfig, master=args.master, qps=args.kube_api_qps,
+                       burst=args.kube_api_burst, content_type=args.kube_api_content_type)
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -541,6 +605,9 @@ def _run(args: argparse.Namespace, nft) -> int:
         tcp_close_wait_timeout=args.conntrack_tcp_timeout_close_wait,
         tcp_be_liberal=args.conntrack_tcp_be_liberal, udp_timeout=args.conntrack_udp_timeout,
         udp_stream_timeout=args.conntrack_udp_timeout_stream), nodetuning.cpu_count()))
+    if args.init_only:  # kube-proxy's --init-only: what needs full root is done; the daemon runs later
+        logging.getLogger("dataplane").info("--init-only: the node is tuned; exiting")
+        return 0
     options = Options(
         source=Path(args.source),
         settings=settings,

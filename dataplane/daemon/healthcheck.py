@@ -34,13 +34,7 @@ from . import http
 log = logging.getLogger(__name__)
 
 
-TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"  # the cluster autoscaler's, as kube-proxy checks it
-NOSNIFF = {"X-Content-Type-Options": "nosniff"}
-
-
-def node_eligible(deleting: bool, taints: tuple[str, ...]) -> bool:
-    """kube-proxy's rule: a Node being deleted or marked for deletion by the autoscaler takes no new traffic."""
-    return not deleting and TO_BE_DELETED_TAINT not in taints
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}  # (eligibility is sync/kube.py's NodeInfo.eligible)
 
 
 def go_time(stamp: float | None) -> str:

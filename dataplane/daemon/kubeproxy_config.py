@@ -4,10 +4,14 @@
 (YAML or JSON, as kubeadm writes `config.conf` into the `kube-proxy`
 ConfigMap) and returns what it says as `FileConfig`: values keyed by the
 `dataplane run` option they set (argparse dest names), plus the fields that
-exist in kube-proxy's API but mean nothing here. Decoding is strict, as
-kube-proxy's first decoder is: an unknown field or a value of the wrong type
-raises `ConfigError` naming the file and the field path, and nothing is
-half-applied.
+exist in kube-proxy's API but mean nothing here. Decoding is kube-proxy's:
+its strict decoder refuses unknown fields and keys given twice, and then,
+for v1alpha1, it decodes again leniently and only logs the strict error
+(cmd/kube-proxy/app/options.go, loadConfig; kubernetes#84143, since 1.17).
+So here an unknown field or a repeated key is noted in `FileConfig.lenient`
+(the caller logs each as a warning) and the rest is used; a value of the
+wrong type fails both of kube-proxy's decoders, and raises `ConfigError`
+naming the file and the field path, with nothing half-applied.
 
 Our own settings may follow in a second YAML document of the same file,
 `apiVersion: dataplane.io/v1alpha1`, `kind: DataplaneConfiguration`:
@@ -132,33 +136,95 @@ def feature_gates(text: str, what: str = "--feature-gates") -> dict[str, bool]:
     return gates
 
 
+def media_type(text: str, what: str) -> str:
+    """clientConnection.contentType / --kube-api-content-type: a `type/subtype`, or "" (client-go's
+    default, JSON); raises ConfigError.
+
+    Any media type is accepted, as kube-proxy accepts it; the API source asks for and decodes JSON
+    whatever is given (sync/kube.py: api_client says so in the log)."""
+    if not text.strip():
+        return text
+    kind, slash, subtype = text.split(";")[0].strip().partition("/")
+    if not (kind and slash and subtype) or any(c.isspace() for c in kind + subtype):
+        raise ConfigError(f"{what}: {text!r} is not a media type (like application/json)")
+    return text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The schema: every field of v1alpha1 KubeProxyConfiguration, its type, and where it goes here.
 
 
 @dataclass(frozen=True, slots=True)
+class Kind:
+    """A field's JSON type: how it is checked, and how an error names what was wanted."""
+
+    words: str
+    check: Callable[[Any], Any]  # the decoded value; raises TypeError (wrong type) or ValueError (bad text)
+
+
+def _typed(*types: type, convert: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        # bool is an int in Python; in JSON it is not.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise TypeError
+        return convert(value)
+    return check
+
+
+def _duration(value: Any) -> float:
+    if not isinstance(value, str):  # metav1.Duration is a string in JSON: 30 (a number) is refused
+        raise TypeError
+    return parse_duration(value)
+
+
+def _strings(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError
+    return list(value)
+
+
+def _bools(value: Any) -> dict[str, bool]:
+    if not isinstance(value, dict) or not all(isinstance(v, bool) for v in value.values()):
+        raise TypeError
+    return {str(k): v for k, v in value.items()}
+
+
+KINDS = {
+    "str": Kind("a string", _typed(str)),
+    "bool": Kind("true or false", _typed(bool)),
+    "int": Kind("an integer", _typed(int)),
+    "number": Kind("a number", _typed(int, float, convert=float)),
+    "duration": Kind("a duration string like \"30s\"", _duration),
+    "strings": Kind("a list of strings", _strings),
+    "bools": Kind("a map of names to true/false", _bools),
+    "any": Kind("a value", lambda v: v),
+}
+
+
+@dataclass(frozen=True, slots=True)
 class Leaf:
-    kind: str  # str, bool, int, number, duration, strings, bools (map), any
-    nullable: bool = False
+    kind: str  # a key of KINDS
+    pointer: bool = False  # a pointer in kube-proxy's Go type: its zero value is a value, only null is unset
     dest: str | None = None  # the `dataplane run` option it sets; None with `ignored`
     ignored: str = ""  # why it means nothing here (logged once when set)
 
 
-def _leaf(kind: str, dest: str | None = None, nullable: bool = False) -> Leaf:
-    return Leaf(kind, nullable, dest)
+def _leaf(kind: str, dest: str | None = None, pointer: bool = False) -> Leaf:
+    return Leaf(kind, pointer, dest)
 
 
-def _ignored(kind: str, why: str, nullable: bool = False) -> Leaf:
-    return Leaf(kind, nullable, None, why)
+def _ignored_section(why: str, **kinds: str) -> dict[str, Leaf]:
+    """A section none of whose fields means anything here."""
+    return {name: Leaf(kind, ignored=why) for name, kind in kinds.items()}
 
 
-_WINDOWS = "a Windows (winkernel) setting"
 _IPVS = "an IPVS setting; IPVS is not implemented here"
+_WINDOWS = "a Windows (winkernel) setting"
 # The mode's own section (iptables or nftables) gives masqueradeAll, masqueradeBit and the
 # sync periods, as kube-proxy's conversion does; the other section is ignored.
 _SECTION_FIELDS = {
     "masqueradeAll": _leaf("bool", "masquerade_all"),
-    "masqueradeBit": _leaf("int", "masquerade_bit", nullable=True),
+    "masqueradeBit": _leaf("int", "masquerade_bit", pointer=True),
     "syncPeriod": _leaf("duration", "sync_period"),
     "minSyncPeriod": _leaf("duration", "min_sync_period"),
 }
@@ -166,10 +232,10 @@ _SECTION_FIELDS = {
 SCHEMA: dict[str, Any] = {
     "apiVersion": _leaf("str"),
     "kind": _leaf("str"),
-    "featureGates": _leaf("bools", "feature_gates", nullable=True),
+    "featureGates": _leaf("bools", "feature_gates"),
     "clientConnection": {
         "kubeconfig": _leaf("str", "kubeconfig"),
-        "acceptContentTypes": _ignored("str", "the API client sends its own Accept header"),
+        **_ignored_section("the API client asks for JSON, the one format it decodes", acceptContentTypes="str"),
         "contentType": _leaf("str", "kube_api_content_type"),
         "qps": _leaf("number", "kube_api_qps"),
         "burst": _leaf("int", "kube_api_burst"),
@@ -177,65 +243,52 @@ SCHEMA: dict[str, Any] = {
     "logging": {
         "format": _leaf("str", "logging_format"),
         "verbosity": _leaf("int", "v"),
-        "flushFrequency": _ignored("any", "logs are written unbuffered"),
-        "vmodule": _ignored("any", "per-module verbosity is klog's", nullable=True),
-        "options": _ignored("any", "klog's output buffering options", nullable=True),
+        **_ignored_section("logs are written unbuffered", flushFrequency="any", options="any"),
+        **_ignored_section("per-module verbosity is klog's", vmodule="any"),
     },
     "hostnameOverride": _leaf("str", "hostname_override"),
     "bindAddress": _leaf("str", "bind_address"),
     "healthzBindAddress": _leaf("str", "healthz_bind_address"),
     "metricsBindAddress": _leaf("str", "metrics_bind_address"),
     "bindAddressHardFail": _leaf("bool", "bind_address_hard_fail"),
-    "enableProfiling": _ignored("bool", "no /debug/pprof here"),
-    "showHiddenMetricsForVersion": _ignored("str", "no metric is hidden here"),
+    **_ignored_section("no /debug/pprof here", enableProfiling="bool"),
+    **_ignored_section("no metric is hidden here", showHiddenMetricsForVersion="str"),
     "mode": _leaf("str", "mode"),
     "iptables": {
         **_SECTION_FIELDS,
-        "localhostNodePorts": _ignored("bool", "NodePorts never answer on loopback here", nullable=True),
-        "snatNodeInternalIP": _ignored("bool", "masquerading uses the egress address here", nullable=True),
+        **_ignored_section("NodePorts never answer on loopback here", localhostNodePorts="bool"),
+        **_ignored_section("masquerading uses the egress address here", snatNodeInternalIP="bool"),
     },
     "nftables": dict(_SECTION_FIELDS),
-    "ipvs": {
-        "syncPeriod": _ignored("duration", _IPVS),
-        "minSyncPeriod": _ignored("duration", _IPVS),
-        "scheduler": _ignored("str", _IPVS),
-        "excludeCIDRs": _ignored("strings", _IPVS, nullable=True),
-        "strictARP": _ignored("bool", _IPVS),
-        "tcpTimeout": _ignored("duration", _IPVS),
-        "tcpFinTimeout": _ignored("duration", _IPVS),
-        "udpTimeout": _ignored("duration", _IPVS),
-    },
-    "winkernel": {
-        "networkName": _ignored("str", _WINDOWS),
-        "sourceVip": _ignored("str", _WINDOWS),
-        "enableDSR": _ignored("bool", _WINDOWS),
-        "rootHnsEndpointName": _ignored("str", _WINDOWS),
-        "forwardHealthCheckVip": _ignored("bool", _WINDOWS),
-    },
+    "ipvs": _ignored_section(_IPVS, syncPeriod="duration", minSyncPeriod="duration", scheduler="str",
+                             excludeCIDRs="strings", strictARP="bool", tcpTimeout="duration",
+                             tcpFinTimeout="duration", udpTimeout="duration"),
+    "winkernel": _ignored_section(_WINDOWS, networkName="str", sourceVip="str", enableDSR="bool",
+                                  rootHnsEndpointName="str", forwardHealthCheckVip="bool"),
     "detectLocalMode": _leaf("str", "detect_local_mode"),
     "detectLocal": {
         "bridgeInterface": _leaf("str", "pod_bridge_interface"),
         "interfaceNamePrefix": _leaf("str", "pod_interface_name_prefix"),
     },
     "clusterCIDR": _leaf("str", "cluster_cidr"),
-    "nodePortAddresses": _leaf("strings", "nodeport_addresses", nullable=True),
-    "oomScoreAdj": _leaf("int", "oom_score_adj", nullable=True),
+    "nodePortAddresses": _leaf("strings", "nodeport_addresses"),
+    "oomScoreAdj": _leaf("int", "oom_score_adj", pointer=True),
     "conntrack": {
-        "maxPerCore": _leaf("int", "conntrack_max_per_core", nullable=True),
-        "min": _leaf("int", "conntrack_min", nullable=True),
-        "tcpEstablishedTimeout": _leaf("duration", "conntrack_tcp_timeout_established", nullable=True),
-        "tcpCloseWaitTimeout": _leaf("duration", "conntrack_tcp_timeout_close_wait", nullable=True),
+        "maxPerCore": _leaf("int", "conntrack_max_per_core", pointer=True),
+        "min": _leaf("int", "conntrack_min", pointer=True),
+        "tcpEstablishedTimeout": _leaf("duration", "conntrack_tcp_timeout_established", pointer=True),
+        "tcpCloseWaitTimeout": _leaf("duration", "conntrack_tcp_timeout_close_wait", pointer=True),
         "tcpBeLiberal": _leaf("bool", "conntrack_tcp_be_liberal"),
         "udpTimeout": _leaf("duration", "conntrack_udp_timeout"),
         "udpStreamTimeout": _leaf("duration", "conntrack_udp_timeout_stream"),
     },
     "configSyncPeriod": _leaf("duration", "config_sync_period"),
-    "portRange": _ignored("str", "the userspace proxy it configured is gone from kube-proxy too"),
-    "windowsRunAsService": _ignored("bool", _WINDOWS),
+    **_ignored_section("the userspace proxy it configured is gone from kube-proxy too", portRange="str"),
+    **_ignored_section(_WINDOWS, windowsRunAsService="bool"),
 }
 
-# Fields older kubeadm releases wrote that kube-proxy has since removed: ignored, not refused,
-# so a ConfigMap kept from an old cluster still starts.
+# Fields older kubeadm releases wrote that kube-proxy has since removed: ignored with a reason of
+# their own (kube-proxy's lenient decoding drops them as unknown).
 REMOVED = {
     ("udpIdleTimeout",): "removed from kube-proxy with its userspace mode",
     ("resourceContainer",): "removed from kube-proxy",
@@ -268,11 +321,14 @@ class FileConfig:
     values: dict[str, Any] = field(default_factory=dict)  # kube-proxy's fields, by dest, decoded
     extension: dict[str, Any] = field(default_factory=dict)  # our DataplaneConfiguration's, by dest
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (field path, why)
+    # What kube-proxy's strict decoder refuses and its lenient one then lets pass: unknown fields
+    # (dropped) and keys given twice (the last wins). Logged as warnings, one a field.
+    lenient: list[str] = field(default_factory=list)
     mode: str = ""
 
 
 def load(path: str | Path) -> FileConfig:
-    """Reads and strictly decodes a KubeProxyConfiguration file; raises ConfigError naming the field."""
+    """Reads and decodes a KubeProxyConfiguration file as kube-proxy does; raises ConfigError naming the field."""
     path = str(path)
     try:
         text = Path(path).read_text()
@@ -282,12 +338,12 @@ def load(path: str | Path) -> FileConfig:
 
 
 def parse(text: str, path: str = "<config>") -> FileConfig:
-    documents = _documents(text, path)
+    found = FileConfig(path)
+    documents = _documents(text, path, found.lenient)
     if not documents:
         raise ConfigError(f"{path}: empty; want a {KIND}")
     first, *rest = documents
     _expect_kind(first, path, API_VERSION, KIND)
-    found = FileConfig(path)
     mode = first.get("mode") or ""
     if not isinstance(mode, str):
         raise ConfigError(f"{path}: mode: want a string, got {_describe(mode)}")
@@ -298,20 +354,37 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
         raise ConfigError(f"{path}: mode: {mode!r} is not a kube-proxy mode (iptables, nftables, ipvs, kernelspace)")
     # kube-proxy takes the mode's own section; "" and iptables mean the iptables section.
     unused_section = "iptables" if mode == "nftables" else "nftables"
-    _walk(first, SCHEMA, (), path, found, found.values, unused_section)
+    _walk(first, SCHEMA, (), found, found.values, unused_section)
     for document in rest:
         _expect_kind(document, path, EXTENSION_API_VERSION, EXTENSION_KIND)
-        _walk(document, EXTENSION_SCHEMA, (), path, found, found.extension, None)
+        _walk(document, EXTENSION_SCHEMA, (), found, found.extension, None)
     return found
 
 
-def _documents(text: str, path: str) -> list[dict]:
-    stripped = text.lstrip()
+def _documents(text: str, path: str, lenient: list[str]) -> list[dict]:
+    def unique(pairs: list[tuple[Any, Any]], lines: list[int] | None = None) -> dict:
+        mapping: dict = {}
+        for index, (key, value) in enumerate(pairs):
+            if key in mapping:
+                where = f" (line {lines[index]})" if lines else ""
+                lenient.append(f"field {key!r} is given twice{where}; the last one is used")
+            mapping[key] = value
+        return mapping
+
     try:
-        if stripped.startswith("{"):
-            loaded = [json.loads(text)]
+        if text.lstrip().startswith("{"):
+            loaded = [json.loads(text, object_pairs_hook=unique)]
         else:
-            loaded = [d for d in yaml.load_all(text, Loader=_UniqueKeyLoader) if d is not None]
+            loader = _PairsLoader(text)
+            loader.unique = unique
+            try:
+                loaded = []
+                while loader.check_data():
+                    document = loader.get_data()
+                    if document is not None:
+                        loaded.append(document)
+            finally:
+                loader.dispose()
     except (ValueError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: not YAML or JSON: {error}") from None
     for index, document in enumerate(loaded):
@@ -327,7 +400,7 @@ def _expect_kind(document: dict, path: str, api_version: str, kind: str) -> None
                           + ("" if kind == KIND else " (our own settings, in a document after the first)"))
 
 
-def _walk(obj: dict, schema: dict, prefix: tuple[str, ...], path: str, found: FileConfig,
+def _walk(obj: dict, schema: dict, prefix: tuple[str, ...], found: FileConfig,
           into: dict[str, Any], unused_section: str | None) -> None:
     for key, value in obj.items():
         here = (*prefix, str(key))
@@ -337,19 +410,20 @@ def _walk(obj: dict, schema: dict, prefix: tuple[str, ...], path: str, found: Fi
                 found.ignored.append((name, REMOVED[here]))
             continue
         if key not in schema:
-            raise ConfigError(f"{path}: {name}: unknown field" + _near(str(key), schema))
+            found.lenient.append(f"{name}: unknown field" + _near(str(key), schema))
+            continue
         spec = schema[key]
         if isinstance(spec, dict):
             if value is None:
                 continue
             if not isinstance(value, dict):
-                raise ConfigError(f"{path}: {name}: want a mapping, got {_describe(value)}")
+                raise ConfigError(f"{found.path}: {name}: want a mapping, got {_describe(value)}")
             section_unused = prefix == () and key == unused_section
-            _walk(value, spec, here, path, found, into if not section_unused else {}, None)
+            _walk(value, spec, here, found, into if not section_unused else {}, None)
             if section_unused and not _is_zero(value):
                 found.ignored.append((name, f"the {found.mode or 'iptables'} mode reads its own section"))
             continue
-        decoded = _decode(spec, value, f"{path}: {name}")
+        decoded = _decode(spec, value, f"{found.path}: {name}")
         if spec.ignored:
             if not _is_zero(value):
                 found.ignored.append((name, spec.ignored))
@@ -358,77 +432,23 @@ def _walk(obj: dict, schema: dict, prefix: tuple[str, ...], path: str, found: Fi
 
 
 def _defaulted(spec: Leaf, decoded: Any) -> bool:
-    """kube-proxy's defaulting: null means the default for pointer fields; for the others the zero
-    value does ("syncPeriod: 0s", "healthzBindAddress: \"\"", as kubeadm writes them)."""
-    if spec.nullable:
-        return decoded is None or (spec.kind == "strings" and not decoded)
-    return _is_zero(decoded)
+    """kube-proxy's defaulting: null (Go leaves the field unset) means the default; so does the zero
+    value of a field that is not a pointer ("syncPeriod: 0s", "healthzBindAddress: \"\"", as kubeadm
+    writes them), and an empty list or map."""
+    if decoded is None or (spec.kind in ("strings", "bools") and not decoded):
+        return True
+    return not spec.pointer and _is_zero(decoded)
 
 
 def _decode(spec: Leaf, value: Any, where: str) -> Any:
-    if value is None:
-        if spec.nullable or spec.kind == "any":
-            return None
-        raise ConfigError(f"{where}: null is not allowed here; want {_KIND_WORDS[spec.kind]}")
-    check = _CHECKS[spec.kind]
+    if value is None:  # Go's decoder leaves a field it reads null from as it was
+        return None
+    kind = KINDS[spec.kind]
     try:
-        return check(value)
+        return kind.check(value)
     except (TypeError, ValueError) as error:
         detail = f" ({error})" if isinstance(error, ValueError) and str(error) else ""
-        raise ConfigError(f"{where}: want {_KIND_WORDS[spec.kind]}, got {_describe(value)}{detail}") from None
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError
-    return value
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError
-    return value
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError
-    return float(value)
-
-
-def _duration(value: Any) -> float:
-    if not isinstance(value, str):  # metav1.Duration is a string in JSON: 30 (a number) is refused
-        raise TypeError
-    return parse_duration(value)
-
-
-def _strings(value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise TypeError
-    return list(value)
-
-
-def _bools(value: Any) -> dict[str, bool]:
-    if not isinstance(value, dict) or not all(isinstance(v, bool) for v in value.values()):
-        raise TypeError
-    return {str(k): v for k, v in value.items()}
-
-
-_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "str": _str, "bool": _bool, "int": _int, "number": _number, "duration": _duration,
-    "strings": _strings, "bools": _bools, "any": lambda v: v,
-}
-_KIND_WORDS = {
-    "str": "a string", "bool": "true or false", "int": "an integer", "number": "a number",
-    "duration": "a duration string like \"30s\"", "strings": "a list of strings",
-    "bools": "a map of names to true/false", "any": "a value",
-}
+        raise ConfigError(f"{where}: want {kind.words}, got {_describe(value)}{detail}") from None
 
 
 def _describe(value: Any) -> str:
@@ -451,23 +471,19 @@ def _near(key: str, schema: dict) -> str:
     return ""
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice, as kube-proxy's strict decoder does."""
+class _PairsLoader(yaml.SafeLoader):
+    """SafeLoader that hands each mapping's pairs to `unique`, which notes a key given twice."""
+
+    unique: Callable[..., dict]
 
 
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _construct_mapping(loader: _PairsLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     loader.flatten_mapping(node)
-    mapping: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(None, None, f"field {key!r} is given twice",
-                                                    key_node.start_mark)
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
+    pairs = [(loader.construct_object(k, deep=deep), loader.construct_object(v, deep=deep)) for k, v in node.value]
+    return loader.unique(pairs, [k.start_mark.line + 1 for k, _ in node.value])
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_PairsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 # ---------------------------------------------------------------------------------------------------------

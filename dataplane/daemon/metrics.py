@@ -30,6 +30,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from ..model import ServiceType, TrafficPolicy
+from ..model.endpoints import TRIGGER_TIME_ANNOTATION
 
 if TYPE_CHECKING:
     from ..model import ServiceKey, ServiceState, Snapshot
@@ -38,7 +39,6 @@ disable_created_metrics()  # kube-proxy exposes no *_created series
 
 KUBE_PROXY_VERSION = "v1.34"  # the kube-proxy release whose metric names, labels and buckets these are
 IP_FAMILIES = ("IPv4", "IPv6")
-TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
 
 # kube-proxy's: ExponentialBuckets(0.001, 2, 15) for sync durations.
 SYNC_BUCKETS = tuple(0.001 * 2 ** i for i in range(15))
@@ -229,7 +229,7 @@ class TriggerTimes:
         """From an EndpointSlice object as the API sends it; malformed or old annotations are skipped."""
         meta = endpoint_slice.get("metadata") if isinstance(endpoint_slice.get("metadata"), dict) else {}
         annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
-        stamp = parse_time(annotations.get(TRIGGER_TIME))
+        stamp = parse_time(annotations.get(TRIGGER_TIME_ANNOTATION))
         if stamp is None or stamp < self.started:
             return
         ip_family = "IPv6" if endpoint_slice.get("addressType") == "IPv6" else "IPv4"

@@ -21,7 +21,8 @@ them normally; `silence()` makes the open watches go quiet (no byte, no
 bookmark: a dead connection); `expire()` compacts the history (older
 versions get 410 Gone) and sends open watches the ERROR 410 event;
 `stop()`/`start()` take the server down and up again, keeping the objects
-and the version counter, as etcd would; `requests` records every request.
+and the version counter, as etcd would; `requests` records every request
+(`accepts`, its Accept header).
 
 Invariants: resourceVersions come from one counter over all kinds (etcd's
 revision) and only grow; a watch from version V sees, in order, every event
@@ -93,6 +94,7 @@ class KubeApi:
         self.bookmark_interval = bookmark_interval
         self.token = token  # when set, requests need "Authorization: Bearer <token>"
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query)
+        self.accepts: list[str] = []  # each request's Accept header, in the order of `requests`
         self._objects: dict[str, dict[tuple[str, str], Obj]] = {kind: {} for kind in KINDS}
         self._log: list[tuple[int, str, str, Obj]] = []  # (version, kind, event type, object)
         self._version = 100
@@ -260,6 +262,7 @@ class KubeApi:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         query = dict(request.query)
         self.requests.append((request.method, request.path, query))
+        self.accepts.append(request.headers.get("Accept", ""))
         if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
             return _json(401, status(401, "Unauthorized", "Unauthorized"))
         route = _route(request.path)

@@ -15,6 +15,8 @@ from .fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, Reader
 from .service import Protocol, object_ref, read_metadata
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# When the change an EndpointSlice carries was triggered (kube-proxy's network programming latency).
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
 @dataclass(frozen=True, slots=True)

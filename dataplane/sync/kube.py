@@ -51,6 +51,7 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..model import ObjectSet, ServiceKey, parse_objects
+from ..model.endpoints import TRIGGER_TIME_ANNOTATION
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ API_CALLS: tuple[tuple[Resource, str], ...] = tuple(
 )
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"  # the cluster autoscaler's, as kube-proxy checks it
+JSON = "application/json"  # the only content type asked for and decoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,11 @@ class ApiSettings:
     watch_seconds: tuple[int, int] = (300, 600)  # server-side timeoutSeconds, random in this range (client-go's)
     backoff_first: float = 1.0
     backoff_cap: float = 10.0
+    # kube-proxy's clientConnection: the client-side rate limit of requests (qps < 0: none; 0: client-go's
+    # defaults, 5 and 10), and the content type (JSON is what is asked for and decoded: see `api_client`).
+    qps: float = 5.0
+    burst: int = 10
+    content_type: str = "application/vnd.kubernetes.protobuf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +118,7 @@ class NodeInfo:
     @property
     def eligible(self) -> bool:
         """kube-proxy's node eligibility: not being deleted, not marked ToBeDeletedByClusterAutoscaler."""
-        return not self.deleting and "ToBeDeletedByClusterAutoscaler" not in self.taints
+        return not self.deleting and TO_BE_DELETED_TAINT not in self.taints
 
     @property
     def ips(self) -> tuple[str, ...]:
@@ -185,6 +193,45 @@ class ApiError(Exception):
 
 
 @dataclass
+class RateLimiter:
+    """client-go's client-side token bucket (flowcontrol.NewTokenBucketRateLimiter): `burst` requests
+    at once, then `qps` a second, shared by every request of one client. Reservation-based, as
+    golang.org/x/time/rate: a request takes a token now and waits until the bucket would have had it.
+    qps < 0: no limit (as client-go); 0 and burst 0: client-go's defaults (5, 10)."""
+
+    qps: float = 5.0
+    burst: int = 10
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.qps == 0:
+            self.qps = 5.0
+        if self.burst <= 0:
+            self.burst = 10
+        self._tokens = float(self.burst)
+        self._stamp: float | None = None
+
+    def reserve(self) -> float:
+        """Takes a token; returns the seconds to wait before the request may go (0: at once)."""
+        if self.qps < 0:
+            return 0.0
+        now = self.clock()
+        if self._stamp is not None:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.qps)
+        self._stamp = now
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.qps
+
+    async def wait(self, what: str) -> None:
+        delay = self.reserve()
+        if delay >= 1.0:  # client-go logs long throttling too; it says which limit to raise
+            log.info("%s: waiting %.1f s for client-side throttling (clientConnection.qps %g, burst %d)",
+                     what, delay, self.qps, self.burst)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+@dataclass
 class Backoff:
     """Jittered exponential backoff: delays in (d/2, d], d = first, 2*first, ... capped at `cap`."""
 
@@ -223,6 +270,12 @@ async def api_client(settings: ApiSettings) -> client.ApiClient:
         raise ValueError(f"{where}: {error} (give --kubeconfig or --master)") from None
     if settings.master:
         configuration.host = settings.master.rstrip("/")
+    if settings.content_type.split(";")[0].strip() != JSON:
+        # kube-proxy's default is protobuf; the client's generated calls always send `Accept:
+        # application/json`, and no Python codec reads Kubernetes' protobuf envelope. The
+        # requests are the same lists and watches either way.
+        log.info("clientConnection.contentType %s: the API client asks for and decodes %s instead",
+                 settings.content_type, JSON)
     return client.ApiClient(configuration)
 
 
@@ -253,9 +306,16 @@ class _Api:
             NODES: core.list_node,
         }
         self.settings = settings
+        self.limiter = RateLimiter(settings.qps, settings.burst)
 
     async def list_page(self, resource: Resource, field_selector: str, token: str, limit: int | None) -> dict:
-        """One page of a list; raises ApiError for an error answer."""
+        """One page of a list; raises ApiError for an error answer.
+
+        A list takes one token of the rate limit however many pages it has: kube-proxy's informers
+        list once, unpaged, from the watch cache (resourceVersion 0), so the same qps admits the
+        same lists here."""
+        if not token:
+            await self.limiter.wait(f"{resource.kind} list")
         kwargs: dict[str, Any] = {
             "_preload_content": False,
             "_request_timeout": (self.settings.connect_timeout, max(60.0, self.settings.idle_timeout)),
@@ -280,6 +340,7 @@ class _Api:
 
     async def watch(self, resource: Resource, field_selector: str, version: str) -> aiohttp.ClientResponse:
         """An open watch stream from `version`; raises ApiError when the server refuses it."""
+        await self.limiter.wait(f"{resource.kind} watch")
         kwargs: dict[str, Any] = {
             "watch": True,
             "allow_watch_bookmarks": True,
@@ -478,23 +539,34 @@ class _ObjectHandler(_Handler):
         origin, version = self._identify(obj)
         if version and self.versions.get(origin) == version:
             return origin, version, _UNCHANGED
-        return origin, version, self._parse(origin, obj)
+        # A changed EndpointSlice in a list (a relist after 410 Gone) is a change as a watch event is;
+        # kube-proxy's informer delivers it as an update, trigger time included. Only what the hook
+        # reads is kept until the list is in the store.
+        trigger = _trigger_part(obj) if self.resource is ENDPOINT_SLICES else None
+        return origin, version, (self._parse(origin, obj), trigger)
 
     def replace_all(self, entries: list[tuple[str, str, Any]]) -> None:
         listed = {origin for origin, _, _ in entries}
         for origin in [o for o in self.versions if o not in listed]:
             self._withdraw(origin)
-        for origin, version, objects in entries:
-            if objects is not _UNCHANGED:
+        for origin, version, prepared in entries:
+            if prepared is not _UNCHANGED:
+                objects, trigger = prepared
                 self.versions[origin] = version
                 self.source.changed(self.source.store.replace(origin, objects))
+                if trigger is not None:
+                    self._triggered(trigger)
 
     def upsert(self, obj: dict) -> None:
         origin, version = self._identify(obj)
         self.versions[origin] = version
         self.source.changed(self.source.store.replace(origin, self._parse(origin, obj)))
-        if self.resource is ENDPOINT_SLICES and self.source.on_endpoint_slice is not None:
-            self.source.on_endpoint_slice(obj)  # its last-change-trigger-time (network programming latency)
+        if self.resource is ENDPOINT_SLICES:
+            self._triggered(obj)
+
+    def _triggered(self, endpoint_slice: dict) -> None:
+        if self.source.on_endpoint_slice is not None:
+            self.source.on_endpoint_slice(endpoint_slice)  # its last-change-trigger-time (network programming)
 
     def delete(self, obj: dict) -> None:
         self._withdraw(self._identify(obj)[0])
@@ -503,6 +575,14 @@ class _ObjectHandler(_Handler):
         self.versions.pop(origin, None)
         self.source.store.report(origin, None)
         self.source.changed(self.source.store.replace(origin, None))
+
+
+def _trigger_part(endpoint_slice: dict) -> dict:
+    """The parts of an EndpointSlice the trigger-time hook reads: the annotation and addressType."""
+    meta = endpoint_slice.get("metadata") if isinstance(endpoint_slice.get("metadata"), dict) else {}
+    annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
+    return {"metadata": {"annotations": {TRIGGER_TIME_ANNOTATION: annotations.get(TRIGGER_TIME_ANNOTATION)}},
+            "addressType": endpoint_slice.get("addressType")}
 
 
 class _NodeHandler(_Handler):

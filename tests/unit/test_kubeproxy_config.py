@@ -77,7 +77,7 @@ def test_bad_bind_addresses_name_the_flag(text):
 # ---- the flags
 
 def test_kube_proxy_flag_spellings_parse():
-    args = resolved("--sync-period=30s", "--min-sync-period=1s", "--config-sync-period=15m",
+    args = resolved("--sync-period=30s", "--min-sync-period=1s", "--config-sync-period=10m",
                     "--conntrack-tcp-timeout-established=24h", "--conntrack-tcp-timeout-close-wait=1h",
                     "--conntrack-udp-timeout=30s", "--conntrack-udp-timeout-stream=2m", "--conntrack-max-per-core=0",
                     "--conntrack-min=1000", "--conntrack-tcp-be-liberal", "--v=4", "--logging-format=json",
@@ -85,7 +85,7 @@ def test_kube_proxy_flag_spellings_parse():
                     "--bind-address-hard-fail", "--detect-local-mode=ClusterCIDR", "--masquerade-bit=12",
                     "--oom-score-adj=-500", "--feature-gates=A=true,B=false", "--kube-api-qps=20",
                     "--kube-api-burst=40", "--proxy-mode=nftables")
-    assert (args.sync_period, args.min_sync_period, args.config_sync_period) == (30, 1, 900)
+    assert (args.sync_period, args.min_sync_period, args.config_sync_period) == (30, 1, 600)
     assert (args.conntrack_tcp_timeout_established, args.conntrack_tcp_timeout_close_wait) == (86400, 3600)
     assert (args.conntrack_udp_timeout, args.conntrack_udp_timeout_stream) == (30, 120)
     assert (args.conntrack_max_per_core, args.conntrack_min, args.conntrack_tcp_be_liberal) == (0, 1000, True)
@@ -95,6 +95,48 @@ def test_kube_proxy_flag_spellings_parse():
     assert cli.bind_addresses(args) == ("127.0.0.1:10256", "")
     assert cli._primary_ip(args.bind_address) == "192.168.60.1" and cli._primary_ip("0.0.0.0") == ""
     assert cli.settings_from(args).masquerade_bit == 1 << 12
+
+
+@pytest.mark.parametrize("flag, dest, want", [
+    ("--masquerade-all", "masquerade_all", True),
+    ("--masquerade-all=true", "masquerade_all", True),
+    ("--masquerade-all=false", "masquerade_all", False),
+    ("--bind-address-hard-fail=1", "bind_address_hard_fail", True),
+    ("--conntrack-tcp-be-liberal=F", "conntrack_tcp_be_liberal", False),
+    ("--init-only=true", "init_only", True),
+])
+def test_bool_flags_take_pflags_syntax(flag, dest, want):
+    assert getattr(resolved(flag), dest) is want
+
+
+# kube-proxy flags that mean nothing here: accepted in its syntax, so its DaemonSet's arguments start us.
+@pytest.mark.parametrize("flag, logged", [
+    ("--iptables-localhost-nodeports=false", "--iptables-localhost-nodeports is ignored: NodePorts never answer"),
+    ("--ipvs-scheduler=rr", "--ipvs-scheduler is ignored: an IPVS setting"),
+    ("--ipvs-sync-period=30s", "--ipvs-sync-period is ignored"),
+    ("--ipvs-strict-arp", "--ipvs-strict-arp is ignored"),
+    ("--profiling=false", "--profiling is ignored: no /debug/pprof"),
+    ("--vmodule=proxier=5", "--vmodule is ignored"),
+    ("--log-flush-frequency=5s", "--log-flush-frequency is ignored"),
+    ("--log-text-split-stream", "--log-text-split-stream is ignored"),
+    ("--show-hidden-metrics-for-version=1.33", "--show-hidden-metrics-for-version is ignored"),
+])
+def test_kube_proxy_flags_without_a_meaning_here_are_accepted_and_logged(flag, logged, caplog):
+    with caplog.at_level(logging.INFO):
+        cli.log_ignored_flags(resolved(flag), logging.getLogger("test"))
+    messages = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
+    assert len(messages) == 1 and logged in messages[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ipvs-sync-period=30x"], "not a duration"),
+    (["--profiling=maybe"], "not true or false"),
+    (["--masquerade-all=yes"], "not true or false"),
+])
+def test_bad_values_of_kube_proxy_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["run", *argv])
+    assert message in capsys.readouterr().err
 
 
 def test_old_spellings_still_work():
@@ -135,6 +177,9 @@ def test_bad_flags_exit_2_with_the_reason(argv, message, capsys):
     (["--oom-score-adj=-1001"], "[-1000, 1000]"),
     (["--nodeport-addresses=localhost"], "loopback"),
     (["--healthz-bind-address=nowhere"], "healthz-bind-address"),
+    (["--kube-api-burst=-1"], "kube-api-burst: must not be negative"),
+    (["--config-sync-period=0s"], "config-sync-period: must be greater than 0"),
+    (["--kube-api-content-type=json"], "not a media type"),
 ])
 def test_values_without_an_implementation_are_usage_errors(argv, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -255,8 +300,8 @@ def test_given_flags_sees_spellings_and_abbreviations():
     assert "config_sync_period" not in given and "masquerade_bit" not in given
 
 
+# A wrong type fails both of kube-proxy's decoders: exit 2, naming the field.
 @pytest.mark.parametrize("text, message", [
-    ("clusterCidr: 10.0.0.0/8", "clusterCidr: unknown field (did you mean clusterCIDR?)"),
     ("conntrack: {maxPerCore: many}", "conntrack.maxPerCore: want an integer, got a string \"many\""),
     ("iptables: {syncPeriod: 30}", "iptables.syncPeriod: want a duration string like \"30s\", got an integer 30"),
     ("iptables: {syncPeriod: 30q}", "iptables.syncPeriod: want a duration"),
@@ -267,16 +312,45 @@ def test_given_flags_sees_spellings_and_abbreviations():
     ("mode: kernelspace", "Windows"),
     ("mode: userspace", "not a kube-proxy mode"),
     ("clientConnection: {qps: fast}", "clientConnection.qps: want a number"),
-    ("ipvs: {bogus: 1}", "ipvs.bogus: unknown field"),
-    ("clusterCIDR: a\nclusterCIDR: b", "given twice"),
-    ("hostnameOverride: null", "hostnameOverride: null is not allowed"),
+    ("ipvs: {scheduler: [rr]}", "ipvs.scheduler: want a string"),
+    ("conntrack: 5", "conntrack: want a mapping"),
 ])
-def test_strict_decoding_names_the_field(tmp_path, text, message):
+def test_wrong_types_name_the_field(tmp_path, text, message):
     path = tmp_path / "config.conf"
     path.write_text(f"apiVersion: {kpc.API_VERSION}\nkind: {kpc.KIND}\n{text}\n")
     with pytest.raises(kpc.ConfigError) as error:
         kpc.load(path)
     assert message in str(error.value) and str(path) in str(error.value)
+
+
+# What kube-proxy's strict decoder refuses and its lenient v1alpha1 decoder then accepts
+# (cmd/kube-proxy/app/options.go, loadConfig): the rest of the file is used, each one is a warning.
+@pytest.mark.parametrize("text, lenient, field, want", [
+    ("clusterCidr: 10.0.0.0/8\nclusterCIDR: 10.244.0.0/16", "clusterCidr: unknown field (did you mean clusterCIDR?)",
+     "cluster_cidr", "10.244.0.0/16"),
+    ("ipvs: {bogus: 1}\nclusterCIDR: 10.244.0.0/16", "ipvs.bogus: unknown field", "cluster_cidr", "10.244.0.0/16"),
+    ("metadata: {name: kube-proxy}", "metadata: unknown field", "cluster_cidr", ""),  # kustomize's, kubernetes#84143
+    ("clusterCIDR: 10.1.0.0/16\nclusterCIDR: 10.244.0.0/16", "'clusterCIDR' is given twice (line 4); the last",
+     "cluster_cidr", "10.244.0.0/16"),
+    ("hostnameOverride: null", None, "hostname_override", ""),  # Go leaves a field read as null unset
+    ("conntrack: {min: null}", None, "conntrack_min", 131072),
+])
+def test_unknown_and_repeated_fields_are_warnings_as_in_kube_proxy(tmp_path, caplog, text, lenient, field, want):
+    path = tmp_path / "config.conf"
+    path.write_text(f"apiVersion: {kpc.API_VERSION}\nkind: {kpc.KIND}\n{text}\n")
+    loaded = kpc.load(path)
+    assert [lenient in problem for problem in loaded.lenient] == ([True] if lenient else [])
+    with caplog.at_level(logging.WARNING):
+        assert getattr(resolved("--config", str(path)), field) == want
+    assert (lenient in caplog.text and "lenient decoding" in caplog.text) if lenient else "lenient" not in caplog.text
+
+
+def test_a_repeated_key_in_json_is_a_warning_too(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(f'{{"apiVersion": "{kpc.API_VERSION}", "kind": "{kpc.KIND}", '
+                    '"clusterCIDR": "10.1.0.0/16", "clusterCIDR": "10.244.0.0/16"}')
+    loaded = kpc.load(path)
+    assert loaded.values["cluster_cidr"] == "10.244.0.0/16" and "'clusterCIDR' is given twice" in loaded.lenient[0]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -374,7 +448,9 @@ def test_oom_score_adj(tmp_path):
 # ---- what reaches the daemon
 
 
-def test_every_honoured_field_reaches_the_daemons_options(monkeypatch):
+@pytest.fixture
+def recorded(monkeypatch):
+    """`cli._run` without a daemon or the host's /proc: (the Options each Daemon got, the tuning writes)."""
     import uvloop
 
     from dataplane.daemon import app
@@ -382,10 +458,14 @@ def test_every_honoured_field_reaches_the_daemons_options(monkeypatch):
     started, tuned = [], []
     monkeypatch.setattr(app, "Daemon", lambda options, nft: started.append(options) or _Runner())
     monkeypatch.setattr(uvloop, "run", lambda coroutine: coroutine)
-    # Never the host's /proc: the writes are recorded, not made.
     monkeypatch.setattr(nodetuning, "apply", lambda writes: tuned.append(writes) or [])
     monkeypatch.setattr(nodetuning, "set_oom_score_adj", lambda value: tuned.append(value))
     monkeypatch.setattr(nodetuning, "cpu_count", lambda: 2)
+    return started, tuned
+
+
+def test_every_honoured_field_reaches_the_daemons_options(recorded):
+    started, tuned = recorded
     args = resolved("--config", str(EVERY))
     args.proxy_mode, args.source = "kernel", "kube"  # the extension's userspace/manifests need more set-up
     assert cli._run(args, _FakeNft()) == 0
@@ -395,9 +475,18 @@ def test_every_honoured_field_reaches_the_daemons_options(monkeypatch):
     assert options.primary_ip == "192.168.60.1" and options.bind_hard_fail is True
     assert options.feature_gates == {"KubeProxyNFTablesLocalhostNodePorts": False, "TopologyAwareHints": True}
     assert options.kube.kubeconfig == "/etc/dataplane/kubeconfig.conf"
+    assert (options.kube.qps, options.kube.burst, options.kube.content_type) == (7.5, 20, "application/json")
     assert options.settings.masquerade_bit == 1 << 12 and options.settings.masquerade_all
     assert options.dns_bind == "192.168.60.1:53" and options.cluster_domain == "cluster.example"
     assert tuned[0] == -500 and tuned[1][0] == nodetuning.Write("net/netfilter/nf_conntrack_max", 4096)
+
+
+def test_init_only_tunes_the_node_and_exits(recorded):
+    started, tuned = recorded
+    args = resolved("--source", "kube", "--init-only", "--oom-score-adj=-100")
+    assert cli._run(args, _FakeNft()) == 0
+    assert tuned[0] == -100 and len(tuned) == 2 and started == []  # tuned, and no daemon
+    assert cli._run(resolved("--source", "kube"), _FakeNft()) == 0 and len(started) == 1
 
 
 class _Runner:

@@ -18,6 +18,7 @@ from dataplane.daemon import metrics as m
 from dataplane.daemon.healthcheck import HealthCheckServers, ProxyHealth, go_time
 from dataplane.model import (Backend, Endpoint, Protocol, Service, ServicePort, ServiceState, ServiceType, Snapshot,
                              TrafficPolicy)
+from dataplane.model.endpoints import TRIGGER_TIME_ANNOTATION
 from dataplane.sync.kube import parse_node
 
 LIST = Path(__file__).resolve().parents[1] / "kubeproxy" / "metrics-v1.34.txt"
@@ -77,7 +78,7 @@ def test_network_programming_duration_from_the_trigger_time_annotation():
     metrics.triggers = triggers
 
     def slice_(stamp, family="IPv4"):
-        return {"addressType": family, "metadata": {"annotations": {m.TRIGGER_TIME: stamp}}}
+        return {"addressType": family, "metadata": {"annotations": {TRIGGER_TIME_ANNOTATION: stamp}}}
 
     triggers.record(slice_("1970-01-01T00:16:50Z"))  # 1010
     triggers.record(slice_("1970-01-01T00:16:55.5Z", "IPv6"))  # 1015.5

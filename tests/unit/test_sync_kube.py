@@ -20,7 +20,8 @@ import pytest
 from dataplane.lab.kubeapi import KubeApi, kubeconfig, loopback_listener
 from dataplane.lab.manifests import endpoint_slice, port, service
 from dataplane.model import ServiceKey
-from dataplane.sync.kube import API_CALLS, ApiSettings, Backoff, KubeSource, NodeInfo, parse_node
+from dataplane.model.endpoints import TRIGGER_TIME_ANNOTATION
+from dataplane.sync.kube import API_CALLS, ApiSettings, Backoff, KubeSource, NodeInfo, RateLimiter, parse_node
 from dataplane.sync.store import Store
 
 WEB_PORTS = [port("http", 80)]
@@ -209,6 +210,67 @@ def test_lists_in_pages(api):
     run(scenario())
 
 
+# ---- kube-proxy's clientConnection: qps, burst, contentType --------------------------------------
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("qps, burst, gaps, waits", [
+    (5, 10, [0] * 12, [0] * 10 + [0.2, 0.4]),  # kube-proxy's defaults: 10 at once, then one each 0.2 s
+    (2, 1, [0, 0, 0], [0, 0.5, 1.0]),
+    (2, 1, [0, 0.5, 0.5], [0, 0, 0]),  # a token comes back every 1/qps s
+    (2, 3, [0, 10, 0, 0, 0], [0, 0, 0, 0, 0.5]),  # a quiet bucket refills to burst, not beyond
+    (-1, 1, [0] * 5, [0] * 5),  # negative qps: no limit (client-go)
+    (0, 0, [0] * 11, [0] * 10 + [0.2]),  # 0: client-go's defaults
+])
+def test_the_rate_limiter_is_client_gos_token_bucket(qps, burst, gaps, waits):
+    clock = _Clock()
+    limiter = RateLimiter(qps, burst, clock=clock)
+    got = []
+    for gap in gaps:
+        clock.now += gap
+        got.append(round(limiter.reserve(), 6))
+    assert got == waits
+
+
+def test_qps_and_burst_bound_the_requests_to_the_api_server(api):
+    """Every list and watch open takes a token; with qps 4 and burst 1 the 3 lists and 3 watches of a
+    start cannot all go within 1 s, with burst 10 they go at once."""
+    web_cluster(api)
+    api.apply(node())
+
+    async def start_time(**settings) -> float:
+        started = time.monotonic()
+        async with Follower(api, **settings) as f:
+            await f.synced()
+            await eventually(lambda: len(watch_requests(api, "nodes")) >= 1, what="the Node watch")
+        return time.monotonic() - started
+
+    assert run(start_time(qps=4.0, burst=1)) >= 5 / 4 - 0.05  # the 6th request waits 5 tokens of 0.25 s
+    api.requests.clear()
+    assert run(start_time(qps=0.5, burst=10)) < 1.5  # without the burst, the 6 would take 10 s
+
+
+def test_the_client_asks_for_json_whatever_the_content_type(api, caplog):
+    web_cluster(api)
+
+    async def scenario(content_type: str):
+        async with Follower(api, content_type=content_type) as f:
+            await f.synced()
+
+    with caplog.at_level(logging.INFO):
+        run(scenario("application/json"))
+        assert "contentType" not in caplog.text
+        run(scenario("application/vnd.kubernetes.protobuf"))  # kube-proxy's default
+    assert "asks for and decodes application/json instead" in caplog.text
+    assert api.accepts and set(api.accepts) == {"application/json"}
+
+
 # ---- watch semantics ---------------------------------------------------------------------------
 
 def test_a_cut_watch_resumes_from_the_last_version_and_a_change_is_live_within_3_s(api):
@@ -282,6 +344,32 @@ def test_gone_in_the_stream_relists_and_the_relist_replaces_the_cache(api):
             assert f.source.metrics.relists.labels("Service")._value.get() >= 1
 
     run(scenario())
+
+
+def test_a_slice_changed_behind_a_relist_still_carries_its_trigger_time(api):
+    """kube-proxy's informer delivers what a relist finds changed as updates, trigger time included;
+    an unchanged slice in the same list is no change and gives none."""
+    web_cluster(api)
+    api.apply(endpoint_slice("db", ["10.244.2.11"], [("pg", 5432, "TCP")]))
+    triggered = []
+
+    async def scenario():
+        async with Follower(api) as f:
+            f.source.on_endpoint_slice = triggered.append
+            await f.synced()
+            await eventually(lambda: api.open_watches() == 3, what="watches open")
+            triggered.clear()  # the first list: every slice is new (TriggerTimes skips times before the start)
+            api.silence()
+            changed = endpoint_slice("web", ["10.244.1.13"], SLICE_PORTS)
+            changed["metadata"]["annotations"] = {TRIGGER_TIME_ANNOTATION: "2026-12-02T10:00:00Z"}
+            api.apply(changed)
+            api.expire()  # the change reaches the client through the relist only
+            await eventually(lambda: backends(f.store).get("default/web") == ["10.244.1.13:8080"], timeout=10.0,
+                             what="relisted")
+
+    run(scenario())
+    # the changed web slice, once; not the unchanged db slice the relist also returned
+    assert [t["metadata"]["annotations"][TRIGGER_TIME_ANNOTATION] for t in triggered] == ["2026-12-02T10:00:00Z"]
 
 
 def test_gone_on_reconnect_after_an_api_server_restart_relists(api):
