@@ -154,6 +154,12 @@ def main() -> int:
     try:
         if args.only != "control-plane":
             results["latency"] = run_latency(settings, progress)
+        if args.only is None and not args.quick:  # issue 11's capacity figure: new flows/s decided, none failed open
+            from . import userspace
+
+            progress("userspace capacity: floods of new flows, userspace then kernel mode")
+            results["userspace_capacity"] = userspace.measure_capacity(
+                [50000, 100000, 150000, 200000, 250000], 3.0, progress)
         if args.only != "latency":
             results["control_plane"] = run_control_plane(cp_sizes, args.changes or preset["changes"], progress)
     except KeyboardInterrupt:

@@ -12,6 +12,9 @@ count, all built before the first measurement and kept until the last:
                          forwarder process pinned to each)
     userspace-event-loop the same with `--forwarder-loop event`: packets read by
                          the workers' event loop instead of a blocking thread: opt-in
+    userspace-python     the same with the compiled hot loop turned off
+                         (DATAPLANE_NFQUEUE_COMPILED=0): decided in Python,
+                         what a machine without gcc at install runs
     userspace-busy-poll  the same with `--busy-poll 50` (µs): opt-in path
     netfilterqueue       the reference forwarder (bench/forwarders.py): the
                          NetfilterQueue binding, one verdict per packet, the
@@ -68,9 +71,10 @@ from . import iptables_reference, loadgen, stats
 from .manifests import ServiceSpec, measured_spec, synthetic_cluster, write_specs
 
 PATHS = ("direct", "kernel", "userspace", "netfilterqueue", "iptables-reference", "direct-on-kernel-node",
-         "userspace-event-loop", "userspace-busy-poll", "userspace-blocking", "kernel-maglev")
+         "userspace-event-loop", "userspace-busy-poll", "userspace-blocking", "kernel-maglev", "userspace-python")
 DEFAULT_PATHS = PATHS[:6]
-USERSPACE_PATHS = {"userspace", "netfilterqueue", "userspace-event-loop", "userspace-busy-poll", "userspace-blocking"}
+USERSPACE_PATHS = {"userspace", "netfilterqueue", "userspace-event-loop", "userspace-busy-poll", "userspace-blocking",
+                   "userspace-python"}
 REFERENCE_FORWARDERS = {"netfilterqueue": "netfilterqueue", "userspace-blocking": "blocking"}
 BUSY_POLL_US = 50
 MAGLEV = (("dataplane.io/lb-algorithm", "maglev"),)  # kernel-maglev: the measured Service's balancing table
@@ -90,7 +94,11 @@ def proxy_modes() -> list[str]:
     done = subprocess.run([dataplane_executable(), "run", "--help"], capture_output=True, text=True, timeout=60,
                           check=False)
     match = re.search(r"--proxy-mode \{([^}]*)\}", done.stdout)
-    return match.group(1).split(",") if match else []
+    if match:
+        return match.group(1).split(",")
+    # The help that describes the modes in prose instead of listing choices ("... userspace: ...").
+    described = re.search(r"--proxy-mode PROXY_MODE\s+(.*?)(?:\n  -|\Z)", done.stdout, re.S)
+    return re.findall(r"\b(kernel|userspace)\b", described.group(1)) if described else []
 
 
 def measured(services: int) -> ServiceSpec:
@@ -247,6 +255,8 @@ class LatencyBench:
             extra += ["--forwarder-loop", "event"]
         daemon = Daemon.for_source(lab.node, source, self.workdir / f"{name or path}-{size}.log", extra=extra,
                                    cluster_cidr=str(PLAN.cluster_cidr))
+        if path == "userspace-python":  # the workers inherit the daemon's environment
+            daemon.argv = ["env", "DATAPLANE_NFQUEUE_COMPILED=0", *daemon.argv]
         started = time.monotonic()
         try:
             daemon.start(timeout=900)

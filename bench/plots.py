@@ -70,7 +70,7 @@ def write(results: dict, out: Path) -> list[str]:
             ys = [y for _, y in record["cdf_us"]]
             label = record["path"] if record["services"] is None else f"{record['path']} {record['services']:,}"
             style = "-" if record["services"] in (None, sizes[-1] if sizes else None) else ":"
-            ax.plot(xs, ys, style, color=COLORS[record["path"]], label=label)
+            ax.plot(xs, ys, style, color=COLORS.get(record["path"]), label=label)
         ax.set_xscale("log")
         ax.set_xlabel("latency (µs)")
         ax.set_ylabel("fraction of requests ≤ latency")

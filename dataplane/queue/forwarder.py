@@ -34,6 +34,7 @@ from ..lb.balancer import (
 from ..lb.policy import PortTable
 from ..marks import KEEP_MASK
 from ..netlink.ctevents import CtEvent, EventSocket, dump_flows
+from . import nfqueue, picks
 from .nfqueue import QueueSocket
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class Forwarder:
         self._tick: asyncio.TimerHandle | None = None
         self.conntrack_resyncs = 0  # least-conn's flows rebuilt from a dump
         self._resync: _Resync | None = None  # the dump in flight
+        # The compiled loop's pick table (picks.py), in a holder it reads after each sleep; None: decide in Python.
+        self._picks: list | None = [{}] if nfqueue.compiled is not None else None
 
     async def start(self, read_in_loop: bool = True) -> None:
         """Binds the queues (raises nfqueue.QueueError when it cannot) and starts reading.
@@ -153,6 +156,8 @@ class Forwarder:
     def snapshot(self) -> dict:
         """Counts and per-port state for /status and /metrics (plain data: it crosses processes, see workers.py)."""
         with self._lock:
+            if self._picks is not None:
+                picks.fold(self._picks[0], nfqueue.compiled.drain)
             return self._snapshot()
 
     def _snapshot(self) -> dict:
@@ -219,6 +224,8 @@ class Forwarder:
         return decided
 
     def _decide(self, limit: int, block: bool = False) -> int:
+        if self._picks is not None:
+            return self._decide_compiled(limit, block)
         packets: list = []
         started = time.perf_counter()
         self._socket.read(packets, limit, block)
@@ -240,9 +247,36 @@ class Forwarder:
             self.latency.observe(time.perf_counter() - started, len(packets))
         return len(packets)
 
+    def _decide_compiled(self, limit: int, block: bool) -> int:
+        """The compiled loop decides what its pick table knows; the balancer the rest (affinity, least-conn, IPv6)."""
+        started = time.perf_counter()
+        _, decided, rest, self._read_took = self._socket.serve(self._picks, KEEP_MASK, limit, block)
+        if not decided and not rest:
+            return 0
+        if rest:
+            with self._lock:
+                balancer = self.balancer
+                try:
+                    balancer.now = self.clock()
+                    verdicts = balancer.decide(rest)
+                except Exception:  # as in _decide: a bug must not strand packets in the queue
+                    log.exception("balancer failed on a batch of %d packets; they take the kernel's pick", len(rest))
+                    verdicts = [(p.queue, p.packet_id, p.mark & KEEP_MASK) for p in rest]
+                self._socket.send(verdicts)
+        count = decided + len(rest)
+        self.packets += count
+        self.latency.observe(max(0.0, time.perf_counter() - started - self._read_took), count)
+        return count
+
     def _handle(self, event) -> list:
         with self._lock:
-            return self.balancer.handle(event)
+            if self._picks is None or not isinstance(event, (ServicesChanged, NodeAddresses)):
+                return self.balancer.handle(event)
+            # What the compiled loop decided goes back first: a change may renumber the ports' targets.
+            picks.fold(self._picks[0], nfqueue.compiled.drain)
+            commands = self.balancer.handle(event)
+            self._picks[0] = picks.build(self.balancer)
+            return commands
 
     def _follow_conntrack(self) -> None:
         try:

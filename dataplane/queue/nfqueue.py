@@ -15,6 +15,13 @@ Encoding and decoding are pure functions (`decode_packets`, `encode_verdicts`,
 is the only thing here that owns a file descriptor. Messages follow
 include/uapi/linux/netfilter/nfnetlink_queue.h, framed by netlink/codec.py.
 
+The hot loop may be compiled (`_nfqueue.c`, built by pip install when gcc
+and the Python headers are there): `QueueSocket.serve()` then reads a batch
+with recvmmsg, decides in C what the pick table (picks.py) knows and sends
+those verdicts, and hands the rest back as PacketQueued. Without it (or
+with DATAPLANE_NFQUEUE_COMPILED=0) `compiled` is None and the forwarder
+reads, decides and answers in Python, with the same results.
+
 Start-up: the queue is live from the bind request on, so packets can arrive
 before the ACKs of the requests after it. Each request waits for the ACK
 with its own sequence number; packets read meanwhile are kept and returned
@@ -32,6 +39,13 @@ from typing import Iterable
 from ..netlink import codec
 from ..netlink.codec import ATTR, BE32, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, message_type
 from ..packet import PacketQueued
+
+try:
+    from . import _nfqueue as compiled
+except ImportError:  # not built (no gcc or Python headers at install): the Python loop decides
+    compiled = None
+if os.environ.get("DATAPLANE_NFQUEUE_COMPILED", "1") == "0":  # the bench's Python-loop path
+    compiled = None
 
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
@@ -158,6 +172,8 @@ class QueueSocket:
                     self._request(message, seq)
                     seq += 1
             self.sock.settimeout(None)  # blocking; read() asks for MSG_DONTWAIT unless told to wait
+            self._fd = self.sock.fileno()
+            self._scratch = bytearray(64 * _RECV_SIZE) if compiled is not None else None  # serve()'s recvmmsg
         except BaseException:
             self.sock.close()
             raise
@@ -199,6 +215,20 @@ class QueueSocket:
             decode_packets(data, into)
             count += 1
         return count
+
+    def serve(self, holder: list, keep_mask: int, limit: int = 1024, block: bool = False,
+              ) -> tuple[int, int, list[PacketQueued], float]:
+        """The compiled loop: reads up to `limit` datagrams, decides and answers those `holder[0]` has picks for.
+
+        Returns (datagrams read, packets decided, the packets left for the
+        balancer, seconds the first recv took). `holder`: a list of one pick
+        table (picks.build), read after the first recv returns. Only when
+        `compiled` is not None. Raises OSError as recv and send do.
+        """
+        if self._early:
+            early, self._early = self._early, []
+            return 0, 0, early, 1.0  # (not a burst: answer these, then sleep again)
+        return compiled.serve(self._fd, self._scratch, holder, keep_mask, limit, block, PacketQueued)
 
     def send(self, verdicts: list[tuple[int, int, int]]) -> None:
         """Sends verdicts (queue, packet id, mark): ACCEPT with that mark; in datagrams of at most 256."""

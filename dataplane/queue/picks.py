@@ -1,0 +1,95 @@
+"""Pick tables: the balancer's random and round-robin ports as arrays the compiled loop reads (nfqueue._nfqueue).
+
+Pure, apart from the counts the compiled loop writes into the arrays. A
+table maps key(daddr, protocol, port) of an IPv4 frontend (a Service
+address, or a node address and NodePort) to (kind, marks, counts, cursor):
+one mark per slot (random: a target `weight` times, as PortState.slots;
+round-robin: PortState.sequence), the flows decided per slot, and the
+round-robin position. Ports a table cannot decide alone stay out and go to
+the balancer itself: ClientIP affinity (per-client state), least-conn (live
+counts), Maglev (a hash of the flow), a random port too weighted for slots,
+IPv6, and ports without endpoints (counted as undecided there).
+
+`fold()` hands what the compiled loop decided back to the balancer (its
+per-endpoint counts and the round-robin position), so /status and /metrics,
+and the next table, carry on from there.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Callable
+
+KIND = {"random": 0, "round-robin": 1}
+
+
+def key(daddr: bytes, protocol: int, port: int) -> int:
+    """The table key of an IPv4 frontend (the compiled loop computes the same from the packet)."""
+    return (int.from_bytes(daddr, "big") << 24) | (protocol << 16) | port
+
+
+class Entry(tuple):
+    """(kind, marks, counts, cursor, port state, slot -> index into its targets); the loop reads the first four."""
+
+    __slots__ = ()
+
+
+def entry_for(port) -> Entry | None:
+    """A PortState's entry, or None when the balancer must decide its packets itself."""
+    table = port.table
+    kind = KIND.get(table.algorithm)
+    if kind is None or table.affinity_timeout is not None or not port.targets:
+        return None
+    slots = port.slots if kind == KIND["random"] else port.sequence
+    if not slots:
+        return None
+    marks = array("I", (port.marks[i] for i in slots))
+    cursor = array("Q", (port.cursor if kind == KIND["round-robin"] else 0,))
+    return Entry((kind, marks, array("Q", bytes(8 * len(slots))), cursor, port, tuple(slots)))
+
+
+def build(balancer) -> dict[int, Entry]:
+    """The pick table of a balancer now: its frontends, and its NodePorts on every IPv4 node address."""
+    found: dict[int, Entry] = {}
+    entries: dict[int, Entry | None] = {}  # id(port state) -> its entry: one per port, shared by its keys
+
+    def of(port) -> Entry | None:
+        if id(port) not in entries:
+            entries[id(port)] = entry_for(port)
+        return entries[id(port)]
+
+    for (protocol, node_port), port in balancer.nodeports.items():
+        entry = of(port)
+        if entry is not None:
+            for ip in balancer.node_ips:
+                if len(ip) == 4:
+                    found[key(ip, protocol, node_port)] = entry
+    for (daddr, protocol, port_number), port in balancer.frontends.items():  # a frontend wins over a NodePort
+        k = key(daddr, protocol, port_number) if len(daddr) == 4 else None
+        if k is None:
+            continue
+        entry = of(port)
+        if entry is not None:
+            found[k] = entry
+        else:
+            found.pop(k, None)  # the balancer decides, as decide() would find the frontend first
+    return found
+
+
+def fold(table: dict[int, Entry], drain: Callable[[array], list[int]]) -> int:
+    """Adds what the loop decided to each port's counts, moves round-robin on; returns how many flows.
+
+    `drain` reads and zeroes a counts array in one step (the compiled loop's).
+    """
+    total = 0
+    for entry in {id(e): e for e in table.values()}.values():
+        kind, _, counts, cursor, port, slots = entry
+        decided = port.decided
+        for slot, n in enumerate(drain(counts)):
+            if n:
+                target_id = port.ids[slots[slot]]
+                decided[target_id] = decided.get(target_id, 0) + n
+                total += n
+        if kind == KIND["round-robin"] and port.sequence:
+            port.cursor = cursor[0] % len(port.sequence)
+    return total

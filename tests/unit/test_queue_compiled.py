@@ -1,0 +1,191 @@
+"""The compiled hot loop (dataplane/queue/_nfqueue.c) against the Python one, on the same datagrams.
+
+A socketpair stands in for the netlink socket: what the "kernel" end sends
+is what nfnetlink_queue would, and the verdicts it receives are compared
+with what the balancer decides in Python. Skipped when the extension is not
+built (pip install -e . builds it where gcc and the Python headers exist).
+
+Address plan
+    clients     192.168.50.0/24; node 192.168.50.1 (NodePort 30080)
+    ClusterIPs  10.96.0.10:80/TCP round-robin, .11:53/UDP random (weights 1, 3), .12:80/TCP with ClientIP affinity,
+                .13:80/TCP least-conn, fd00:96::10:80/TCP (IPv6)
+    endpoints   10.244.1.11-.. :80, ids 1..N
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections import Counter
+
+import pytest
+from scapy.all import IP, IPv6, TCP, UDP, raw
+
+from dataplane.lb.balancer import Balancer, NodeAddresses, ServicesChanged
+from dataplane.lb.policy import PortTable, Target, packed
+from dataplane.marks import KEEP_MASK, mark_for
+from dataplane.packet import PacketQueued
+from dataplane.queue import nfqueue, picks
+
+from test_queue_packet import ack, packet_message
+
+pytestmark = pytest.mark.skipif(nfqueue.compiled is None, reason="dataplane.queue._nfqueue is not built")
+
+
+def targets(n: int, weights=None) -> tuple[Target, ...]:
+    return tuple(Target(i + 1, f"10.244.1.{11 + i}", 80, (weights or [1] * n)[i]) for i in range(n))
+
+
+def port(name, address, algorithm="random", n=3, weights=None, affinity=None, protocol=6, number=80, node_port=None):
+    return PortTable(name, protocol, (packed(address),), number, node_port, targets(n, weights), algorithm, affinity)
+
+
+PORTS = (
+    port("default/rr:http", "10.96.0.10", "round-robin", node_port=30080),
+    port("default/dns:dns", "10.96.0.11", "random", n=2, weights=[1, 3], protocol=17, number=53),
+    port("default/sticky:http", "10.96.0.12", "random", affinity=10800),
+    port("default/lc:http", "10.96.0.13", "least-conn"),
+    port("default/v6:http", "fd00:96::10", "round-robin"),
+)
+
+
+def balancer() -> Balancer:
+    b = Balancer(seed=3)
+    b.handle(ServicesChanged({"all": PORTS}, 0.0))
+    b.handle(NodeAddresses((packed("192.168.50.1"),)))
+    return b
+
+
+def syn(dst: str, sport: int, dport: int = 80, udp=False, src="192.168.50.2") -> bytes:
+    ip = IPv6(src="fd00:50::2", dst=dst) if ":" in dst else IP(src=src, dst=dst)
+    return raw(ip / (UDP(sport=sport, dport=dport) if udp else TCP(sport=sport, dport=dport, flags="S")))
+
+
+def queue_pair():
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for seq in range(1, 5):
+        kernel.send(ack(seq))
+    queue = nfqueue.QueueSocket([0], sock=ours)
+    for _ in range(4):
+        kernel.recv(4096)  # the bind requests
+    return queue, kernel
+
+
+def verdicts(kernel: socket.socket) -> dict[int, int]:
+    """packet id -> mark of every verdict waiting on the kernel side."""
+    found = {}
+    kernel.setblocking(False)
+    try:
+        while True:
+            data = kernel.recv(65536)
+            for at in range(0, len(data), 40):
+                (_, packet_id), (mark,) = struct.unpack_from("!II", data, at + 24), struct.unpack_from("!I", data, at + 36)
+                found[packet_id] = mark
+    except BlockingIOError:
+        pass
+    kernel.setblocking(True)
+    return found
+
+
+def serve(queue, table, limit=1024, block=False):
+    return queue.serve([table], KEEP_MASK, limit, block)
+
+
+def test_round_robin_and_nodeport_decide_as_the_balancer_does():
+    b, twin = balancer(), balancer()
+    queue, kernel = queue_pair()
+    packets = [PacketQueued(0, i, 0x2000 | 0x4000, syn("10.96.0.10", 40000 + i)) for i in range(7)]
+    packets.append(PacketQueued(0, 7, 0x2000, syn("192.168.50.1", 40007, 30080)))  # the NodePort: same port state
+    for p in packets:
+        kernel.send(packet_message(p.queue, p.packet_id, p.mark, p.payload))
+    datagrams, decided, rest, _ = serve(queue, picks.build(b))
+    assert (datagrams, decided, rest) == (8, 8, [])
+    assert verdicts(kernel) == {packet_id: mark for _, packet_id, mark in twin.decide(packets)}
+
+
+def test_random_picks_hold_the_weights_and_keep_the_kept_bits():
+    b = balancer()
+    queue, kernel = queue_pair()
+    table, seen = picks.build(b), Counter()
+    for batch in range(20):
+        for i in range(200):
+            kernel.send(packet_message(0, batch * 200 + i, 0x2000 | 0x8000, syn("10.96.0.11", 1000 + i, 53, udp=True)))
+        assert serve(queue, table)[1] == 200
+        seen.update(verdicts(kernel).values())
+    assert set(seen) == {mark_for(1) | 0x8000, mark_for(2) | 0x8000}
+    assert 2.4 < seen[mark_for(2) | 0x8000] / seen[mark_for(1) | 0x8000] < 3.8  # weights 1:3, 4,000 draws
+    assert picks.fold(table, nfqueue.compiled.drain) == 4000
+    counts = {e["endpoint"]: e["decided"] for s in b.status() if s["service"] == "default/dns:dns" for e in s["endpoints"]}
+    assert sum(counts.values()) == 4000 and picks.fold(table, nfqueue.compiled.drain) == 0  # drained once
+
+
+@pytest.mark.parametrize("dst, why", [
+    ("10.96.0.12", "ClientIP affinity: per-client state"),
+    ("10.96.0.13", "least-conn: live counts"),
+    ("fd00:96::10", "IPv6"),
+    ("10.96.0.99", "no such Service: the balancer counts it undecided"),
+])
+def test_what_the_table_cannot_decide_goes_back_to_the_balancer(dst, why):
+    queue, kernel = queue_pair()
+    payload = syn(dst, 40000)
+    kernel.send(packet_message(0, 9, 0x2000, payload))
+    datagrams, decided, rest, _ = serve(queue, picks.build(balancer()))
+    assert (datagrams, decided, rest) == (1, 0, [PacketQueued(0, 9, 0x2000, payload)]), why
+    assert verdicts(kernel) == {}
+
+
+def test_a_frontend_on_a_node_address_wins_over_the_nodeport():
+    b = Balancer(seed=1)
+    b.handle(ServicesChanged({"a": (port("default/np:http", "10.96.0.10", node_port=30080),),
+                              "b": (port("default/lb:http", "192.168.50.1", "least-conn", number=30080),)}, 0.0))
+    b.handle(NodeAddresses((packed("192.168.50.1"),)))
+    table = picks.build(b)
+    assert picks.key(packed("192.168.50.1"), 6, 30080) not in table  # least-conn: the balancer decides
+    assert picks.key(packed("10.96.0.10"), 6, 80) in table
+
+
+def test_a_burst_is_read_in_one_call_up_to_the_limit_and_the_rest_stays():
+    queue, kernel = queue_pair()
+    for i in range(150):
+        kernel.send(packet_message(0, i, 0x2000, syn("10.96.0.10", 2000 + i)))
+    table = picks.build(balancer())
+    assert serve(queue, table, limit=100)[:2] == (100, 100)
+    assert serve(queue, table)[:2] == (50, 50)
+    assert serve(queue, table)[:3] == (0, 0, [])  # empty: EAGAIN, nothing sent
+    assert len(verdicts(kernel)) == 150
+
+
+def test_malformed_datagrams_never_raise_and_answer_only_whole_packets():
+    queue, kernel = queue_pair()
+    whole = packet_message(0, 5, 0x2000, syn("10.96.0.10", 3000))
+    for data in (b"", b"\xff" * 15, whole[:30], whole + whole[:25], struct.pack("=IH", 8, 0) + bytes(10)):
+        kernel.send(data)
+    table = picks.build(balancer())
+    datagrams, decided, rest, _ = serve(queue, table)
+    assert (datagrams, decided, rest) == (5, 1, [])
+    assert list(verdicts(kernel)) == [5]
+
+
+def test_a_table_swapped_while_asleep_is_the_one_used():
+    queue, kernel = queue_pair()
+    holder = [{}]
+    kernel.send(packet_message(0, 1, 0x2000, syn("10.96.0.10", 4000)))
+    holder[0] = picks.build(balancer())  # what a services change does while the loop sleeps in recv
+    assert queue.serve(holder, KEEP_MASK, 1, True)[:3] == (1, 1, [])
+
+
+def test_the_forwarder_folds_compiled_counts_into_its_snapshot():
+    from dataplane.queue.forwarder import Forwarder
+
+    queue, kernel = queue_pair()
+    forwarder = Forwarder((0,), balancer())
+    forwarder._socket = queue
+    forwarder._handle(ServicesChanged({"all": PORTS}, 0.0))  # builds the pick table
+    for i in range(6):
+        kernel.send(packet_message(0, i, 0x2000, syn("10.96.0.10", 5000 + i)))
+    kernel.send(packet_message(0, 6, 0x2000, syn("10.96.0.12", 5006)))  # affinity: decided in Python
+    assert forwarder._decide(1024) == 7
+    assert len(verdicts(kernel)) == 7
+    snap = forwarder.snapshot()
+    decided = {s["service"]: sum(e["decided"] for e in s["endpoints"]) for s in snap["services"]}
+    assert (snap["packets"], decided["default/rr:http"], decided["default/sticky:http"]) == (7, 6, 1)
