@@ -64,6 +64,7 @@ class ControlPlaneResult:
             values = data.pop(key)
             data[f"{key}_median"] = round(statistics.median(values), 2) if values else None
             data[f"{key}_p90"] = round(_percentile(values, 0.9), 2) if values else None
+            data[f"{key}_p99"] = round(_percentile(values, 0.99), 2) if values else None
         data["changes"] = len(self.change_latency_ms)
         return data
 
@@ -223,6 +224,7 @@ def markdown(records: list[dict]) -> str:
                ("resync_apply_s", "  of which apply (s)"),
                ("change_latency_ms_median", "one change, write -> live (ms, median)"),
                ("change_latency_ms_p90", "one change, write -> live (ms, p90)"),
+               ("change_latency_ms_p99", "one change, write -> live (ms, p99)"),
                ("change_sync_ms_median", "one change, sync (ms, median)"),
                ("change_apply_ms_median", "  of which apply (ms, median)"), ("peak_rss_mb", "daemon peak RSS (MB)")]
     for record in records:
