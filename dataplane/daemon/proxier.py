@@ -48,6 +48,15 @@ class Proxier:
         # Userspace mode adds its declarations and elements to each rendered ruleset (daemon/userspace.py).
         self.extend: Callable[[Ruleset, Snapshot], Ruleset] | None = None
 
+    _synced_ips: tuple[str, ...] | None = None  # the node addresses of the last successful sync
+
+    def _unchanged(self, snapshot: Snapshot, node_ips: tuple[str, ...]) -> bool:
+        """True when `snapshot` and `node_ips` are what the last successful sync programmed."""
+        # Userspace mode's additions are its own state's, not only the snapshot's: rendered again.
+        return (self.extend is None and node_ips == self._synced_ips and snapshot.follows(self.synced)
+                and not snapshot.changed
+                and all(state.ruleset is not None for state in self.programmed))
+
     def sync(self, snapshot: Snapshot, node_ips: tuple[str, ...], full: bool) -> SyncResult:
         """Programs `snapshot`. On failure it raises (NftError from the kernel, or whatever
         render, userspace mode's `extend` or the planner raised) with the kernel and the
@@ -57,9 +66,15 @@ class Proxier:
             return self._sync(snapshot, node_ips, full, started)
 
     def _sync(self, snapshot: Snapshot, node_ips: tuple[str, ...], full: bool, started: float) -> SyncResult:
-        rulesets = [builder.build(snapshot, node_ips) for builder in self.builders]
-        if self.extend is not None:
-            rulesets = [self.extend(ruleset, snapshot) for ruleset in rulesets]
+        if full and self._unchanged(snapshot, node_ips):
+            # A resync with nothing changed (issue 14): rendering is pure, so the rulesets the
+            # kernel was last given are the ones it would build; reusing them also keeps a
+            # second copy of every element out of memory. The transaction is still complete.
+            rulesets = [state.ruleset for state in self.programmed]
+        else:
+            rulesets = [builder.build(snapshot, node_ips) for builder in self.builders]
+            if self.extend is not None:
+                rulesets = [self.extend(ruleset, snapshot) for ruleset in rulesets]
         rendered = time.perf_counter()
         if full:
             # Flush and refill in place, so that affinity sets keep their clients; should
@@ -87,6 +102,7 @@ class Proxier:
         self.programmed = [change if full else state.commit(change) for state, change in zip(self.programmed, changes)]
         stale = stale_flows(self.synced, snapshot)
         self.synced = snapshot
+        self._synced_ips = node_ips
         services = len(snapshot.services)
         endpoints = sum(count for state in self.programmed for name, count in state.sizes.items()
                         if layout.holds_endpoints(state.ruleset.declarations.get(name)))

@@ -547,3 +547,20 @@ def test_the_proxier_replaces_a_table_whose_objects_changed_shape() -> None:
     Proxier(SETTINGS, nft=reference, families=(4,)).sync(store.snapshot(), NODE_IPS, full=True)
     assert nft.dump() == reference.dump() and "leftover" not in nft.dump()
     assert len(nft.applied) == 2  # the seed, then the replacing transaction: the refused one left no trace
+
+
+def test_a_resync_with_nothing_changed_reuses_the_rulesets_and_still_repairs_the_kernel() -> None:
+    """Rendering is skipped when the snapshot and node addresses are those last programmed; the
+    transaction stays complete, so an element someone deleted behind our back comes back."""
+    nft = FakeNftables()
+    proxier = Proxier(SETTINGS, nft=nft, families=(4,))
+    store = _store(MANIFESTS)
+    proxier.sync(store.snapshot(), NODE_IPS, full=True)
+    rendered, healthy = proxier.programmed[0].ruleset, nft.dump()
+    nft.run("flush map ip dataplane service-ips\n")
+    assert nft.dump() != healthy
+    proxier.sync(store.snapshot(), NODE_IPS, full=True)
+    assert proxier.programmed[0].ruleset is rendered and nft.dump() == healthy
+    # Something changed (here the node addresses): rendered again.
+    proxier.sync(store.snapshot(), NODE_IPS + ("192.168.50.9",), full=True)
+    assert proxier.programmed[0].ruleset is not rendered
