@@ -25,8 +25,14 @@ from . import maglev
 from .policy import ALGORITHM_ANNOTATION, ALGORITHMS, WEIGHTS_ANNOTATION, parse_weights, weight_of
 
 TABLE_SIZE_ANNOTATION = "dataplane.io/lb-table-size"
-DEFAULT_TABLE_SIZE = 4093  # prime; at 1021, Maglev moves 11.8% of slots when 1 of 10 endpoints leaves (README)
-MAX_TABLE_SIZE = maglev.DEFAULT_SIZE  # 65537
+# The default size of a port's table: the smallest of these primes holding SLOTS_PER_ENDPOINT slots per
+# endpoint. Maglev moves more than 1/N of the slots when one of N leaves unless M/N is large (at
+# M/N = 800, 1/N + 1.1% for N = 5 and 20; at 1,000, at most 1/N + 0.85% for N = 2..200: nat/README.md).
+# Steps of 4x: a new size rehashes every flow, so sizes change rarely.
+TABLE_SIZES = (4093, 16381, 65537, 262139, 1048573)
+SLOTS_PER_ENDPOINT = 1000
+DEFAULT_TABLE_SIZE = TABLE_SIZES[0]  # up to 4 endpoints
+MAX_TABLE_SIZE = TABLE_SIZES[-1]
 DEFAULT_SEED = DEFAULT_HASH_SEED  # "dplb": the same on every node, so every node hashes a flow alike
 TABLE_ALGORITHMS = ("maglev",)
 WEIGHTED_TABLE_ALGORITHMS = ("random", "round-robin")  # with weights, a table is their stateless form
@@ -53,20 +59,34 @@ def _prime(n: int) -> bool:
     return n >= 2 and all(n % d for d in range(2, int(n ** 0.5) + 1))
 
 
-def table_size(service: Service, problems: list[str] | None = None) -> int:
-    """`dataplane.io/lb-table-size`, a prime in 2..65537; a bad value is reported and the default used."""
+def default_table_size(endpoints: int, bound: int = MAX_TABLE_SIZE) -> int:
+    """The smallest of TABLE_SIZES with SLOTS_PER_ENDPOINT slots per endpoint, at most `bound` (the
+    node's slot bound); past the largest, the largest (the 1/N + 1% bound then no longer holds).
+
+    `endpoints` counts every endpoint listed for the port, ready or not, so readiness flapping
+    never resizes a table: only adding or removing Pods does, at a step."""
+    fitting = [size for size in TABLE_SIZES if size <= bound] or [TABLE_SIZES[0]]
+    return next((size for size in fitting if size >= SLOTS_PER_ENDPOINT * endpoints), fitting[-1])
+
+
+def table_size(service: Service, problems: list[str] | None = None, endpoints: int = 0,
+               bound: int = MAX_TABLE_SIZE) -> int:
+    """`dataplane.io/lb-table-size` (a prime in 2..MAX_TABLE_SIZE: the Service's own choice, whatever
+    its endpoint count), else `default_table_size(endpoints, bound)`; a bad value is reported and
+    the default used."""
     text = dict(service.annotations).get(TABLE_SIZE_ANNOTATION, "").strip()
+    default = default_table_size(endpoints, bound)
     if not text:
-        return DEFAULT_TABLE_SIZE
+        return default
     try:
         size = int(text)
-        if not _prime(size) or size > MAX_TABLE_SIZE:
+        if size > MAX_TABLE_SIZE or not _prime(size):  # the bound first: no trial division of a huge number
             raise ValueError
     except ValueError:
         if problems is not None:
             problems.append(f"Service {service.namespace}/{service.name}: annotation {TABLE_SIZE_ANNOTATION}: "
-                            f"{text[:20]!r} is not a prime from 2 to {MAX_TABLE_SIZE}; using {DEFAULT_TABLE_SIZE}")
-        return DEFAULT_TABLE_SIZE
+                            f"{text[:20]!r} is not a prime from 2 to {MAX_TABLE_SIZE}; using {default}")
+        return default
     return size
 
 

@@ -145,10 +145,9 @@ def service_fragment(
     if not cluster_ips:
         ids.keep(owner, set())
         return Fragment()
-    size = None
-    if tables and lb_tables.table_balanced(service, settings.lb_algorithm):
-        size = lb_tables.table_size(service)
-    out = _FragmentBuilder(f"{service.namespace}/{service.name}", ids, owner, size, settings.hash_seed)
+    balanced = tables and lb_tables.table_balanced(service, settings.lb_algorithm)
+    out = _FragmentBuilder(f"{service.namespace}/{service.name}", ids, owner, balanced, settings.hash_seed,
+                           settings.table_slots)
     out.add(layout.CLUSTER_IPS, *((ip, "") for ip in cluster_ips))
     external_ips = [ip for ip in service.external_ips_all if family.holds(ip)]
     for port, backends in state.port_backends():
@@ -160,24 +159,29 @@ def service_fragment(
 
 class _FragmentBuilder:
     def __init__(self, name: str, table_ids: TableIdAllocator | None = None, owner: Hashable = None,
-                 table_size: int | None = None, seed: int = 0):
+                 balanced: bool = False, seed: int = 0, slot_bound: int = lb_tables.MAX_TABLE_SIZE):
         self.name = name
         self.elements: list[Element] = []
         self.needs: set[layout.Need] = set()
         self.owned: list[Declaration] = []
         self.table_ids = table_ids
         self.owner = owner
-        self.table_size = table_size  # None: no balancing tables (the kernel's numgen pick)
+        self.balanced = balanced  # False: no balancing tables (the kernel's numgen pick)
+        self.slot_bound = slot_bound
         self.seed = seed
         self.tables: set[Hashable] = set()  # the tables this Service has now (table_ids keys)
 
-    def table(self, service: Service, port: ServicePort, role: str, backends: tuple[Backend, ...]) -> str:
+    def table_size(self, service: Service, listed: int) -> int | None:
+        """The port's table size (lb/tables.table_size, from the `listed` endpoints); None: no table."""
+        return lb_tables.table_size(service, None, listed, self.slot_bound) if self.balanced else None
+
+    def table(self, service: Service, port: ServicePort, role: str, backends: tuple[Backend, ...], size: int) -> str:
         """A balancing table of the port's `role` endpoints: its slots added, its id as mark text."""
         key = (port.protocol, port.port, role)
-        assert self.table_ids is not None and self.table_size is not None
+        assert self.table_ids is not None
         table_id = self.table_ids.get(self.owner, key, f"{self.name}/{port.protocol}/{port.port}/{role}")
         self.tables.add(key)
-        self.add(layout.slots_map(self.table_size), *slot_elements(service, backends, self.table_size, table_id))
+        self.add(layout.slots_map(size), *slot_elements(service, backends, size, table_id))
         return id_text(table_id)
 
     def add(self, container: str, *items: tuple[str, str], comment: str = "") -> None:
@@ -219,7 +223,9 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
     used = {e.ip for e in chosen.cluster + chosen.local
             if local_policy or e.node_name in (settings.node_name, "")}
     out.add(layout.HAIRPIN, *((f"{ip} . {ip}", "") for ip in sorted(used)))
-    size = out.table_size if out.table_size is not None and n < out.table_size else None
+    # Sized by every endpoint listed, ready or not (lb/tables.default_table_size: no resize on a readiness flap).
+    size = out.table_size(service, len(backends))
+    size = size if size is not None and n < size else None
     affinity = None
     if service.session_affinity_timeout:
         # ClientIP affinity: the Service port's own chains, whatever the address (nat/affinity.py);
@@ -272,16 +278,16 @@ def _render_table_port(out: _FragmentBuilder, service: Service, port: ServicePor
     """A Service port balanced by its table (nat/tables.py): ids and slots, no per-Service rule."""
     proto = port.protocol.lower()
     out.needs |= {layout.TableIds(), layout.HashPick(size)}
-    cluster_id = out.table(service, port, "cluster", chosen.cluster)
+    cluster_id = out.table(service, port, "cluster", chosen.cluster, size)
     for ip in cluster_ips:
         key = f"{ip} . {proto} . {port.port}"
         if not internal:  # internalTrafficPolicy: Local and no endpoint here: drop, do not refuse
             out.add(layout.NO_ENDPOINT_SERVICES, (key, "drop"), comment=comment)
             continue
-        internal_id = cluster_id if internal == chosen.cluster else out.table(service, port, "internal", internal)
+        internal_id = cluster_id if internal == chosen.cluster else out.table(service, port, "internal", internal, size)
         out.add(layout.TABLE_IDS, (key, internal_id))
         out.add(layout.SERVICE_IPS, (key, f"goto {layout.hash_chain('cluster', size)}"), comment=comment)
-    local_id = out.table(service, port, "local", chosen.local) if local_policy and chosen.local else None
+    local_id = out.table(service, port, "local", chosen.local, size) if local_policy and chosen.local else None
     outside = [(f"{ip} . {proto} . {port.port}", False) for ip in external_ips]
     if port.node_port:
         outside.append((f"{proto} . {port.node_port}", True))

@@ -23,7 +23,7 @@ import pytest
 from dataplane.config import NodeSettings
 from dataplane.lab.manifests import endpoint_slice, port, service
 from dataplane.lab.netns import Netns
-from dataplane.lb.tables import DEFAULT_TABLE_SIZE, TABLE_SIZE_ANNOTATION, slot_of
+from dataplane.lb.tables import DEFAULT_TABLE_SIZE, TABLE_SIZE_ANNOTATION, default_table_size, slot_of
 from dataplane.model import parse_objects
 from dataplane.nat import plan
 from dataplane.nat.nftables import NftCommand, Nftables
@@ -139,7 +139,7 @@ def test_two_nodes_send_a_flow_to_the_same_endpoint(nodes) -> None:
     # Flows that hash to one slot share an endpoint (a slot holds one).
     by_slot: dict[int, set[str]] = {}
     for (source, sport), endpoint in via_cluster_ip.items():
-        by_slot.setdefault(slot_of(source, sport, DEFAULT_TABLE_SIZE), set()).add(endpoint)
+        by_slot.setdefault(slot_of(source, sport, default_table_size(len(ENDPOINTS))), set()).add(endpoint)
     assert all(len(endpoints) == 1 for endpoints in by_slot.values())
 
 

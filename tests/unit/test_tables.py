@@ -12,7 +12,7 @@ from dataplane.config import NodeSettings
 from dataplane.lab.manifests import endpoint_slice, port, service
 from dataplane.lb import maglev
 from dataplane.lb.tables import (
-    DEFAULT_TABLE_SIZE, TABLE_SIZE_ANNOTATION, fill, jhash, scale, slot_of, table_balanced, table_size,
+    DEFAULT_TABLE_SIZE, TABLE_SIZE_ANNOTATION, default_table_size, fill, jhash, scale, slot_of, table_balanced, table_size,
 )
 from dataplane.model import parse_objects
 from dataplane.nat import layout, plan
@@ -27,6 +27,7 @@ from dataplane.sync.store import Store
 
 SETTINGS = NodeSettings(node_name="node1", cluster_cidrs=("10.244.0.0/16",))
 ENDPOINTS = [f"10.244.1.{i}" for i in range(1, 11)]
+SIZE = 16381  # the default for 10 endpoints (lb/tables.default_table_size)
 NODE_IPS = ("192.168.50.1",)
 
 
@@ -77,14 +78,14 @@ def test_which_services_get_a_table() -> None:
     assert table_balanced(plain.service, "maglev")  # --lb-algorithm maglev
 
 
-@pytest.mark.parametrize("text, size", [("", DEFAULT_TABLE_SIZE), ("1021", 1021), ("65537", 65537),
-                                        ("1024", DEFAULT_TABLE_SIZE), ("65539", DEFAULT_TABLE_SIZE),
-                                        ("x", DEFAULT_TABLE_SIZE)])
+@pytest.mark.parametrize("text, size", [("", SIZE), ("1021", 1021), ("65537", 65537), ("262139", 262139),
+                                        ("1024", SIZE), ("1048583", SIZE),
+                                        ("x", SIZE)])
 def test_table_size_annotation(text: str, size: int) -> None:
     _, state = state_of(documents(annotations={TABLE_SIZE_ANNOTATION: text} if text else {}))
     problems: list[str] = []
-    assert table_size(state.service, problems) == size
-    assert bool(problems) == (size == DEFAULT_TABLE_SIZE and bool(text))
+    assert table_size(state.service, problems, len(ENDPOINTS)) == size
+    assert bool(problems) == (size == SIZE and bool(text))
     assert all("default/maglev" in p and TABLE_SIZE_ANNOTATION in p for p in problems)
 
 
@@ -132,11 +133,11 @@ def test_one_table_for_every_address_of_a_port() -> None:
     _, ruleset = built(store)
     (fragment,) = [f for owner, f in ruleset.fragments.items() if owner != "node"]
     slots = [e for e in fragment.elements if e.container.startswith("slots-")]
-    assert len(slots) == DEFAULT_TABLE_SIZE  # ClusterIP, LoadBalancer IP and NodePort share them
+    assert len(slots) == SIZE  # ClusterIP, LoadBalancer IP and NodePort share them
     ids = {e.value for e in fragment.elements if e.container in (layout.TABLE_IDS, layout.NODEPORT_TABLE_IDS)}
     assert len(ids) == 1
     (path,) = [p for p in balancing_paths(ruleset)]
-    assert path["paths"] == [KERNEL_TABLE] and path["table_slots"] == DEFAULT_TABLE_SIZE
+    assert path["paths"] == [KERNEL_TABLE] and path["table_slots"] == SIZE
 
 
 def test_an_endpoint_leaving_rewrites_only_the_slots_maglev_moves() -> None:
@@ -152,10 +153,10 @@ def test_an_endpoint_leaving_rewrites_only_the_slots_maglev_moves() -> None:
                and c.subject.container.startswith("slots-")}
     names = sorted(f"{ip}:8080" for ip in ENDPOINTS)  # as the renderer orders them (by address text)
     rest = sorted(f"{ip}:8080" for ip in ENDPOINTS[:-1])
-    before, after = maglev.build(names, None, DEFAULT_TABLE_SIZE), maglev.build(rest, None, DEFAULT_TABLE_SIZE)
+    before, after = maglev.build(names, None, SIZE), maglev.build(rest, None, SIZE)
     moved = sum(1 for a, b in zip(before, after) if names[a] != rest[b])
     assert by_verb == {"delete": moved, "add": moved}
-    assert moved / DEFAULT_TABLE_SIZE <= 1 / len(ENDPOINTS) + 0.015  # Maglev: about 11% at 4093 slots (README)
+    assert moved / SIZE <= 1 / len(ENDPOINTS) + 0.01  # the issue's goal, at the default size for N = 10
     assert not [c for c in tx if not isinstance(c.subject, Elements)]  # elements only: no rule, no chain
 
 
@@ -183,7 +184,7 @@ def test_the_node_bound_on_slots_falls_back_to_the_random_pick(caplog) -> None:
                                                   ingress_ip=f"192.168.60.{n + 7}"), f"m{n}.yaml")
         assert not errors
         store.replace(f"m{n}.yaml", objects)
-    builder = RulesetBuilder(NodeSettings(cluster_cidrs=("10.244.0.0/16",), table_slots=2 * DEFAULT_TABLE_SIZE))
+    builder = RulesetBuilder(NodeSettings(cluster_cidrs=("10.244.0.0/16",), table_slots=2 * SIZE))
     ruleset = builder.build(store.snapshot(), NODE_IPS)
     paths = [p["paths"] for p in balancing_paths(ruleset)]
     assert sorted(map(tuple, paths)) == [("kernel-random",), ("kernel-table",), ("kernel-table",)]
@@ -195,9 +196,29 @@ def test_a_traced_flow_reaches_the_slot_it_hashes_to() -> None:
     _, ruleset = built(store)
     nft = FakeNftables()
     nft.apply(plan.full(ruleset)[0])
-    table = fill(state.service, list(state.port_backends())[0][1], DEFAULT_TABLE_SIZE)
+    table = fill(state.service, list(state.port_backends())[0][1], SIZE)
     tracer = Tracer(nft)
     for sport in range(40000, 40020):
         for daddr, dport in (("10.96.7.1", 80), ("192.168.60.7", 80), ("192.168.50.1", 30701)):
             (outcome,) = tracer.outcomes(Packet("192.168.50.2", daddr, "tcp", dport, sport))
-            assert outcome.address == table[slot_of("192.168.50.2", sport, DEFAULT_TABLE_SIZE)].ip
+            assert outcome.address == table[slot_of("192.168.50.2", sport, SIZE)].ip
+
+
+@pytest.mark.parametrize("endpoints, size", [(1, 4093), (4, 4093), (5, 16381), (16, 16381), (17, 65537),
+                                             (65, 65537), (66, 262139), (1048, 1048573), (5000, 1048573)])
+def test_the_default_size_holds_a_thousand_slots_per_endpoint(endpoints: int, size: int) -> None:
+    assert default_table_size(endpoints) == size
+    assert default_table_size(endpoints, bound=65537) == min(size, 65537)  # the node's slot bound caps it
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 10, 16])
+def test_one_of_n_leaving_moves_at_most_one_nth_and_one_percent(n: int) -> None:
+    """The issue's goal at the default size for n (the pure computation; nat/README.md has n up to 200)."""
+    size = default_table_size(n)
+    names = [f"10.244.1.{i}:8080" for i in range(1, n + 1)]
+    before = maglev.build(names, None, size)
+    for gone in range(n):
+        rest = names[:gone] + names[gone + 1:]
+        after = maglev.build(rest, None, size)
+        moved = sum(1 for a, b in zip(before, after) if names[a] != rest[b]) / size
+        assert moved <= 1 / n + 0.01, (n, names[gone], moved)
