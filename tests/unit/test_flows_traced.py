@@ -267,8 +267,14 @@ def test_a_broken_ruleset_fails_its_row(behaviour: str, mutate: Callable[[str], 
 def test_affinity_is_shared_by_every_address_of_a_service(tracer: Tracer) -> None:
     """A client that reached sticky-local through its LoadBalancer IP keeps its Pod on the NodePort."""
     client = SOURCES["client"]
-    for first in tracer.trace(Packet(client, lb(16), "tcp", 80)):
-        again = tracer.outcomes(Packet(client, NODE_IP, "tcp", np(16), 40001), after=[first])
+    local = {f"{POD_IPS[pod]}:80" for pod in ("pod1", "pod2")}  # its endpoints on this node
+    nodeport = Packet(client, NODE_IP, "tcp", np(16), 40001)
+    # Without affinity the NodePort reaches either, so one endpoint below is the affinity's doing.
+    assert {o.endpoint for o in tracer.outcomes(nodeport)} == local
+    firsts = tracer.trace(Packet(client, lb(16), "tcp", 80))
+    assert {first.outcome.endpoint for first in firsts} == local
+    for first in firsts:
+        again = tracer.outcomes(nodeport, after=[first])
         assert {o.endpoint for o in again} == {first.outcome.endpoint}
 
 
