@@ -47,8 +47,7 @@ class Proxier:
         self.synced = Snapshot()
         # Userspace mode adds its declarations and elements to each rendered ruleset (daemon/userspace.py).
         self.extend: Callable[[Ruleset, Snapshot], Ruleset] | None = None
-
-    _synced_ips: tuple[str, ...] | None = None  # the node addresses of the last successful sync
+        self._synced_ips: tuple[str, ...] | None = None  # the node addresses of the last successful sync
 
     def _unchanged(self, snapshot: Snapshot, node_ips: tuple[str, ...]) -> bool:
         """True when `snapshot` and `node_ips` are what the last successful sync programmed."""
