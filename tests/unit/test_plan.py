@@ -144,7 +144,9 @@ def test_packet_path_does_not_grow_with_services() -> None:
 def test_golden_yaml_is_valid_kubernetes() -> None:
     from pathlib import Path
 
-    for path in (Path(__file__).parent.parent / "golden").glob("*.yaml"):
+    paths = sorted((Path(__file__).parent.parent / "golden").glob("*.yaml"))
+    assert paths, "no golden manifests found"
+    for path in paths:
         _, errors = parse_objects(yaml.safe_load_all(path.read_text()), str(path))
         assert not errors, errors
 
