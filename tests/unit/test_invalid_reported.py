@@ -86,12 +86,19 @@ def test_a_case_once_silent_is_reported_naming_file_object_field_and_value(base,
 
 @pytest.mark.parametrize("ip, kind", SPECIAL)
 def test_a_special_address_never_reaches_a_snapshot(ip, kind):
-    store = Store()
-    for patch in (f"{{spec: {{clusterIP: '{ip}', clusterIPs: ['{ip}']}}}}", f"{{spec: {{externalIPs: ['{ip}']}}}}",
-                  f"{{spec: {{type: LoadBalancer}}, status: {{loadBalancer: {{ingress: [{{ip: '{ip}'}}]}}}}}}"):
-        objects, _ = parse_objects([overlay(WEB, patch)], "x.yaml")
+    """A special Service address refuses the Service; a special ingress address drops only that address."""
+    cases = [(f"{{spec: {{clusterIP: '{ip}', clusterIPs: ['{ip}']}}}}", "spec.clusterIPs[0]", False),
+             (f"{{spec: {{externalIPs: ['{ip}']}}}}", "spec.externalIPs[0]", False),
+             (f"{{spec: {{type: LoadBalancer}}, status: {{loadBalancer: {{ingress: [{{ip: '{ip}'}}]}}}}}}",
+              "status.loadBalancer.ingress[0].ip", True)]
+    for patch, field, kept in cases:
+        store = Store()
+        objects, errors = parse_objects([overlay(WEB, patch)], "x.yaml")
         store.replace("x.yaml", objects)
-        for state in store.snapshot().services.values():
+        assert [f"{field}: may not be a {kind} address" in str(error) for error in errors] == [True], errors
+        services = store.snapshot().services
+        assert (ServiceKey("shop", "web") in services) is kept, field
+        for state in services.values():
             assert ip not in state.service.cluster_ips + state.service.external_ips_all
 
 
