@@ -64,6 +64,8 @@ class ControlPlaneResult:
             values = data.pop(key)
             data[f"{key}_median"] = round(statistics.median(values), 2) if values else None
             data[f"{key}_p90"] = round(_percentile(values, 0.9), 2) if values else None
+            data[f"{key}_p99"] = round(_percentile(values, 0.99), 2) if values else None
+        data["change_latency_ms_all"] = [round(v, 2) for v in self.change_latency_ms]
         data["changes"] = len(self.change_latency_ms)
         return data
 
@@ -191,12 +193,12 @@ def iptables_restore_seconds(services: int, endpoints: int = 10, cluster_cidr: s
 
 
 def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=print,
-                     resync_after: float = 0.0) -> list[dict]:
+                     resync_after: float = 0.0, appliers: tuple[str, ...] = APPLIERS) -> list[dict]:
     """Both appliers at every size, in one run; the order alternates so that neither always runs on a
     machine warmed (or loaded) by the other. Changes are timed at `change_size` only."""
     records = []
     for index, size in enumerate(sizes):
-        order = APPLIERS if index % 2 == 0 else APPLIERS[::-1]
+        order = appliers if index % 2 == 0 else appliers[::-1]
         pair = {}
         for backend in order:
             before = _loadavg()
@@ -204,6 +206,9 @@ def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=
                               backend=backend, resync_after=resync_after).summary()
             summary["loadavg"] = f"{before} before, {_loadavg()} after"
             pair[backend] = summary
+        if len(pair) < 2:  # one applier only: nothing to compare
+            records.append({"services": size, **pair})
+            continue
         netlink, text = pair["netlink"], pair["nft"]
         record = {"services": size, "netlink": netlink, "nft": text, "ratio_netlink_to_nft": {
             key: round(netlink[key] / text[key], 3) if netlink.get(key) and text.get(key) else None
@@ -223,9 +228,18 @@ def markdown(records: list[dict]) -> str:
                ("resync_apply_s", "  of which apply (s)"),
                ("change_latency_ms_median", "one change, write -> live (ms, median)"),
                ("change_latency_ms_p90", "one change, write -> live (ms, p90)"),
+               ("change_latency_ms_p99", "one change, write -> live (ms, p99)"),
                ("change_sync_ms_median", "one change, sync (ms, median)"),
                ("change_apply_ms_median", "  of which apply (ms, median)"), ("peak_rss_mb", "daemon peak RSS (MB)")]
     for record in records:
+        if "netlink" not in record or "nft" not in record:
+            (backend,) = [k for k in APPLIERS if k in record]
+            for key, name in figures:
+                if record[backend].get(key) is not None:
+                    lines.append(f"| {record['services']:,} | {name} | "
+                                 + (f"{record[backend][key]:.3f} | - | - |" if backend == "netlink"
+                                    else f"- | {record[backend][key]:.3f} | - |"))
+            continue
         for key, name in figures:
             a, b = record["netlink"].get(key), record["nft"].get(key)
             if a is None or b is None:
@@ -247,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--change-size", type=int, default=10000)
     parser.add_argument("--resync-after", type=float, default=0.0,
                         help="seconds: the daemon's --sync-period; the first periodic resync is timed (0: none)")
+    parser.add_argument("--appliers", default=",".join(APPLIERS), help="netlink, nft or both, comma-separated")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "appliers"))
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -256,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M")
     code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     records = compare_appliers(sizes, args.changes, args.change_size, progress=lambda m: print(m, flush=True),
-                               resync_after=args.resync_after)
+                               resync_after=args.resync_after,
+                               appliers=tuple(a for a in args.appliers.split(",") if a in APPLIERS))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m bench.control_plane", *(argv if argv is not None else sys.argv[1:])])

@@ -77,10 +77,8 @@ def apply_both(pair: tuple[Nftables, Nftables], tx: Transaction) -> None:
     text, netlink = pair
     text.apply(tx)
     netlink.apply(tx)
-    # The encoder has no jhash or mark-map statements yet (issue 15's balancing tables): a
-    # transaction that holds them goes as nft text, and only such a one.
-    tables = any("jhash" in str(op) for op in tx)
-    assert netlink.fallbacks == (1 if tables else 0), "the netlink applier handed a typed transaction to nft"
+    # Every transaction the daemon makes, the balancing tables' jhash and mark-map statements included.
+    assert netlink.fallbacks == 0, "the netlink applier handed a typed transaction to nft"
 
 
 def assert_same_tables(pair: tuple[Nftables, Nftables], families=("ip", "ip6")) -> None:
@@ -159,6 +157,7 @@ def test_both_appliers_follow_the_same_incremental_syncs(pair) -> None:
     rng = random.Random(11)
     store, states = Store(), {4: plan.Programmed(), 6: plan.Programmed()}
     builders = {4: RulesetBuilder(SETTINGS, 4), 6: RulesetBuilder(SETTINGS, 6)}
+    tables = 0  # transactions that programmed a balancing table's slots
     for step in range(12):
         for origin in rng.sample(["f1", "f2", "f3"], rng.randrange(1, 3)):
             parsed, _ = parse_objects(_random_world(rng, rng.randrange(0, 6)), origin)
@@ -168,9 +167,11 @@ def test_both_appliers_follow_the_same_incremental_syncs(pair) -> None:
             family_tx, changes[version] = states[version].plan(builder.build(store.snapshot(), ["192.168.50.1"]))
             tx.extend(family_tx.commands)
         apply_both(pair, tx)
+        tables += any(getattr(op.subject, "container", "").startswith("slots-") for op in tx)
         for version in builders:
             states[version] = states[version].commit(changes[version])
         assert_same_tables(pair, ("ip",))
+    assert tables >= 3, "the random worlds had too few table-balanced Services to test them"
 
 
 def _random_world(rng: random.Random, services: int) -> list[dict]:
@@ -186,6 +187,15 @@ def _random_world(rng: random.Random, services: int) -> list[dict]:
             "ports": [{"name": "p", "port": 80, "protocol": protocol, "nodePort": 30000 + i}],
         }
         service = {"kind": "Service", "metadata": {"name": f"s{i}", "namespace": "default"}, "spec": spec}
+        balance = rng.random()
+        if balance < 0.25:  # balanced by a kernel table (nat/tables.py): jhash and mark-map lookups
+            service["metadata"]["annotations"] = {"dataplane.io/lb-algorithm": "maglev",
+                                                  "dataplane.io/lb-table-size": rng.choice(["7", "13"])}
+        elif balance < 0.35:
+            service["metadata"]["annotations"] = {"dataplane.io/weights": "10.244.0.1=3,10.244.1.2=0",
+                                                  "dataplane.io/lb-table-size": "11"}
+        if rng.random() < 0.15:
+            spec["sessionAffinity"] = "ClientIP"
         if rng.random() < 0.3:
             spec["externalIPs"] = [f"203.0.113.{i + 1}"]
         if kind == "LoadBalancer":
@@ -208,7 +218,7 @@ def _random_world(rng: random.Random, services: int) -> list[dict]:
 def test_incremental_syncs_converge_to_the_full_ruleset(nft: Nftables) -> None:
     rng = random.Random(7)
     store, builder, state = Store(), RulesetBuilder(SETTINGS), plan.Programmed()
-    partial = 0
+    partial = tables = 0
     for step in range(20):
         for origin in rng.sample(["f1", "f2", "f3"], rng.randrange(1, 3)):
             parsed, _ = parse_objects(_random_world(rng, rng.randrange(0, 6)), origin)
@@ -217,11 +227,13 @@ def test_incremental_syncs_converge_to_the_full_ruleset(nft: Nftables) -> None:
         transaction, change = state.plan(builder.build(store.snapshot(), node_ips))
         nft.apply(transaction)
         state = state.commit(change)
+        tables += any(getattr(op.subject, "container", "").startswith("slots-") for op in transaction)
         partial += not str(transaction).startswith("add table")
         incremental = table_state(nft)
         nft.apply(plan.full(RulesetBuilder(SETTINGS).build(store.snapshot(), node_ips))[0])
         assert incremental == table_state(nft), f"step {step} diverged from a full sync"
     assert partial >= 18  # the steps after the first were incremental
+    assert tables >= 5  # balancing tables were programmed, and changed
     assert nft.fallbacks == 0
 
 
