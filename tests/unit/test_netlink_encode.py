@@ -222,7 +222,8 @@ def _maglev_transaction(version: int, affinity: bool = False) -> Transaction:
 
 
 # (family, jhash input length, hash source register in the dnat, in the affinity vmap): the registers are
-# the ones nft 1.0.6 allocates (checked byte for byte against nft's own batch: tests/e2e/test_nftables_kernel.py)
+# the ones nft 1.0.6 allocates (the kernel holds the same as after nft's own batch, packets go where the table
+# says: tests/e2e/test_nftables_kernel.py, test_tables_kernel.py)
 @pytest.mark.parametrize("version, length, dnat_sreg, vmap_sreg", [(4, 8, 14, 2), (6, 20, 14, 2)])
 def test_a_balancing_tables_hash_is_encoded_as_nft_writes_it(version: int, length: int, dnat_sreg: int,
                                                             vmap_sreg: int) -> None:
