@@ -32,15 +32,23 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import iptables_reference
-from .manifests import service_yaml, synthetic_cluster, write_cluster
+from .manifests import spec_yaml, synthetic_cluster, synthetic_spec, write_cluster
 
 _SYNC_LINE = re.compile(r'msg="(full|partial) sync: (\d+) commands in ([\d.]+) ms'
                         r'(?: \(render ([\d.]+), plan ([\d.]+), apply ([\d.]+))?')
 APPLIERS = ("netlink", "nft")
+# A Service balanced by a kernel table (issue 15): its slots are map elements, 16,381 for 10 endpoints.
+TABLE_ANNOTATIONS = (("dataplane.io/lb-algorithm", "maglev"),)
+
+
+def service_yaml(i: int, endpoints: int, generation: int = 0, tables: int = 0) -> str:
+    """Synthetic Service i; the first `tables` Services are balanced by Maglev tables."""
+    spec = synthetic_spec(i, endpoints, generation)
+    return spec_yaml(replace(spec, annotations=TABLE_ANNOTATIONS) if i < tables else spec)
 
 
 @dataclass
@@ -57,6 +65,8 @@ class ControlPlaneResult:
     change_apply_ms: list[float] = field(default_factory=list)
     resync_s: float | None = None  # a periodic full resync with nothing changed (flush and refill in place)
     resync_apply_s: float | None = None
+    tables: int = 0  # Services balanced by Maglev tables among `services`
+    text_fallbacks: int = 0  # transactions the netlink applier handed to nft as text (the daemon's log)
 
     def summary(self) -> dict:
         data = asdict(self)
@@ -64,6 +74,8 @@ class ControlPlaneResult:
             values = data.pop(key)
             data[f"{key}_median"] = round(statistics.median(values), 2) if values else None
             data[f"{key}_p90"] = round(_percentile(values, 0.9), 2) if values else None
+            data[f"{key}_p99"] = round(_percentile(values, 0.99), 2) if values else None
+        data["change_latency_ms_all"] = [round(v, 2) for v in self.change_latency_ms]
         data["changes"] = len(self.change_latency_ms)
         return data
 
@@ -96,6 +108,7 @@ class _Daemon:
         self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
         self.started = time.monotonic()
         self.last_apply_ms = 0.0
+        self.text_fallbacks = 0
         self.process = subprocess.Popen(
             ["ip", "netns", "exec", netns, sys.executable, "-m", "dataplane", "run", "--source", str(source),
              "--hostname-override", "node-0", "--cluster-cidr", "10.128.0.0/9",
@@ -121,6 +134,8 @@ class _Daemon:
             if match and match.group(1) == kind:
                 self.last_apply_ms = float(match.group(6) or 0.0)
                 return stamp, float(match.group(3))
+            if "applied as nft text" in line:
+                self.text_fallbacks += 1
             if "level=error" in line:
                 print(f"  daemon: {line.strip()}", file=sys.stderr)
 
@@ -138,17 +153,19 @@ class _Daemon:
 
 
 def measure(services: int, endpoints: int = 10, changes: int = 100, progress=print,
-            backend: str = "netlink", resync_after: float = 0.0) -> ControlPlaneResult:
+            backend: str = "netlink", resync_after: float = 0.0, tables: int = 0) -> ControlPlaneResult:
     """With `resync_after`, the daemon's --sync-period: after the changes, the next periodic
-    full resync (nothing changed) is timed too."""
+    full resync (nothing changed) is timed too. The first `tables` Services are Maglev-balanced."""
     with tempfile.TemporaryDirectory(prefix="dataplane-bench-") as tmp, _Netns(f"dpbench-{os.getpid()}") as netns:
         source = Path(tmp) / "manifests"
         write_cluster(source, services, endpoints)
+        for i in range(min(tables, services)):
+            (source / f"svc-{i}.yaml").write_text(service_yaml(i, endpoints, tables=tables))
         daemon = _Daemon(netns.name, source, backend, resync_after or 86400)
         try:
             live, full_ms = daemon.next_sync("full", timeout=600)
             result = ControlPlaneResult(services, endpoints, live - daemon.started, full_ms / 1000, backend=backend,
-                                        full_apply_s=daemon.last_apply_ms / 1000)
+                                        full_apply_s=daemon.last_apply_ms / 1000, tables=min(tables, services))
             progress(f"  {services} services ({backend}): cold start {result.cold_start_s:.2f} s, "
                      f"full sync {full_ms:.0f} ms (apply {daemon.last_apply_ms:.0f} ms)")
             time.sleep(1.0)  # let the watcher settle after the initial scan
@@ -157,7 +174,7 @@ def measure(services: int, endpoints: int = 10, changes: int = 100, progress=pri
                 i = (k * 7919) % services  # spread over the cluster
                 generation[i] = generation.get(i, 0) + 1
                 path = source / f"svc-{i}.yaml"
-                text = service_yaml(i, endpoints, generation[i])
+                text = service_yaml(i, endpoints, generation[i], tables)
                 written = time.monotonic()
                 path.write_text(text)
                 applied, sync_ms = daemon.next_sync("partial", timeout=30)
@@ -171,6 +188,7 @@ def measure(services: int, endpoints: int = 10, changes: int = 100, progress=pri
                 progress(f"  {services} services ({backend}): full resync {resync_ms:.0f} ms "
                          f"(apply {daemon.last_apply_ms:.0f} ms)")
             result.peak_rss_mb = daemon.peak_rss_mb()
+            result.text_fallbacks = daemon.text_fallbacks
             return result
         finally:
             daemon.stop()
@@ -191,19 +209,22 @@ def iptables_restore_seconds(services: int, endpoints: int = 10, cluster_cidr: s
 
 
 def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=print,
-                     resync_after: float = 0.0) -> list[dict]:
+                     resync_after: float = 0.0, appliers: tuple[str, ...] = APPLIERS, tables: int = 0) -> list[dict]:
     """Both appliers at every size, in one run; the order alternates so that neither always runs on a
     machine warmed (or loaded) by the other. Changes are timed at `change_size` only."""
     records = []
     for index, size in enumerate(sizes):
-        order = APPLIERS if index % 2 == 0 else APPLIERS[::-1]
+        order = appliers if index % 2 == 0 else appliers[::-1]
         pair = {}
         for backend in order:
             before = _loadavg()
             summary = measure(size, changes=changes if size == change_size else 0, progress=progress,
-                              backend=backend, resync_after=resync_after).summary()
+                              backend=backend, resync_after=resync_after, tables=tables).summary()
             summary["loadavg"] = f"{before} before, {_loadavg()} after"
             pair[backend] = summary
+        if len(pair) < 2:  # one applier only: nothing to compare
+            records.append({"services": size, **pair})
+            continue
         netlink, text = pair["netlink"], pair["nft"]
         record = {"services": size, "netlink": netlink, "nft": text, "ratio_netlink_to_nft": {
             key: round(netlink[key] / text[key], 3) if netlink.get(key) and text.get(key) else None
@@ -218,14 +239,27 @@ def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=
 
 def markdown(records: list[dict]) -> str:
     lines = ["| Services | figure | netlink | nft | netlink / nft |", "|---:|---|---:|---:|---:|"]
+    tables = {record.get(backend, {}).get("tables", 0) for record in records for backend in APPLIERS}
+    if tables - {0}:
+        lines.insert(0, f"Maglev-balanced Services among them: {', '.join(map(str, sorted(tables)))}\n")
     figures = [("cold_start_s", "cold start (s)"), ("full_sync_s", "full sync (s)"),
                ("full_apply_s", "  of which apply (s)"), ("resync_s", "full resync, nothing changed (s)"),
                ("resync_apply_s", "  of which apply (s)"),
                ("change_latency_ms_median", "one change, write -> live (ms, median)"),
                ("change_latency_ms_p90", "one change, write -> live (ms, p90)"),
+               ("change_latency_ms_p99", "one change, write -> live (ms, p99)"),
                ("change_sync_ms_median", "one change, sync (ms, median)"),
-               ("change_apply_ms_median", "  of which apply (ms, median)"), ("peak_rss_mb", "daemon peak RSS (MB)")]
+               ("change_apply_ms_median", "  of which apply (ms, median)"), ("peak_rss_mb", "daemon peak RSS (MB)"),
+               ("text_fallbacks", "transactions sent as nft text")]
     for record in records:
+        if "netlink" not in record or "nft" not in record:
+            (backend,) = [k for k in APPLIERS if k in record]
+            for key, name in figures:
+                if record[backend].get(key) is not None:
+                    lines.append(f"| {record['services']:,} | {name} | "
+                                 + (f"{record[backend][key]:.3f} | - | - |" if backend == "netlink"
+                                    else f"- | {record[backend][key]:.3f} | - |"))
+            continue
         for key, name in figures:
             a, b = record["netlink"].get(key), record["nft"].get(key)
             if a is None or b is None:
@@ -247,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--change-size", type=int, default=10000)
     parser.add_argument("--resync-after", type=float, default=0.0,
                         help="seconds: the daemon's --sync-period; the first periodic resync is timed (0: none)")
+    parser.add_argument("--appliers", default=",".join(APPLIERS), help="netlink, nft or both, comma-separated")
+    parser.add_argument("--tables", type=int, default=0,
+                        help="the first N Services balanced by Maglev tables (16,381 slots each at 10 endpoints)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "appliers"))
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -256,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M")
     code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     records = compare_appliers(sizes, args.changes, args.change_size, progress=lambda m: print(m, flush=True),
-                               resync_after=args.resync_after)
+                               resync_after=args.resync_after,
+                               appliers=tuple(a for a in args.appliers.split(",") if a in APPLIERS),
+                               tables=args.tables)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m bench.control_plane", *(argv if argv is not None else sys.argv[1:])])

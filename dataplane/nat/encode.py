@@ -35,8 +35,8 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
 )
 
 from .expr import (
-    PROTOCOLS, AnonSet, BinOp, Counter, Interval, Masquerade, Match, Nat, Queue, Reject, Selector, SetMeta, SetRef,
-    SetUpdate, Verdict, Vmap,
+    PROTOCOLS, AnonSet, BinOp, Counter, Interval, Jhash, Lookup, Masquerade, Match, Nat, Queue, Reject, Selector,
+    SetMeta, SetRef, SetUpdate, Verdict, Vmap,
 )
 from .ruleset import AddRule, Chain, Container, Elements, Operation, Table, Transaction, safe_comment
 
@@ -125,7 +125,7 @@ VERDICTS = {"drop": 0, "accept": 1, "continue": -1, "jump": -3, "goto": -4, "ret
 
 
 def _type_of(part) -> str:
-    return part.type if isinstance(part, (Selector, BinOp)) else str(part)
+    return part.type if isinstance(part, (Selector, BinOp, Jhash, Lookup)) else str(part)
 
 
 def _padded(length: int) -> int:
@@ -310,12 +310,19 @@ def payload(dreg: int, base: int, offset: int, length: int) -> bytes:
     return _expr("payload", be32(1, dreg), be32(2, base), be32(3, offset), be32(4, length))
 
 
-def load(selector: Selector | BinOp, dreg: int) -> list[bytes]:
-    """The expressions that put `selector` into register `dreg`."""
+def load(selector: Selector | BinOp | Jhash, dreg: int, scratch: int = 4) -> list[bytes]:
+    """The expressions that put `selector` into register `dreg`; a hash loads its inputs from the
+    32-bit word `scratch` on (the first word nft's register allocator has free at that point)."""
     if isinstance(selector, BinOp):
         mask, xor = _bitwise(selector)
         return [*load(_root(selector), dreg), _bitwise_expr(dreg, mask, xor, with_op=True)]
-    if not isinstance(selector, Selector):  # e.g. the balancing tables' jhash and mark-map lookups
+    if isinstance(selector, Jhash):
+        inputs = load_concat(selector.inputs, scratch)
+        length = sum(_padded(_length(part)) for part in selector.inputs)
+        # NFTA_HASH_SREG, _DREG, _LEN, _MODULUS, _SEED, _OFFSET, _TYPE (NFT_HASH_JENKINS), in libnftnl's order
+        return [*inputs, _expr("hash", be32(1, reg(scratch)), be32(2, dreg), be32(3, length), be32(4, selector.mod),
+                               be32(5, selector.seed), be32(6, 0), be32(7, 0))]
+    if not isinstance(selector, Selector):
         raise Unsupported(f"the expression {selector}")
     text = selector.text
     if text in _PAYLOAD:
@@ -329,6 +336,23 @@ def load(selector: Selector | BinOp, dreg: int) -> list[bytes]:
     if selector.modulus:
         return [_expr("numgen", be32(1, dreg), be32(2, selector.modulus), be32(3, 1), be32(4, 0))]
     raise Unsupported(f"no netlink encoding for {text}")
+
+
+def load_concat(expr: tuple, start: int = 0, interval: bool = False, scratch: int | None = None) -> list[bytes]:
+    """The expressions that put a concatenation into the registers from 32-bit word `start` on, each part
+    padded to whole words as the kernel lays a concatenated key out; a hash among them loads its own
+    inputs from word `scratch` on (by default the first word past the concatenation)."""
+    words = sum(_padded(_length(part)) // 4 for part in expr)
+    scratch = start + words if scratch is None else scratch
+    out, offset = [], start
+    for part in expr:
+        r = reg(offset)
+        out += load(part, r, scratch)
+        if interval and len(expr) > 1 and DATATYPES[_type_of(part)][2] == 1 and _length(part) == 1:
+            # A concatenated interval key is compared in network order: nft converts host-order bytes.
+            out.append(_expr("byteorder", be32(1, r), be32(2, r), be32(3, 1), be32(4, 1), be32(5, 2)))
+        offset += _padded(_length(part)) // 4
+    return out
 
 
 def _root(expr: Selector | BinOp) -> Selector:
@@ -743,17 +767,6 @@ class _RuleContext:
             raise Unsupported(f"a rule reading {name}, whose types this process never declared")
         return info
 
-    def load_concat(self, expr: tuple, interval: bool = False) -> list[bytes]:
-        out, offset = [], 0
-        for part in expr:
-            r = reg(offset)
-            out += load(part, r)
-            if interval and len(expr) > 1 and DATATYPES[_type_of(part)][2] == 1 and _length(part) == 1:
-                # A concatenated interval key is compared in network order: nft converts host-order bytes.
-                out.append(_expr("byteorder", be32(1, r), be32(2, r), be32(3, 1), be32(4, 1), be32(5, 2)))
-            offset += _padded(_length(part)) // 4
-        return out
-
     def statement(self, s) -> bytes:
         if isinstance(s, Match):
             return b"".join(self.match(s))
@@ -774,7 +787,7 @@ class _RuleContext:
             if set_id is not None:
                 self.uses_set_ids = True
                 attrs.append(be32(2, set_id))
-            return b"".join(self.load_concat(s.expr)) + _expr("dynset", *attrs)
+            return b"".join(load_concat(s.expr)) + _expr("dynset", *attrs)
         if isinstance(s, Masquerade):
             flags = 0
             for flag in s.flags:
@@ -808,7 +821,7 @@ class _RuleContext:
         right = m.right
         if isinstance(right, SetRef):
             info = self._info(right.name)
-            out = self.load_concat(m.expr, interval=info.interval)
+            out = load_concat(m.expr, interval=info.interval)
             attrs = [be32(2, 1), *self._set_ref(right.name)]
             if m.op == "!=":
                 attrs.append(be32(5, 1))  # NFT_LOOKUP_F_INV
@@ -923,15 +936,14 @@ class _RuleContext:
             body += [be32(6, data_type), be32(7, 0)]
         body += [be32(10, set_id), nest(9, be32(1, size)), attr(13, udata)]
         batch.add(NFT_MSG_NEWSET, NLM_F_REQUEST | NLM_F_CREATE, table, b"".join(body), f"anonymous set in {table}")
-        head = strz(1, table.name) + strz(2, name) + be32(4, set_id)
-        batch.add(NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE, table, head + nest(3, *elements),
-                  f"anonymous set in {table}")
+        # A balancing table's slots (4,093 by default) overflow one attribute: split as named sets' are.
+        batch._element_messages("add", table, name, set_id, elements)
         return set_id
 
     def vmap(self, v: Vmap) -> list[bytes]:
         if isinstance(v.map, SetRef):
             info = self._info(v.map.name)
-            return self.load_concat(v.expr, interval=info.interval) + [
+            return load_concat(v.expr, interval=info.interval) + [
                 _expr("lookup", be32(2, 1), be32(3, 0), *self._set_ref(v.map.name))]
         if len(v.expr) != 1:
             raise Unsupported(f"an anonymous map keyed on a concatenation: {v}")
@@ -960,7 +972,11 @@ class _RuleContext:
             info = self._info(n.map)
             if info.value not in (("ipv4_addr", "inet_service"), ("ipv6_addr", "inet_service")):
                 raise Unsupported(f"dnat through {n.map}, whose values are not address . port")
-            out = self.load_concat(n.expr) + [_expr("lookup", be32(2, 1), be32(3, 1), *self._set_ref(n.map))]
+            # nft allocates the address register (4 words), then the map's key: a hash in the key loads
+            # its inputs past both.
+            key_words = sum(_padded(_length(part)) // 4 for part in n.expr)
+            out = load_concat(n.expr, scratch=4 + key_words) + [
+                _expr("lookup", be32(2, 1), be32(3, 1), *self._set_ref(n.map))]
             port_reg = reg(addr_len // 4)
             return out + [_expr("nat", be32(1, kind), be32(2, family), be32(3, 1), be32(5, port_reg))]
         if n.address is None:
@@ -980,8 +996,13 @@ class _RuleContext:
             raise Unsupported(f"{target} set")
         if isinstance(s.value, int):
             out = [immediate(1, host32(s.value))]
-        elif isinstance(s.value, BinOp):
-            out = load(s.value, 1)
+        elif isinstance(s.value, Lookup):
+            # `meta mark set KEY map @ids`: the value the map holds for the key, in place of the key.
+            info = self._info(s.value.map)
+            if info.value != (_type_of(s.target),):
+                raise Unsupported(f"{s}: {s.value.map} holds {' . '.join(info.value)}, not {s.target.type}")
+            out = load_concat(s.value.expr, interval=info.interval) + [
+                _expr("lookup", be32(2, 1), be32(3, 1), *self._set_ref(s.value.map))]
         else:
             out = load(s.value, 1)
         if target in _META:

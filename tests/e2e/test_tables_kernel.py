@@ -57,7 +57,7 @@ class Node:
     def __init__(self, address: str):
         self.ns = Netns.create(f"dplab-{os.getpid()}-{next(_serial)}-tables")
         self.address = address
-        self.nft = Nftables(NftCommand(self.ns.argv("nft")))
+        self.nft = Nftables(NftCommand(self.ns.argv("nft")), netns=self.ns.name)
         self.store, self.builder, self.state = Store(), RulesetBuilder(SETTINGS), plan.Programmed()
         try:
             self._link()
@@ -84,6 +84,7 @@ class Node:
         self.store.replace("maglev.yaml", objects)
         tx, change = self.state.plan(self.builder.build(self.store.snapshot(), [self.address]))
         self.nft.apply(tx)
+        assert self.nft.fallbacks == 0, "a balancing table's transaction went to nft as text"
         self.state = self.state.commit(change)
         return tx
 

@@ -167,10 +167,9 @@ def test_one_cidr_is_a_prefix_compare_not_a_set() -> None:
 def _golden_transactions():
     for case in ("basic", "terminating", "flows"):
         store = Store()
-        if case == "flows":  # the packet-flow table's dual-stack cluster
+        if case == "flows":  # the packet-flow table's dual-stack cluster, table-balanced Services included
             for origin, documents in {**flows.MANIFESTS, **flows.MANIFESTS6}.items():
-                if not _table_balanced(documents):  # the encoder has no jhash yet: see the test below
-                    store.replace(origin, parse_objects(documents, origin)[0])
+                store.replace(origin, parse_objects(documents, origin)[0])
         else:
             ManifestSource(GOLDEN / f"{case}.yaml", store).load_all()
         snapshot = store.snapshot()
@@ -182,27 +181,87 @@ def _golden_transactions():
                 yield f"{case}-ip{version}-userspace-{queue.in_nft}", plan.full(extended)[0]
 
 
-def _table_balanced(documents) -> bool:
-    """A Service the kernel balances by a table (Maglev, or weights without least-conn: nat/tables.py)."""
-    for document in documents:
-        annotations = (document.get("metadata") or {}).get("annotations") or {}
-        algorithm = annotations.get("dataplane.io/lb-algorithm", "random")
-        if document.get("kind") == "Service" and (
-                algorithm == "maglev" or ("dataplane.io/weights" in annotations and algorithm != "least-conn")):
-            return True
-    return False
+def _rule_bodies(tx: Transaction, chain_prefix: str) -> list[tuple[str, bytes]]:
+    """(rule text, NEWRULE body) of the rules in chains named `chain_prefix...`, in order."""
+    messages = [m for m in Encoder().encode(tx) if m.type == 6]
+    rules = [op.subject for op in tx if isinstance(op.subject, AddRule)]
+    assert len(rules) == len(messages)
+    return [(str(add.rule), m.body) for add, m in zip(rules, messages) if add.chain.startswith(chain_prefix)]
 
 
-def test_a_table_balanced_ruleset_is_not_encodable_yet_and_the_applier_says_so():
-    """The encoder has no jhash or mark-map statements (issue 15's tables): Nftables.apply then sends
-    nft text instead (nftables.py). When the encoder learns them, this test fails: drop the filter above."""
+def _expression_attrs(rule_body: bytes, name: str) -> list[dict[int, bytes]]:
+    (listed,) = [payload for kind, payload in attrs(rule_body) if kind == 4]
+    found = []
+    for _, expr in attrs(listed):
+        fields = dict(attrs(expr))
+        if fields[1].rstrip(b"\0").decode() == name:
+            found.append(dict(attrs(fields[2])))
+    return found
+
+
+def _maglev_transaction(version: int, affinity: bool = False) -> Transaction:
+    family = layout.Family(version)
+    ip, endpoint = ("10.96.7.1", "10.244.1.1") if version == 4 else ("fd00:10:96::7", "fd00:10:244::1")
+    spec = {"clusterIP": ip, "type": "NodePort", "ports": [{"name": "p", "port": 53, "protocol": "UDP", "nodePort": 30701}]}
+    if affinity:
+        spec["sessionAffinity"] = "ClientIP"
+    documents = [
+        {"kind": "Service", "metadata": {"name": "m", "namespace": "default",
+                                          "annotations": {"dataplane.io/lb-algorithm": "maglev",
+                                                          "dataplane.io/lb-table-size": "7"}}, "spec": spec},
+        {"kind": "EndpointSlice", "addressType": f"IPv{version}",
+         "metadata": {"name": "m-x", "namespace": "default", "labels": {"kubernetes.io/service-name": "m"}},
+         "ports": [{"name": "p", "port": 8080, "protocol": "UDP"}],
+         "endpoints": [{"addresses": [endpoint], "nodeName": "node-a"}]},
+    ]
     store = Store()
-    for origin, documents in flows.MANIFESTS.items():
-        if _table_balanced(documents):
-            store.replace(origin, parse_objects(documents, origin)[0])
-    tx = plan.full(RulesetBuilder(SETTINGS, 4).build(store.snapshot(), ("192.168.50.1",)))[0]
-    with pytest.raises(Unsupported):
-        Encoder().encode(tx)
+    store.replace("m.yaml", parse_objects(documents, "m.yaml")[0])
+    node_ip = "192.168.50.1" if version == 4 else "fd00:50::1"
+    assert family.nft in ("ip", "ip6")
+    return plan.full(RulesetBuilder(SETTINGS, version).build(store.snapshot(), (node_ip,)))[0]
+
+
+# (family, jhash input length, hash source register in the dnat, in the affinity vmap): the registers are
+# the ones nft 1.0.6 allocates (the kernel holds the same as after nft's own batch, packets go where the table
+# says: tests/e2e/test_nftables_kernel.py, test_tables_kernel.py)
+@pytest.mark.parametrize("version, length, dnat_sreg, vmap_sreg", [(4, 8, 14, 2), (6, 20, 14, 2)])
+def test_a_balancing_tables_hash_is_encoded_as_nft_writes_it(version: int, length: int, dnat_sreg: int,
+                                                            vmap_sreg: int) -> None:
+    seed = SETTINGS.hash_seed
+    for text, body in _rule_bodies(_maglev_transaction(version), "hash-pick-"):
+        assert expressions(body) == ["meta", "lookup", "meta", "bitwise", "payload", "payload", "hash", "lookup",
+                                     "nat"], text
+        (hashed,) = _expression_attrs(body, "hash")
+        words = {kind: struct.unpack(">I", value)[0] for kind, value in hashed.items()}
+        # sreg, dreg (the second word of the slot map's key), len, modulus, seed, offset, type jhash
+        assert words == {1: dnat_sreg, 2: 9, 3: length, 4: 7, 5: seed, 6: 0, 7: 0}
+        (_, sport) = _expression_attrs(body, "payload")
+        assert struct.unpack(">I", sport[1])[0] == dnat_sreg + 1 + (version == 6) * 3  # after the address
+    (pick,) = [body for text, body in _rule_bodies(_maglev_transaction(version, affinity=True), "aff-")
+               if "jhash" in text]
+    (hashed,) = _expression_attrs(pick, "hash")
+    assert struct.unpack(">I", hashed[1])[0] == vmap_sreg and struct.unpack(">I", hashed[2])[0] == 1
+
+
+def test_a_table_id_rides_in_the_mark_from_a_map_lookup() -> None:
+    (set_id, *_), = [[body for text, body in _rule_bodies(_maglev_transaction(4), "hash-cluster-")]]
+    assert expressions(set_id) == ["payload", "meta", "payload", "lookup", "meta"]
+    (lookup,) = _expression_attrs(set_id, "lookup")
+    assert lookup[1].rstrip(b"\0") == layout.TABLE_IDS.encode()
+    assert struct.unpack(">I", lookup[2])[0] == 1 and struct.unpack(">I", lookup[3])[0] == 1  # sreg, dreg
+    (_, meta_set) = _expression_attrs(set_id, "meta")
+    assert {k: struct.unpack(">I", v)[0] for k, v in meta_set.items()} == {2: 3, 3: 1}  # key mark, sreg 1
+
+
+def test_slot_elements_are_a_mark_and_a_slot_to_an_address_and_port() -> None:
+    encoder = _declared(layout.declare(layout.HashPick(7), SETTINGS, layout.Family(4))[0])
+    name = layout.slots_map(7)
+    tx = Transaction([Operation("add", TABLE, Elements(name, (Element(name, "0x3f871165 . 6", "10.244.1.2 . 8080"),)))])
+    (message,) = encoder.encode(tx)
+    (listed,) = [payload for kind, payload in attrs(message.body) if kind == 3]
+    ((_, element),) = attrs(listed)
+    fields = {kind: dict(attrs(value))[1] for kind, value in attrs(element)}
+    assert fields == {1: struct.pack("=II", 0x3F871165, 6), 2: bytes.fromhex("0af40102") + b"\x1f\x90\0\0"}
 
 
 @pytest.mark.parametrize("name, tx", list(_golden_transactions()), ids=lambda v: v if isinstance(v, str) else "")
@@ -220,3 +279,5 @@ def test_every_rendered_ruleset_encodes_without_the_text_path(name: str, tx: Tra
         assert ("queue" in used) == name.endswith("True")
     if name.startswith("basic-ip4"):
         assert "dynset" in used  # session affinity
+    if name.startswith("flows"):
+        assert "hash" in used  # the Maglev and weighted Services' balancing tables
