@@ -250,7 +250,8 @@ class Forwarder:
     def _decide_compiled(self, limit: int, block: bool) -> int:
         """The compiled loop decides what its pick table knows; the balancer the rest (affinity, least-conn, IPv6)."""
         started = time.perf_counter()
-        _, decided, rest, self._read_took = self._socket.serve(self._picks, KEEP_MASK, limit, block)
+        # Under the lock from the first datagram on: a change or a snapshot (which fold the counts) waits for the batch.
+        _, decided, rest, self._read_took = self._socket.serve(self._picks, KEEP_MASK, limit, block, self._lock)
         if not decided and not rest:
             return 0
         if rest:

@@ -189,3 +189,79 @@ def test_the_forwarder_folds_compiled_counts_into_its_snapshot():
     snap = forwarder.snapshot()
     decided = {s["service"]: sum(e["decided"] for e in s["endpoints"]) for s in snap["services"]}
     assert (snap["packets"], decided["default/rr:http"], decided["default/sticky:http"]) == (7, 6, 1)
+
+
+def test_a_change_made_while_a_batch_runs_python_code_waits_for_the_batch(monkeypatch):
+    """A batch runs Python code (a leftover's PacketQueued), so the GIL may pass to the control thread mid-batch.
+
+    Its change folds the counts and swaps the table: a decision the loop then
+    made in the old table would be lost, and its round-robin position too.
+    The forwarder's lock, held by the loop for the whole batch, keeps the
+    change out until the batch is done, so every decision is folded exactly once.
+    """
+    import threading
+
+    from dataplane.queue.forwarder import Forwarder
+
+    mid_batch, changed = threading.Event(), threading.Event()
+
+    class SlowPacket(PacketQueued):  # the control thread gets the GIL while a leftover is made
+        __slots__ = ()
+
+        def __new__(cls, *fields):
+            mid_batch.set()
+            changed.wait(0.3)
+            return super().__new__(cls, *fields)
+
+    monkeypatch.setattr(nfqueue, "PacketQueued", SlowPacket)
+    queue, kernel = queue_pair()
+    forwarder = Forwarder((0,), balancer())
+    forwarder._socket = queue
+    forwarder._handle(ServicesChanged({"all": PORTS}, 0.0))
+    kernel.send(packet_message(0, 0, 0x2000, syn("10.96.0.12", 6000)))  # affinity: a leftover, first in the batch
+    for i in range(1, 9):
+        kernel.send(packet_message(0, i, 0x2000, syn("10.96.0.10", 6000 + i)))  # round-robin: decided in C
+
+    def change() -> None:
+        mid_batch.wait(5)
+        forwarder._handle(ServicesChanged({"all": PORTS}, 1.0))  # same tables: a fold and a new pick table
+        changed.set()
+
+    control = threading.Thread(target=change)
+    control.start()
+    assert forwarder._decide(1024) == 9
+    control.join(5)
+    snap = forwarder.snapshot()
+    decided = {s["service"]: sum(e["decided"] for e in s["endpoints"]) for s in snap["services"]}
+    assert decided["default/rr:http"] == 8, decided
+    port = forwarder.balancer.ports["default/rr:http"]
+    assert port.cursor == 8 % len(port.sequence)  # the rotation carried on from every C decision
+
+
+@pytest.mark.parametrize("entry", [
+    "not a tuple", (0,), ("0", b"", b"", b""), (0, "str has no buffer", bytearray(8), bytearray(8)),
+    (0, b"\1\0\0\0", b"read-only counts", bytearray(8)), (1 << 70, b"\1\0\0\0", bytearray(8), bytearray(8)),
+], ids=["not-a-tuple", "short", "kind-not-int", "marks-not-a-buffer", "counts-read-only", "kind-too-big"])
+def test_an_entry_of_the_wrong_shape_leaves_its_packets_to_the_balancer(entry):
+    queue, kernel = queue_pair()
+    payload = syn("10.96.0.10", 7000)
+    kernel.send(packet_message(0, 3, 0x2000, payload))
+    table = {picks.key(packed("10.96.0.10"), 6, 80): entry}
+    assert serve(queue, table)[:3] == (1, 0, [PacketQueued(0, 3, 0x2000, payload)])
+
+
+def test_a_holder_emptied_while_the_loop_sleeps_raises_instead_of_reading_freed_memory():
+    import threading
+
+    queue, kernel = queue_pair()
+    holder = [picks.build(balancer())]
+
+    def meanwhile() -> None:
+        holder.clear()
+        kernel.send(packet_message(0, 1, 0x2000, syn("10.96.0.10", 7100)))
+
+    timer = threading.Timer(0.1, meanwhile)
+    timer.start()
+    with pytest.raises(TypeError, match="holder"):
+        queue.serve(holder, KEEP_MASK, 1, True)
+    timer.join()
