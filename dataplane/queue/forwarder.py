@@ -382,7 +382,7 @@ class _LeastConnFrontends(NamedTuple):
     """Where least-conn Services take flows, copied on the loop for a dump thread to filter by."""
 
     addresses: frozenset  # (packed daddr, protocol, port)
-    nodeports: frozenset  # (protocol, port)
+    nodeports: frozenset  # (family, protocol, port)
     node_ips: frozenset
 
     @classmethod
@@ -394,7 +394,7 @@ class _LeastConnFrontends(NamedTuple):
     def hold(self, event: CtEvent) -> bool:
         flow = event.flow
         return (flow.daddr, flow.protocol, flow.dport) in self.addresses or (
-            flow.daddr in self.node_ips and (flow.protocol, flow.dport) in self.nodeports)
+            flow.daddr in self.node_ips and (flow.family, flow.protocol, flow.dport) in self.nodeports)
 
 
 def _least_conn_flows(frontends: _LeastConnFrontends) -> list[CtEvent]:

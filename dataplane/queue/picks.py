@@ -58,12 +58,12 @@ def build(balancer) -> dict[int, Entry]:
             entries[id(port)] = entry_for(port)
         return entries[id(port)]
 
-    for (protocol, node_port), port in balancer.nodeports.items():
-        entry = of(port)
+    v4_node_ips = [ip for ip in balancer.node_ips if len(ip) == 4]
+    for (family, protocol, node_port), port in balancer.nodeports.items():
+        entry = of(port) if family == 4 else None
         if entry is not None:
-            for ip in balancer.node_ips:
-                if len(ip) == 4:
-                    found[key(ip, protocol, node_port)] = entry
+            for ip in v4_node_ips:
+                found[key(ip, protocol, node_port)] = entry
     for (daddr, protocol, port_number), port in balancer.frontends.items():  # a frontend wins over a NodePort
         k = key(daddr, protocol, port_number) if len(daddr) == 4 else None
         if k is None:
