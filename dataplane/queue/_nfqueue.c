@@ -428,9 +428,20 @@ static PyObject *drain(PyObject *self, PyObject *counts_object) {
     return out;
 }
 
+/* flow_key(packet bytes) -> the pick-table key serve() looks up for it, or -1: the parser alone, for tests. */
+static PyObject *key_of(PyObject *self, PyObject *data) {
+    Py_buffer packet;
+    if (PyObject_GetBuffer(data, &packet, PyBUF_SIMPLE) < 0)
+        return NULL;
+    long long key = flow_key(packet.buf, (size_t)packet.len);
+    PyBuffer_Release(&packet);
+    return PyLong_FromLongLong(key);
+}
+
 static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, "Decide a batch of queued packets; see the module."},
     {"drain", drain, METH_O, "Read and zero a pick table entry's counts."},
+    {"flow_key", key_of, METH_O, "The pick-table key of a packet (picks.key), or -1 when serve() leaves it to Python."},
     {NULL, NULL, 0, NULL},
 };
 
