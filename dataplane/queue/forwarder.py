@@ -270,14 +270,18 @@ class Forwarder:
         return count
 
     def _handle(self, event) -> list:
-        with self._lock:
-            if self._picks is None or not isinstance(event, (ServicesChanged, NodeAddresses)):
+        if self._picks is None or not isinstance(event, (ServicesChanged, NodeAddresses)):
+            with self._lock:
                 return self.balancer.handle(event)
-            # What the compiled loop decided goes back first: a change may renumber the ports' targets.
-            picks.fold(self._picks[0], nfqueue.compiled.drain)
+        with self._lock:
             commands = self.balancer.handle(event)
-            self._picks[0] = picks.build(self.balancer)
-            return commands
+        # The next pick table is built outside the lock (tens of ms at 10,000 Services), while the loop goes on
+        # with the last one: what it reads, only this thread changes (handle() runs here, and only here).
+        built = picks.build(self.balancer, self._picks[0])
+        with self._lock:
+            last, self._picks[0] = self._picks[0], built
+            picks.fold(last, nfqueue.compiled.drain)  # by target id: the renumbering handle() did is no matter
+        return commands
 
     def _follow_conntrack(self) -> None:
         try:

@@ -265,3 +265,67 @@ def test_a_holder_emptied_while_the_loop_sleeps_raises_instead_of_reading_freed_
     with pytest.raises(TypeError, match="holder"):
         queue.serve(holder, KEEP_MASK, 1, True)
     timer.join()
+
+
+def compiled_forwarder():
+    from dataplane.queue.forwarder import Forwarder
+
+    queue, kernel = queue_pair()
+    forwarder = Forwarder((0,), balancer())
+    forwarder._socket = queue
+    forwarder._handle(ServicesChanged({"all": PORTS}, 0.0))
+    return forwarder, kernel
+
+
+def decided_per_endpoint(forwarder, service: str) -> dict[str, int]:
+    return {e["endpoint"]: e["decided"] for s in forwarder.snapshot()["services"] if s["service"] == service
+            for e in s["endpoints"]}
+
+
+def test_the_next_table_is_built_while_the_loop_goes_on_deciding_with_the_last():
+    """A build takes tens of ms at 10,000 Services: the loop must not wait for it (nor lose what it decided meanwhile)."""
+    import threading
+
+    forwarder, kernel = compiled_forwarder()
+    build, during = picks.build, []
+
+    def slow_build(*args):
+        kernel.send(packet_message(0, 50, 0x2000, syn("10.96.0.10", 8050)))
+        reader = threading.Thread(target=lambda: during.append(forwarder._decide(1024)))
+        reader.start()
+        reader.join(2.0)  # it would wait for the whole build if the build held the forwarder's lock
+        during.append(reader.is_alive())
+        return build(*args)
+
+    picks.build = slow_build
+    try:
+        forwarder._handle(ServicesChanged({"all": PORTS}, 1.0))
+    finally:
+        picks.build = build
+    assert during == [1, False]
+    assert verdicts(kernel) == {50: mark_for(1)}  # the last table's pick, answered at once
+    assert decided_per_endpoint(forwarder, "default/rr:http")["10.244.1.11:80"] == 1  # folded at the swap
+
+
+def test_counts_folded_after_a_change_renumbered_the_targets_go_to_the_endpoints_that_took_them():
+    forwarder, kernel = compiled_forwarder()
+    for i in range(6):  # round-robin over ids 1, 2, 3: two flows each
+        kernel.send(packet_message(0, i, 0x2000, syn("10.96.0.10", 8100 + i)))
+    assert forwarder._decide(1024) == 6
+    first_gone = tuple(p if p.name != "default/rr:http" else
+                       PortTable(p.name, p.protocol, p.addresses, p.port, p.node_port, p.targets[1:], p.algorithm, None)
+                       for p in PORTS)
+    forwarder._handle(ServicesChanged({"all": first_gone}, 1.0))  # id 1 leaves: ids 2 and 3 are now indices 0, 1
+    assert decided_per_endpoint(forwarder, "default/rr:http") == {"10.244.1.12:80": 2, "10.244.1.13:80": 2}
+    assert forwarder.balancer.ports["default/rr:http"].decided[1] == 2
+
+
+def test_a_rebuilt_table_goes_on_with_the_round_robin_position():
+    forwarder, kernel = compiled_forwarder()
+    order = []
+    for i in range(5):
+        kernel.send(packet_message(0, i, 0x2000, syn("10.96.0.10", 8200 + i)))
+        assert forwarder._decide(1) == 1
+        order += verdicts(kernel).values()
+        forwarder._handle(ServicesChanged({"all": PORTS}, float(i)))  # a change between every two flows
+    assert order == [mark_for(1), mark_for(2), mark_for(3), mark_for(1), mark_for(2)]
