@@ -297,14 +297,16 @@ class Forwarder:
         lost = self._events.lost
         self._events.read(events)
         handle, counted, resync = self.balancer.handle, self.balancer.flows, self._resync
-        for event in events:
-            if event.kind == "new":
-                if event.flow_id not in counted:  # a dump may have counted it first
-                    handle(FlowStarted(event.flow_id, event.flow, event.endpoint))
-            else:
-                handle(FlowEnded(event.flow_id))
-                if resync is not None:
-                    resync.ended.add(event.flow_id)
+        # Under the lock: the packet thread's decisions count least-conn's pending flows in the same dicts.
+        with self._lock:
+            for event in events:
+                if event.kind == "new":
+                    if event.flow_id not in counted:  # a dump may have counted it first
+                        handle(FlowStarted(event.flow_id, event.flow, event.endpoint))
+                else:
+                    handle(FlowEnded(event.flow_id))
+                    if resync is not None:
+                        resync.ended.add(event.flow_id)
         if self._events.lost != lost:
             log.warning("least-conn: conntrack events lost (socket overflow, %d so far); recounting from a dump",
                         self._events.lost)
@@ -325,9 +327,10 @@ class Forwarder:
             if f.exception() is not None:
                 log.warning("least-conn: cannot read the conntrack table (%s); counts may drift", f.exception())
             else:
-                events = resync_events(f.result(), resync.known, self.balancer.flows, resync.ended)
-                for event in events:
-                    self.balancer.handle(event)
+                with self._lock:
+                    events = resync_events(f.result(), resync.known, self.balancer.flows, resync.ended)
+                    for event in events:
+                        self.balancer.handle(event)
                 self.conntrack_resyncs += 1
                 log.info("least-conn: recounted from %d conntrack entries", len(f.result()))
             if resync.again:

@@ -329,3 +329,30 @@ def test_a_rebuilt_table_goes_on_with_the_round_robin_position():
         order += verdicts(kernel).values()
         forwarder._handle(ServicesChanged({"all": PORTS}, float(i)))  # a change between every two flows
     assert order == [mark_for(1), mark_for(2), mark_for(3), mark_for(1), mark_for(2)]
+
+
+def test_conntrack_events_wait_for_the_batch_the_packet_thread_decides():
+    """least-conn's counts change on both threads (a decision counts a pending flow, conntrack confirms or ends
+    it): the event handler takes the forwarder's lock, as a batch does, so no update is lost between them."""
+    import threading
+
+    from dataplane.netlink.ctevents import CtEvent
+    from dataplane.packet import Flow
+
+    forwarder, _ = compiled_forwarder()
+    flow = Flow(4, 6, packed("192.168.50.2"), packed("10.96.0.13"), 40000, 80)
+
+    class Events:
+        lost = 0
+
+        @staticmethod
+        def read(into):
+            into.append(CtEvent("new", 7, flow, (packed("10.244.1.11"), 80)))
+
+    forwarder._events = Events()
+    handled = threading.Event()
+    with forwarder._lock:  # a batch in progress
+        threading.Thread(target=lambda: (forwarder._on_conntrack(), handled.set())).start()
+        assert not handled.wait(0.2)
+    assert handled.wait(2.0)
+    assert forwarder.balancer.ports["default/lc:http"].active == {1: 1}
