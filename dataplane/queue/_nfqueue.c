@@ -71,6 +71,7 @@ typedef struct {
 
 static PyObject *acquire_name, *release_name;
 
+/* Sends the pending verdicts in one datagram: netlink takes a datagram whole or not at all (no partial send). */
 static int flush(Verdicts *v) {
     ssize_t length = (ssize_t)v->pending * VERDICT_SIZE;
     while (v->pending) {
@@ -421,8 +422,9 @@ static PyObject *drain(PyObject *self, PyObject *counts_object) {
                 break;
             }
             PyList_SET_ITEM(out, i, value);
-            at[i] = 0;
         }
+        if (out != NULL) /* zeroed only once all are read: a failure leaves every count for the next drain */
+            memset(at, 0, (size_t)n * 8);
     }
     PyBuffer_Release(&counts);
     return out;
