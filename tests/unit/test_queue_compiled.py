@@ -356,3 +356,36 @@ def test_conntrack_events_wait_for_the_batch_the_packet_thread_decides():
         assert not handled.wait(0.2)
     assert handled.wait(2.0)
     assert forwarder.balancer.ports["default/lc:http"].active == {1: 1}
+
+
+SLEEPER = r"""
+import signal, socket, sys, threading, time
+from dataplane.packet import PacketQueued
+from dataplane.queue import nfqueue
+ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)  # blocking, no receive timeout
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+threading.Thread(target=lambda: time.sleep(60), daemon=True).start()  # as the worker's control thread
+print("ready", flush=True)
+found = nfqueue.compiled.serve(ours.fileno(), bytearray(4096), [{}], 0, 1, True, PacketQueued, threading.Lock())
+print(found[:3], stopping, flush=True)
+"""
+
+
+def test_sigterm_ends_the_blocking_recv_at_once_and_its_handler_has_run():
+    """The loop sleeps in recv without the GIL: SIGTERM must end that sleep (EINTR), run the Python handler
+    (the forwarder's stop flag) and return, rather than retry and sleep on until a packet or a timeout."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", SLEEPER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.3)  # into the recv
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=5)
+    finally:
+        child.kill()
+    assert out.strip() == "(0, 0, []) [True]"
