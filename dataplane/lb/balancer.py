@@ -131,6 +131,11 @@ class Log:
 
 # -- per Service port -----------------------------------------------------------------------------
 
+def family_of(table: PortTable) -> int:
+    """4 or 6: the address family of a port table's frontends (each table holds one family's)."""
+    return 6 if table.addresses and len(table.addresses[0]) == 16 else 4
+
+
 def flow_hash(flow: Flow) -> int:
     return zlib.crc32(flow.saddr + flow.daddr + _PORTS(flow.sport, flow.dport), flow.protocol)
 
@@ -267,7 +272,8 @@ class Balancer:
         self.ports: dict[str, PortState] = {}  # by PortTable.name
         self.by_service: dict[object, tuple[str, ...]] = {}
         self.frontends: dict[tuple[bytes, int, int], PortState] = {}
-        self.nodeports: dict[tuple[int, int], PortState] = {}
+        # (family, protocol, port): a dual-stack Service has a NodePort table per family, each with its own endpoints
+        self.nodeports: dict[tuple[int, int, int], PortState] = {}
         self.node_ips: frozenset[bytes] = frozenset()
         self.flows: dict[int, tuple[PortState, int]] = {}  # conntrack id -> (port, target id)
         self.pending: dict[tuple, tuple[PortState, int, float]] = {}  # 5-tuple -> (port, target id, until)
@@ -321,7 +327,7 @@ class Balancer:
             if flow is not None:
                 port = frontends.get((flow.daddr, flow.protocol, flow.dport))
                 if port is None and flow.daddr in node_ips:
-                    port = nodeports.get((flow.protocol, flow.dport))
+                    port = nodeports.get((flow.family, flow.protocol, flow.dport))
             if port is None or not port.targets:
                 self.undecided += 1
                 append((queue, packet_id, mark & KEEP_MASK))
@@ -381,15 +387,16 @@ class Balancer:
         for address in table.addresses:
             self.frontends[(address, table.protocol, table.port)] = state
         if table.node_port:
-            self.nodeports[(table.protocol, table.node_port)] = state
+            self.nodeports[(family_of(table), table.protocol, table.node_port)] = state
 
     def _unindex(self, state: PortState) -> None:
         table = state.table
         for address in table.addresses:
             if self.frontends.get((address, table.protocol, table.port)) is state:
                 del self.frontends[(address, table.protocol, table.port)]
-        if table.node_port and self.nodeports.get((table.protocol, table.node_port)) is state:
-            del self.nodeports[(table.protocol, table.node_port)]
+        key = (family_of(table), table.protocol, table.node_port)
+        if table.node_port and self.nodeports.get(key) is state:
+            del self.nodeports[key]
 
     def _drop_port(self, name: str) -> None:
         state = self.ports.pop(name, None)
@@ -404,7 +411,7 @@ class Balancer:
             return
         port = self.frontends.get((flow.daddr, flow.protocol, flow.dport))
         if port is None and flow.daddr in self.node_ips:
-            port = self.nodeports.get((flow.protocol, flow.dport))
+            port = self.nodeports.get((flow.family, flow.protocol, flow.dport))
         if port is None or port.table.algorithm != "least-conn":
             return
         target_id = port.by_address.get(event.endpoint)

@@ -80,6 +80,7 @@ def port_tables(
     rules = dict(service.lb_weights)
     holds = (lambda ip: ":" in ip) if family == 6 else (lambda ip: ":" not in ip)
     internal, external = frontends(state, holds)
+    dual_stack = any(":" not in ip for ip in (*service.cluster_ips, *service.external_ips_all))
     tables = []
 
     def targets_of(backends) -> tuple[Target, ...]:
@@ -97,6 +98,8 @@ def port_tables(
         inside = targets_of(selection.local if local else selection.cluster)
         outside = targets_of(selection.cluster) if external is not None else inside
         name = f"{service.namespace}/{service.name}:{port.name or port.port}"
+        if family == 6 and dual_stack:  # each family its own endpoints and balancing state: names must not meet
+            name += "/ipv6"
         common = dict(protocol=PROTOCOL_NUMBERS[port.protocol], port=port.port, algorithm=algorithm,
                       affinity_timeout=service.session_affinity_timeout)
         node_port = port.node_port if external is not None else None

@@ -9,10 +9,14 @@
    affinity, least-conn, no such Service, anything odd) is handed back to
    Python as a PacketQueued, for the balancer itself to decide.
 
-   The GIL is released only while blocking in the first recv; the table is
-   read from its holder after that recv returns, so a table swapped in while
-   the loop slept is the one used. A batch is decided with the GIL held, so
-   drain() (which reads and zeroes the counts) never races a batch.
+   The GIL is released while blocking in the first recv, and a batch runs
+   Python code (a leftover's PacketQueued), where the GIL may pass to another
+   thread mid-batch. So once that recv returns the loop takes the caller's
+   lock (the forwarder's, which its changes and snapshots hold too) and keeps
+   it for the whole batch: the table is read from its holder under the lock,
+   so a table swapped in while the loop slept is the one used, and no
+   drain() (which reads and zeroes the counts) lands inside a batch. Every
+   decision counted here is folded back exactly once.
 
    Wire format: include/uapi/linux/netfilter/nfnetlink_queue.h (see nfqueue.py). */
 
@@ -65,6 +69,9 @@ typedef struct {
     int pending;
 } Verdicts;
 
+static PyObject *acquire_name, *release_name;
+
+/* Sends the pending verdicts in one datagram: netlink takes a datagram whole or not at all (no partial send). */
 static int flush(Verdicts *v) {
     ssize_t length = (ssize_t)v->pending * VERDICT_SIZE;
     while (v->pending) {
@@ -120,24 +127,29 @@ static int decide(Verdicts *v, PyObject *table, unsigned queue, uint32_t packet_
     Py_DECREF(pykey);
     if (entry == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) < 4) {
-        PyErr_SetString(PyExc_TypeError, "pick table entry: (kind, marks, counts, cursor) expected");
-        return -1;
-    }
+    /* An entry not of picks.Entry's shape is a bug on the Python side: the balancer decides those packets. */
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) < 4 || !PyLong_CheckExact(PyTuple_GET_ITEM(entry, 0)))
+        return 0;
     long kind = PyLong_AsLong(PyTuple_GET_ITEM(entry, 0));
     Py_buffer marks, counts, cursor;
-    if (kind == -1 && PyErr_Occurred())
-        return -1;
-    if (PyObject_GetBuffer(PyTuple_GET_ITEM(entry, 1), &marks, PyBUF_SIMPLE) < 0)
-        return -1;
+    if (kind == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(entry, 1), &marks, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
     if (PyObject_GetBuffer(PyTuple_GET_ITEM(entry, 2), &counts, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
         PyBuffer_Release(&marks);
-        return -1;
+        return 0;
     }
     if (PyObject_GetBuffer(PyTuple_GET_ITEM(entry, 3), &cursor, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
         PyBuffer_Release(&marks);
         PyBuffer_Release(&counts);
-        return -1;
+        return 0;
     }
     size_t slots = marks.len / 4;
     int result = 0;
@@ -171,9 +183,9 @@ static int walk(Verdicts *v, PyObject *table, uint32_t keep_mask, PyObject *pack
         uint16_t kind;
         memcpy(&length, data + offset, 4);
         memcpy(&kind, data + offset + 4, 2);
-        size_t end = offset + length;
-        if (length < 16 || end > size)
+        if (length < 16 || length > size - offset) /* not offset + length > size: that may wrap */
             break;
+        size_t end = offset + length;
         if (kind == PACKET_TYPE && length >= 20) {
             unsigned queue = ((unsigned)data[offset + 18] << 8) | data[offset + 19];
             int have_id = 0;
@@ -230,11 +242,25 @@ static double now(void) {
     return (double)t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-/* serve(fd, scratch, holder, keep_mask, limit, block, packet_type)
-   -> (datagrams read, packets decided here, [PacketQueued left to Python], seconds the first recv took) */
+/* Calls lock.acquire() or lock.release(). On an error path (an exception set) that exception is kept. */
+static int lock_call(PyObject *lock, PyObject *name) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *result = PyObject_CallMethodNoArgs(lock, name);
+    Py_XDECREF(result);
+    if (type == NULL)
+        return result == NULL ? -1 : 0;
+    PyErr_Clear();
+    PyErr_Restore(type, value, traceback);
+    return 0;
+}
+
+/* serve(fd, scratch, holder, keep_mask, limit, block, packet_type, lock)
+   -> (datagrams read, packets decided here, [PacketQueued left to Python], seconds the first recv took)
+   `lock`: held from the first datagram to the last verdict (None: no lock). */
 static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "serve(fd, scratch, holder, keep_mask, limit, block, packet_type)");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "serve(fd, scratch, holder, keep_mask, limit, block, packet_type, lock)");
         return NULL;
     }
     int fd = (int)PyLong_AsLong(args[0]);
@@ -243,9 +269,10 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     long limit = PyLong_AsLong(args[4]);
     int block = PyObject_IsTrue(args[5]);
     PyObject *packet_type = args[6];
+    PyObject *lock = args[7] == Py_None ? NULL : args[7];
     if (PyErr_Occurred() || block < 0)
         return NULL;
-    if (!PyList_Check(holder) || PyList_GET_SIZE(holder) != 1) {
+    if (!PyList_Check(holder)) {
         PyErr_SetString(PyExc_TypeError, "holder: a list of one pick table");
         return NULL;
     }
@@ -272,7 +299,8 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     long datagrams = 0, decided = 0;
     double first_read = 0.0;
     ssize_t got;
-    int error = 0;
+    int error = 0, locked = 0;
+    PyObject *table = NULL;
 
     /* The first datagram: the blocking reader's sleep (no poll before the read). */
     for (;;) {
@@ -292,7 +320,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         if (error == ENOBUFS)
             continue; /* overruns are the kernel's to count (fail-open) */
         if (error == EINTR && PyErr_CheckSignals() == 0)
-            got = -1, error = EAGAIN; /* let the caller look at its flags */
+            got = -1, error = EAGAIN; /* a handler ran (SIGTERM sets the forwarder's flag): let the caller look */
         if (error == EAGAIN || error == EWOULDBLOCK)
             goto done;
         if (!PyErr_Occurred()) {
@@ -301,15 +329,21 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         }
         goto failed;
     }
-    PyObject *table = PyList_GET_ITEM(holder, 0); /* read after the sleep: the table current now */
-    if (!PyDict_Check(table)) {
-        PyErr_SetString(PyExc_TypeError, "pick table: a dict expected");
+    datagrams = 1;
+    if (lock != NULL) {
+        if (lock_call(lock, acquire_name) < 0)
+            goto failed; /* (the datagram read is lost: its packet waits in the queue until the queue goes) */
+        locked = 1;
+    }
+    /* Read under the lock, after the sleep: the table current now, which no change replaces before the batch ends. */
+    if (PyList_GET_SIZE(holder) != 1 || !PyDict_Check(PyList_GET_ITEM(holder, 0))) {
+        PyErr_SetString(PyExc_TypeError, "holder: a list of one pick table (a dict)");
         goto failed;
     }
+    table = PyList_GET_ITEM(holder, 0);
     Py_INCREF(table);
-    datagrams = 1;
     if (walk(v, table, keep_mask, packet_type, leftovers, buffers, (size_t)got, &decided) < 0)
-        goto failed_table;
+        goto failed;
     /* Then everything waiting, up to `limit` datagrams, with recvmmsg. */
     struct mmsghdr messages[64];
     struct iovec vectors[64];
@@ -331,30 +365,41 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 break;
             PyErr_SetFromErrno(PyExc_OSError);
-            goto failed_table;
+            goto failed;
         }
         if (count == 0)
             break;
         for (int i = 0; i < count; i++)
             if (walk(v, table, keep_mask, packet_type, leftovers, buffers + i * RECV_SIZE, messages[i].msg_len,
                      &decided) < 0)
-                goto failed_table;
+                goto failed;
         datagrams += count;
         if ((size_t)count < want)
             break;
     }
-    Py_DECREF(table);
 done:
     if (flush(v) < 0)
         goto failed;
+    Py_XDECREF(table);
+    if (locked && lock_call(lock, release_name) < 0) {
+        locked = 0;
+        table = NULL;
+        goto failed;
+    }
     PyMem_Free(v);
     PyBuffer_Release(&scratch);
-    PyObject *result = Py_BuildValue("llNd", datagrams, decided, leftovers, first_read);
-    return result;
-failed_table:
-    Py_DECREF(table);
-    flush(v); /* what was decided still leaves */
+    return Py_BuildValue("llNd", datagrams, decided, leftovers, first_read);
 failed:
+    if (v->pending) {
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        if (flush(v) < 0) /* what was decided still leaves; the first error is the one raised */
+            PyErr_Clear();
+        PyErr_Restore(type, value, traceback);
+    }
+    Py_XDECREF(table);
+    if (locked)
+        lock_call(lock, release_name);
     PyMem_Free(v);
     PyBuffer_Release(&scratch);
     Py_DECREF(leftovers);
@@ -377,16 +422,28 @@ static PyObject *drain(PyObject *self, PyObject *counts_object) {
                 break;
             }
             PyList_SET_ITEM(out, i, value);
-            at[i] = 0;
         }
+        if (out != NULL) /* zeroed only once all are read: a failure leaves every count for the next drain */
+            memset(at, 0, (size_t)n * 8);
     }
     PyBuffer_Release(&counts);
     return out;
 }
 
+/* flow_key(packet bytes) -> the pick-table key serve() looks up for it, or -1: the parser alone, for tests. */
+static PyObject *key_of(PyObject *self, PyObject *data) {
+    Py_buffer packet;
+    if (PyObject_GetBuffer(data, &packet, PyBUF_SIMPLE) < 0)
+        return NULL;
+    long long key = flow_key(packet.buf, (size_t)packet.len);
+    PyBuffer_Release(&packet);
+    return PyLong_FromLongLong(key);
+}
+
 static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, "Decide a batch of queued packets; see the module."},
     {"drain", drain, METH_O, "Read and zero a pick table entry's counts."},
+    {"flow_key", key_of, METH_O, "The pick-table key of a packet (picks.key), or -1 when serve() leaves it to Python."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -398,5 +455,9 @@ PyMODINIT_FUNC PyInit__nfqueue(void) {
     rng_state = ((uint64_t)t.tv_nsec << 20) ^ (uint64_t)t.tv_sec ^ ((uint64_t)getpid() << 40) ^ 0x9E3779B97F4A7C15ULL;
     if (rng_state == 0)
         rng_state = 1;
+    acquire_name = PyUnicode_InternFromString("acquire");
+    release_name = PyUnicode_InternFromString("release");
+    if (acquire_name == NULL || release_name == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

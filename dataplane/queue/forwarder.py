@@ -250,7 +250,8 @@ class Forwarder:
     def _decide_compiled(self, limit: int, block: bool) -> int:
         """The compiled loop decides what its pick table knows; the balancer the rest (affinity, least-conn, IPv6)."""
         started = time.perf_counter()
-        _, decided, rest, self._read_took = self._socket.serve(self._picks, KEEP_MASK, limit, block)
+        # Under the lock from the first datagram on: a change or a snapshot (which fold the counts) waits for the batch.
+        _, decided, rest, self._read_took = self._socket.serve(self._picks, KEEP_MASK, limit, block, self._lock)
         if not decided and not rest:
             return 0
         if rest:
@@ -269,14 +270,18 @@ class Forwarder:
         return count
 
     def _handle(self, event) -> list:
-        with self._lock:
-            if self._picks is None or not isinstance(event, (ServicesChanged, NodeAddresses)):
+        if self._picks is None or not isinstance(event, (ServicesChanged, NodeAddresses)):
+            with self._lock:
                 return self.balancer.handle(event)
-            # What the compiled loop decided goes back first: a change may renumber the ports' targets.
-            picks.fold(self._picks[0], nfqueue.compiled.drain)
+        with self._lock:
             commands = self.balancer.handle(event)
-            self._picks[0] = picks.build(self.balancer)
-            return commands
+        # The next pick table is built outside the lock (tens of ms at 10,000 Services), while the loop goes on
+        # with the last one: what it reads, only this thread changes (handle() runs here, and only here).
+        built = picks.build(self.balancer, self._picks[0])
+        with self._lock:
+            last, self._picks[0] = self._picks[0], built
+            picks.fold(last, nfqueue.compiled.drain)  # by target id: the renumbering handle() did is no matter
+        return commands
 
     def _follow_conntrack(self) -> None:
         try:
@@ -292,14 +297,16 @@ class Forwarder:
         lost = self._events.lost
         self._events.read(events)
         handle, counted, resync = self.balancer.handle, self.balancer.flows, self._resync
-        for event in events:
-            if event.kind == "new":
-                if event.flow_id not in counted:  # a dump may have counted it first
-                    handle(FlowStarted(event.flow_id, event.flow, event.endpoint))
-            else:
-                handle(FlowEnded(event.flow_id))
-                if resync is not None:
-                    resync.ended.add(event.flow_id)
+        # Under the lock: the packet thread's decisions count least-conn's pending flows in the same dicts.
+        with self._lock:
+            for event in events:
+                if event.kind == "new":
+                    if event.flow_id not in counted:  # a dump may have counted it first
+                        handle(FlowStarted(event.flow_id, event.flow, event.endpoint))
+                else:
+                    handle(FlowEnded(event.flow_id))
+                    if resync is not None:
+                        resync.ended.add(event.flow_id)
         if self._events.lost != lost:
             log.warning("least-conn: conntrack events lost (socket overflow, %d so far); recounting from a dump",
                         self._events.lost)
@@ -320,9 +327,10 @@ class Forwarder:
             if f.exception() is not None:
                 log.warning("least-conn: cannot read the conntrack table (%s); counts may drift", f.exception())
             else:
-                events = resync_events(f.result(), resync.known, self.balancer.flows, resync.ended)
-                for event in events:
-                    self.balancer.handle(event)
+                with self._lock:
+                    events = resync_events(f.result(), resync.known, self.balancer.flows, resync.ended)
+                    for event in events:
+                        self.balancer.handle(event)
                 self.conntrack_resyncs += 1
                 log.info("least-conn: recounted from %d conntrack entries", len(f.result()))
             if resync.again:
@@ -381,7 +389,7 @@ class _LeastConnFrontends(NamedTuple):
     """Where least-conn Services take flows, copied on the loop for a dump thread to filter by."""
 
     addresses: frozenset  # (packed daddr, protocol, port)
-    nodeports: frozenset  # (protocol, port)
+    nodeports: frozenset  # (family, protocol, port)
     node_ips: frozenset
 
     @classmethod
@@ -393,7 +401,7 @@ class _LeastConnFrontends(NamedTuple):
     def hold(self, event: CtEvent) -> bool:
         flow = event.flow
         return (flow.daddr, flow.protocol, flow.dport) in self.addresses or (
-            flow.daddr in self.node_ips and (flow.protocol, flow.dport) in self.nodeports)
+            flow.daddr in self.node_ips and (flow.family, flow.protocol, flow.dport) in self.nodeports)
 
 
 def _least_conn_flows(frontends: _LeastConnFrontends) -> list[CtEvent]:

@@ -216,19 +216,23 @@ class QueueSocket:
             count += 1
         return count
 
-    def serve(self, holder: list, keep_mask: int, limit: int = 1024, block: bool = False,
+    def serve(self, holder: list, keep_mask: int, limit: int = 1024, block: bool = False, lock=None,
               ) -> tuple[int, int, list[PacketQueued], float]:
         """The compiled loop: reads up to `limit` datagrams, decides and answers those `holder[0]` has picks for.
 
         Returns (datagrams read, packets decided, the packets left for the
         balancer, seconds the first recv took). `holder`: a list of one pick
-        table (picks.build), read after the first recv returns. Only when
-        `compiled` is not None. Raises OSError as recv and send do.
+        table (picks.build). `lock`: taken once the first datagram is there
+        and held to the batch's last verdict; the table is read under it, so
+        whoever folds counts or swaps the table under the same lock never
+        meets a batch half done (a batch runs Python code, where the GIL may
+        pass to another thread). Only when `compiled` is not None. Raises
+        OSError as recv and send do.
         """
         if self._early:
             early, self._early = self._early, []
             return 0, 0, early, 1.0  # (not a burst: answer these, then sleep again)
-        return compiled.serve(self._fd, self._scratch, holder, keep_mask, limit, block, PacketQueued)
+        return compiled.serve(self._fd, self._scratch, holder, keep_mask, limit, block, PacketQueued, lock)
 
     def send(self, verdicts: list[tuple[int, int, int]]) -> None:
         """Sends verdicts (queue, packet id, mark): ACCEPT with that mark; in datagrams of at most 256."""

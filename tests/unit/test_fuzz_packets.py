@@ -4,7 +4,10 @@ the bytes. Neither may raise; each must give exactly what a well-formed input ho
 generator builds the input from its fields, so it knows the answer) and nothing impossible
 for a damaged one.
 
-Only the public decode functions are used.
+The compiled loop (queue/_nfqueue.c, where it is built) reads the same untrusted bytes in C:
+its packet parser must find the pick-table key of exactly the IPv4 flows `parse` finds (and
+nothing else), and its datagram walk must hand back exactly the packets `decode_packets`
+returns, for every input, damaged or not.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import random
 import socket
 import struct
 
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
+from dataplane.marks import KEEP_MASK
 from dataplane.packet import Flow, PacketQueued, parse
-from dataplane.queue import nfqueue
+from dataplane.queue import nfqueue, picks
+
+compiled = pytest.mark.skipif(nfqueue.compiled is None, reason="dataplane.queue._nfqueue is not built")
 
 PACKET_CASES = 10_000
 QUEUE_CASES = 5_000
@@ -108,6 +115,16 @@ def test_packet_parse_never_raises_and_reads_exactly_what_a_packet_holds(case):
             assert found == expected  # a shorter packet never reads other ports
 
 
+@compiled
+@_settings(PACKET_CASES)
+@given(packets())
+def test_the_compiled_parser_keys_exactly_the_ipv4_flows_parse_reads(case):
+    data, _, _ = case
+    found = parse(data)
+    expected = picks.key(found.daddr, found.protocol, found.dport) if found is not None and found.family == 4 else -1
+    assert nfqueue.compiled.flow_key(data) == expected
+
+
 def _attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
@@ -179,3 +196,32 @@ def test_nfqueue_decode_never_raises_and_returns_exactly_the_queued_packets(case
     for queued in found:
         assert 0 <= queued.queue < 65536 and 0 <= queued.packet_id < 2**32 and 0 <= queued.mark < 2**32
         assert isinstance(queued.payload, bytes) and len(queued.payload) <= len(data)
+
+
+class _Kernel:
+    """A socketpair standing in for the netlink socket: datagrams in, the compiled loop's answers out."""
+
+    def __init__(self):
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.scratch = bytearray(64 * 4096)
+
+    def serve(self, data: bytes, table: dict) -> tuple[int, int, list[PacketQueued], float]:
+        self.theirs.send(data)
+        return nfqueue.compiled.serve(self.ours.fileno(), self.scratch, [table], KEEP_MASK, 1, False, PacketQueued,
+                                      None)
+
+
+_kernel: list[_Kernel] = []
+
+
+@compiled
+@_settings(QUEUE_CASES)
+@given(datagrams())
+def test_the_compiled_walk_hands_back_exactly_the_packets_decode_returns(case):
+    data, _, _, _ = case
+    if not _kernel:
+        _kernel.append(_Kernel())
+    expected: list[PacketQueued] = []
+    nfqueue.decode_packets(data, expected)
+    datagrams_read, decided, rest, _ = _kernel[0].serve(data, {})  # no table entry: every packet comes back
+    assert (datagrams_read, decided, rest) == (1, 0, expected)
