@@ -387,8 +387,24 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every batch of events
 
 
+def klog_verbosity(argv: list[str]) -> list[str]:
+    """kube-proxy's `-v=N` and `-v N` (klog's level) as `--v=N`; our bare `-v`/`-vv` stay counts."""
+    spelled, at = [], 0
+    while at < len(argv):
+        token = argv[at]
+        if token == "--":
+            return spelled + argv[at:]
+        if token.startswith("-v=") and token[3:].isdigit():
+            token = "--v=" + token[3:]
+        elif token == "-v" and at + 1 < len(argv) and argv[at + 1].isdigit():
+            token, at = "--v=" + argv[at + 1], at + 1
+        spelled.append(token)
+        at += 1
+    return spelled
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = klog_verbosity(list(sys.argv[1:] if argv is None else argv))
     cleanup = {"--cleanup", "--cleanup=true", "--cleanup=True", "--cleanup=1"}
     if argv and argv[0].startswith("-") and cleanup & set(argv):  # `kube-proxy --cleanup`
         argv = ["cleanup", "--kube-proxy", *[a for a in argv if a not in cleanup]]
