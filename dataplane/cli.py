@@ -291,7 +291,7 @@ def apply_config(args: argparse.Namespace, argv: list[str], parser: argparse.Arg
     loaded = kpc.load(args.config)
     given = given_flags(parser, argv)
     defaults = {a.dest: a.default for a in _run_actions(parser) if a.dest in KUBE_PROXY_DESTS}
-    resolution = kpc.resolve(loaded, given, defaults)
+    resolution = kpc.resolve(loaded, given, defaults, {dest: getattr(args, dest) for dest in kpc.FLAGS_OVER_FILE})
     for dest, value in resolution.values.items():
         setattr(args, dest, value)
     if "source" not in given and "source" not in loaded.extension:

@@ -253,7 +253,7 @@ SCHEMA: dict[str, Any] = {
     "bindAddressHardFail": _leaf("bool", "bind_address_hard_fail"),
     **_ignored_section("no /debug/pprof here", enableProfiling="bool"),
     **_ignored_section("no metric is hidden here", showHiddenMetricsForVersion="str"),
-    "mode": _leaf("str", "mode"),
+    "mode": _leaf("str"),  # read by parse(): it picks kernel mode or refuses, and the section to read
     "iptables": {
         **_SECTION_FIELDS,
         **_ignored_section("NodePorts never answer on loopback here", localhostNodePorts="bool"),
@@ -502,20 +502,25 @@ class Resolution:
     overridden: tuple[str, ...]  # kube-proxy flags given on the command line but replaced by the file
 
 
-def resolve(config: FileConfig, given: set[str], kube_proxy_defaults: dict[str, Any]) -> Resolution:
+def resolve(config: FileConfig, given: set[str], kube_proxy_defaults: dict[str, Any],
+            flag_values: dict[str, Any] | None = None) -> Resolution:
     """The option values that hold with `--config`, by kube-proxy's precedence.
 
     `given`: dests set explicitly on the command line. `kube_proxy_defaults`:
     dest -> default of each flag kube-proxy also has. Such a flag is replaced
     by the file's value, or by its default where the file leaves the field
-    unset, except `FLAGS_OVER_FILE`. Our own flags, when given, win over the
-    extension document (kube-proxy has no word on them; a flag beats a file).
+    unset, except `FLAGS_OVER_FILE` (`flag_values`: what those flags were
+    given as). Our own flags, when given, win over the extension document
+    (kube-proxy has no word on them; a flag beats a file).
     """
     values: dict[str, Any] = {}
     overridden = []
+    flag_values = flag_values or {}
     for dest, default in kube_proxy_defaults.items():
         if dest in FLAGS_OVER_FILE:
-            if dest in config.values and dest not in given:
+            # kube-proxy: a --hostname-override that is empty leaves the file's hostnameOverride
+            spelled = dest in given and (dest != "hostname_override" or str(flag_values.get(dest, "")).strip())
+            if dest in config.values and not spelled:
                 values[dest] = config.values[dest]
             continue
         values[dest] = config.values.get(dest, default)
