@@ -6,13 +6,11 @@ these fields changed, each checked below for its effect: clientConnection.kubeco
 (a kubeconfig for the stand-in API server), healthzBindAddress (a bare IP: port
 10256), mode nftables with nftables.masqueradeBit, logging.format json,
 oomScoreAdj, conntrack timeouts (written in the node namespace), and our own
-extension document (the built-in DNS). The stand-in API server listens inside
-the node namespace only.
+extension document (the built-in DNS). The lab and the stand-in API server are
+kube_lab.py's (the `lab` and `api` fixtures of conftest.py).
 
-Address plan
-    client          192.168.50.2/24, default route via the node
-    node            node1: 192.168.50.1, 10.244.1.1; API server 127.0.0.1:6443; DNS 127.0.0.1:5353
-    pods            pod1 10.244.1.11, pod2 10.244.1.12, pod3 10.244.1.13; echo on TCP 80
+Address plan (the rest is kube_lab.py's)
+    node            DNS 127.0.0.1:5353
     ClusterIPs      10.96.6.10 web, 10.96.6.20 trigger, 10.96.6.30 lb (NodePort 30631, health 32631)
 """
 
@@ -29,9 +27,11 @@ import dns.message
 import pytest
 import yaml
 
+from kube_lab import ALL, NODE_IP, POD_IPS, node_object
+
 from dataplane.lab import Daemon, Lab, environment_problem, http_get, sample, tally, tcp_request, wait_until
 from dataplane.lab.daemon import dataplane_executable
-from dataplane.lab.kubeapi import KubeApi, kubeconfig, netns_listener
+from dataplane.lab.kubeapi import kubeconfig
 from dataplane.lab.manifests import endpoint_slice, port, service
 
 PROBLEM = environment_problem()
@@ -41,14 +41,6 @@ ROOT = Path(__file__).resolve().parents[2]
 KUBEADM = ROOT / "tests" / "kubeproxy" / "kubeadm-config.conf"
 METRICS_LIST = ROOT / "tests" / "kubeproxy" / "metrics-v1.34.txt"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dataplane.json"
-NODE_IP = "192.168.50.1"
-POD_IPS = {"pod1": "10.244.1.11", "pod2": "10.244.1.12", "pod3": "10.244.1.13"}
-ALL = frozenset(POD_IPS)
-
-
-def node_object(**spec) -> dict:
-    return {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "node1"}, "spec": spec,
-            "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}}
 
 
 def web(name: str, cluster_ip: str, annotations: dict | None = None) -> list[dict]:
@@ -61,20 +53,6 @@ def web(name: str, cluster_ip: str, annotations: dict | None = None) -> list[dic
 def answering(lab: Lab, address: str) -> set[str]:
     return set(tally(o for o in sample(lambda: tcp_request(lab.client, address, 80, timeout=0.3), ALL, tries=30)
                      if o.ok))
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with Lab.build() as lab:
-        lab.start_echo(tcp=[80])
-        yield lab
-
-
-@pytest.fixture(scope="module")
-def api(lab):
-    with KubeApi(netns_listener(lab.node, 6443), bookmark_interval=5.0) as api:
-        api.apply(node_object())
-        yield api
 
 
 @pytest.fixture(scope="module")

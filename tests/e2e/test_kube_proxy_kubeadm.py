@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from kube_lab import stand_in_api
+
 from dataplane.lab import Daemon, Lab, environment_problem, sample, tally, tcp_request, wait_until
 from dataplane.lab.daemon import dataplane_executable
-from dataplane.lab.kubeapi import KubeApi, kubeconfig, netns_listener
+from dataplane.lab.kubeapi import kubeconfig
 from dataplane.lab.manifests import endpoint_slice, port, service
 
 PROBLEM = environment_problem() or (None if shutil.which("unshare") else "unshare is not installed")
@@ -38,10 +40,8 @@ def test_kubeadms_config_conf_unchanged(tmp_path):
         "--hostname-override node1"
     )
     argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
-    with Lab.build() as lab, KubeApi(netns_listener(lab.node, 6443), bookmark_interval=5.0) as api:
+    with Lab.build() as lab, stand_in_api(lab) as api:
         lab.start_echo(tcp=[80])
-        api.apply({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "node1"},
-                   "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.1"}]}})
         api.apply(service("web", "10.96.7.10", [port("http", 80)]))
         api.apply(endpoint_slice("web", PODS, [("http", 80, "TCP")]))
         with Daemon(lab.node, tmp_path / "dataplane.log", argv) as daemon:

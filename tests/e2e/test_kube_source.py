@@ -1,14 +1,10 @@
 """`dataplane run --source kube` end to end: the stand-in API server, the real client, real packets.
 
-The stand-in API server (dataplane/lab/kubeapi.py) runs in this test process
-but listens on 127.0.0.1:6443 *inside the node namespace* (its socket is
-made there), so the daemon reaches it with `--master http://127.0.0.1:6443`
-and nothing listens in the root namespace. Each test owns its Services.
+The lab and the stand-in API server are kube_lab.py's (the `lab` and `api`
+fixtures of conftest.py); the daemon reaches the API server with
+`--master http://127.0.0.1:6443`. Each test owns its Services.
 
-Address plan
-    client          192.168.50.2/24, default route via the node
-    node            node1: 192.168.50.1 (client side), 10.244.1.1 (Pod side); API server 127.0.0.1:6443
-    pods            pod1 10.244.1.11, pod2 10.244.1.12, pod3 10.244.1.13; echo servers on TCP 80, UDP 53
+Address plan (the rest is kube_lab.py's)
     ClusterIPs      10.96.5.10 follow, 10.96.5.20 cut, 10.96.5.30-31 gone, 10.96.5.40 restart,
                     10.96.5.50-51 invalid, 10.96.5.60 started-unreachable, 10.96.5.70 nodeport (30170)
 """
@@ -21,18 +17,15 @@ import time
 
 import pytest
 
+from kube_lab import ALL, API, NODE_IP, POD_IPS, stand_in_api
+
 from dataplane.lab import Daemon, Lab, environment_problem, request, sample, tally, tcp_request, wait_until
 from dataplane.lab.daemon import run_argv
-from dataplane.lab.kubeapi import KubeApi, netns_listener
+from dataplane.lab.kubeapi import KubeApi
 from dataplane.lab.manifests import endpoint_slice, port, service
 
 PROBLEM = environment_problem()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(PROBLEM is not None, reason=f"namespace tests: {PROBLEM}")]
-
-API = "http://127.0.0.1:6443"
-NODE_IP = "192.168.50.1"
-POD_IPS = {"pod1": "10.244.1.11", "pod2": "10.244.1.12", "pod3": "10.244.1.13"}
-ALL = frozenset(POD_IPS)
 
 
 def web(name: str, cluster_ip: str, pods=ALL, **fields) -> list[dict]:
@@ -40,11 +33,6 @@ def web(name: str, cluster_ip: str, pods=ALL, **fields) -> list[dict]:
     ports = fields.pop("ports", None) or [port("http", 80), port("dns", 53, protocol="UDP")]
     return [service(name, cluster_ip, ports, **fields),
             endpoint_slice(name, [POD_IPS[p] for p in sorted(pods)], [("http", 80, "TCP"), ("dns", 53, "UDP")])]
-
-
-def node_object(name: str = "node1") -> dict:
-    return {"kind": "Node", "apiVersion": "v1", "metadata": {"name": name, "labels": {
-        "topology.kubernetes.io/zone": "z1"}}, "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}}
 
 
 def apply(api: KubeApi, objects) -> None:
@@ -70,20 +58,6 @@ def silent(lab: Lab, address: str, timeout: float = 10.0) -> float:
     wait_until(lambda: not tcp_request(lab.client, address, 80, timeout=0.3).ok, timeout=timeout,
                what=f"{address} stops answering")
     return time.monotonic() - started
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with Lab.build() as lab:
-        lab.start_echo(tcp=[80], udp=[53])
-        yield lab
-
-
-@pytest.fixture(scope="module")
-def api(lab):
-    with KubeApi(netns_listener(lab.node, 6443), bookmark_interval=5.0) as api:
-        api.apply(node_object())
-        yield api
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +152,8 @@ def test_objects_the_api_server_would_reject_are_logged_and_skipped(lab, api, da
 
 def test_started_while_the_api_server_is_unreachable(tmp_path):
     """Its own lab: /healthz is not 200 until the first lists are programmed, and adopted rules stay meanwhile."""
-    with Lab.build() as lab, KubeApi(netns_listener(lab.node, 6443), bookmark_interval=5.0) as api:
+    with Lab.build() as lab, stand_in_api(lab) as api:
         lab.start_echo(tcp=[80])
-        api.apply(node_object())
         apply(api, web("early", "10.96.5.60"))
         daemon = Daemon(lab.node, tmp_path / "dataplane.log", run_argv("kube", extra=["--master", API]))
         with daemon:
