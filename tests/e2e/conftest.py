@@ -11,9 +11,9 @@ defines its own `lab`, which takes precedence.
 from __future__ import annotations
 
 import pytest
-from kube_lab import stand_in_api
 
 from dataplane.lab import Lab
+from kube_lab import stand_in_api
 
 
 @pytest.hookimpl(hookwrapper=True)

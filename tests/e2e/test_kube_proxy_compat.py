@@ -27,20 +27,18 @@ import dns.message
 import pytest
 import yaml
 
-from kube_lab import ALL, NODE_IP, POD_IPS, node_object
-
 from dataplane.lab import Daemon, Lab, environment_problem, http_get, sample, tally, tcp_request, wait_until
 from dataplane.lab.daemon import dataplane_executable
 from dataplane.lab.kubeapi import kubeconfig
 from dataplane.lab.manifests import endpoint_slice, port, service
+from kube_lab import ALL, NODE_IP, POD_IPS, node_object
+from tests.kubeproxy import scrape
 
 PROBLEM = environment_problem()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(PROBLEM is not None, reason=f"namespace tests: {PROBLEM}")]
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBEADM = ROOT / "tests" / "kubeproxy" / "kubeadm-config.conf"
-METRICS_LIST = ROOT / "tests" / "kubeproxy" / "metrics-v1.34.txt"
-DASHBOARD = ROOT / "deploy" / "grafana" / "dataplane.json"
 
 
 def web(name: str, cluster_ip: str, annotations: dict | None = None) -> list[dict]:
@@ -123,18 +121,19 @@ def test_status_in_kernel_mode_shows_each_service_port(lab, api, daemon):
 
 
 def test_every_kube_proxy_metric_on_a_live_daemon(lab, api, daemon):
-    text = metrics(lab)
-    for line in METRICS_LIST.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        name, kind, labels = line.split()
-        sample_name = name + "_count" if kind == "histogram" else name
-        found = [m for m in re.finditer(rf"^{sample_name}(\{{[^}}]*\}})? ", text, re.M)]
-        assert found, f"{sample_name} not on /metrics"
-        if labels != "-":
-            got = set(re.findall(r'(\w+)="', found[0].group(1) or ""))
-            assert got == set(labels.split(",")), f"{name}: labels {got}"
-    assert "process_resident_memory_bytes" in text and "python_info" in text
+    """kube-proxy v1.34's nftables-mode families (tests/kubeproxy/metrics-v1.34.txt), each with
+    its type's samples and exactly its labels, and its histograms' buckets (buckets-v1.34.txt)."""
+    samples = scrape.exposed(metrics(lab))
+    for name, kind, labels in scrape.metric_list():
+        suffixes = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)
+        for sample_name in (name + suffix for suffix in suffixes):
+            assert sample_name in samples, f"{sample_name} not on /metrics"
+            for label_set in samples[sample_name]:
+                assert set(label_set) - {"le"} == labels, f"{sample_name}: labels {sorted(label_set)}"
+    for name, bounds in scrape.bucket_list().items():
+        seen = {float(s["le"]) for s in samples[name + "_bucket"] if s.get("ip_family") == "IPv4"}
+        assert seen == {*bounds, float("inf")}, f"{name}: buckets {sorted(seen)}"
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "python_info"} <= samples.keys()
 
 
 def test_network_programming_duration_from_the_endpointslice_trigger_time(lab, api, daemon):
@@ -151,6 +150,8 @@ def test_network_programming_duration_from_the_endpointslice_trigger_time(lab, a
 
 
 def test_every_grafana_query_resolves_on_a_live_daemon(lab, api, daemon):
+    """Every query of deploy/grafana/dataplane.json (panels and template variables): each metric
+    it names is on a live daemon's /metrics with each label it matches on or groups by."""
     query = dns.message.make_query("web.default.svc.cluster.local", "A")
     with lab.node.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(2)
@@ -158,18 +159,9 @@ def test_every_grafana_query_resolves_on_a_live_daemon(lab, api, daemon):
         answer = dns.message.from_wire(sock.recv(512))
     assert answer.rcode() == 0 and "10.96.6.10" in answer.to_text()
     text = metrics(lab)
-    samples = {}
-    for match in re.finditer(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? ", text, re.M):
-        samples.setdefault(match.group(1), set()).update(re.findall(r'(\w+)="', match.group(2) or ""))
-    dashboard = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    assert exprs
-    for expr in exprs:
-        for name in re.findall(r"\b((?:kubeproxy|dataplane|process|python|kubernetes)_\w+)", expr):
-            assert name in samples, f"{name} (in {expr}) is not on a live daemon's /metrics"
-            for group in re.findall(r"by \(([^)]*)\)", expr):
-                wanted = {label.strip() for label in group.split(",")} - {"le", "instance", "job"}
-                assert wanted <= samples[name] | {"le"}, f"{expr}: {wanted - samples[name]} not labels of {name}"
+    dashboard = scrape.load_dashboard()
+    assert len(scrape.dashboard_queries(dashboard)) >= 30
+    assert scrape.dashboard_problems(dashboard, scrape.exposed(text)) == []
     assert 'dataplane_dns_queries_total{rcode="NOERROR",type="A"}' in text
 
 

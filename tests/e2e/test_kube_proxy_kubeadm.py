@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from kube_lab import stand_in_api
-
 from dataplane.lab import Daemon, Lab, environment_problem, sample, tally, tcp_request, wait_until
 from dataplane.lab.daemon import dataplane_executable
 from dataplane.lab.kubeapi import kubeconfig
 from dataplane.lab.manifests import endpoint_slice, port, service
+from kube_lab import stand_in_api
 
 PROBLEM = environment_problem() or (None if shutil.which("unshare") else "unshare is not installed")
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(PROBLEM is not None, reason=f"namespace tests: {PROBLEM}")]

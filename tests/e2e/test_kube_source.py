@@ -17,12 +17,11 @@ import time
 
 import pytest
 
-from kube_lab import ALL, API, NODE_IP, POD_IPS, stand_in_api
-
 from dataplane.lab import Daemon, Lab, environment_problem, request, sample, tally, tcp_request, wait_until
 from dataplane.lab.daemon import run_argv
 from dataplane.lab.kubeapi import KubeApi
 from dataplane.lab.manifests import endpoint_slice, port, service
+from kube_lab import ALL, API, NODE_IP, POD_IPS, stand_in_api
 
 PROBLEM = environment_problem()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(PROBLEM is not None, reason=f"namespace tests: {PROBLEM}")]
