@@ -355,10 +355,23 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
     # kube-proxy takes the mode's own section; "" and iptables mean the iptables section.
     unused_section = "iptables" if mode == "nftables" else "nftables"
     _walk(first, SCHEMA, (), found, found.values, unused_section)
+    _ipv6_server_defaults(found.values)
     for document in rest:
         _expect_kind(document, path, EXTENSION_API_VERSION, EXTENSION_KIND)
         _walk(document, EXTENSION_SCHEMA, (), found, found.extension, None)
     return found
+
+
+def _ipv6_server_defaults(values: dict[str, Any]) -> None:
+    """kube-proxy's defaulting of the file: with an IPv6 bindAddress, the healthz and metrics servers
+    left unset default to [::]:10256 and [::1]:10249 instead of their IPv4 addresses."""
+    try:
+        ipv6 = ipaddress.ip_address(str(values.get("bind_address", "")).strip()).version == 6
+    except ValueError:
+        return
+    if ipv6:
+        values.setdefault("healthz_bind_address", f"[::]:{HEALTHZ_PORT}")
+        values.setdefault("metrics_bind_address", f"[::1]:{METRICS_PORT}")
 
 
 def _documents(text: str, path: str, lenient: list[str]) -> list[dict]:

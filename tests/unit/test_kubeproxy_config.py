@@ -280,6 +280,18 @@ def test_file_values_without_an_implementation_exit_2(tmp_path, caplog, text, me
     assert message in caplog.text
 
 
+@pytest.mark.parametrize("fields, want", [
+    ("bindAddress: fd00:60::1", ("[::]:10256", "[::1]:10249")),
+    ("bindAddress: '::'\nhealthzBindAddress: ''\nmetricsBindAddress: '[::]:9'", ("[::]:10256", "[::]:9")),
+    ("bindAddress: 192.168.60.1", ("0.0.0.0:10256", "127.0.0.1:10249")),
+])
+def test_an_ipv6_bind_address_makes_the_servers_defaults_ipv6(tmp_path, fields, want):
+    """kube-proxy's v1alpha1 defaulting of healthzBindAddress and metricsBindAddress."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"apiVersion: {kpc.API_VERSION}\nkind: {kpc.KIND}\n{fields}\n")
+    assert cli.bind_addresses(resolved("--config", str(path))) == want
+
+
 def test_json_is_read_too(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"apiVersion": kpc.API_VERSION, "kind": kpc.KIND,
                                                  "clusterCIDR": "10.244.0.0/16", "mode": "nftables"}))
