@@ -405,9 +405,10 @@ def klog_verbosity(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = klog_verbosity(list(sys.argv[1:] if argv is None else argv))
-    cleanup = {"--cleanup", "--cleanup=true", "--cleanup=True", "--cleanup=1"}
-    if argv and argv[0].startswith("-") and cleanup & set(argv):  # `kube-proxy --cleanup`
-        argv = ["cleanup", "--kube-proxy", *[a for a in argv if a not in cleanup]]
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        # kube-proxy's command line has no subcommand (`kube-proxy --cleanup --config FILE --v=2`):
+        # read it as `run`, which takes every kube-proxy flag; its --cleanup cleans up and exits.
+        argv = ["run", *argv]
     parser = _parser()
     args = parser.parse_args(argv)
     _configure_logging(args)

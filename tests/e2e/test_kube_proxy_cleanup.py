@@ -9,6 +9,7 @@ iptables chains and rules, and kubelet's KUBE-FIREWALL, which must survive.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -96,8 +97,14 @@ def saved(ns: Netns, tool: str) -> str:
     return ns.run(f"{tool}-save").stdout
 
 
-@pytest.mark.parametrize("spelling", [["cleanup", "--kube-proxy"], ["cleanup", "--cleanup"], ["--cleanup"],
-                                      ["run", "--cleanup"]])
+KUBEADM = Path(__file__).resolve().parents[1] / "kubeproxy" / "kubeadm-config.conf"
+
+
+@pytest.mark.parametrize("spelling", [
+    ["cleanup", "--kube-proxy"], ["cleanup", "--cleanup"], ["--cleanup"], ["run", "--cleanup"],
+    # as a kube-proxy init container runs it: its other flags are taken, and clean nothing else
+    ["--cleanup=true", "--config", str(KUBEADM), "--hostname-override=node1", "--v=2", "--proxy-mode=iptables"],
+], ids=["cleanup --kube-proxy", "cleanup --cleanup", "--cleanup", "run --cleanup", "kube-proxy's argv"])
 def test_cleanup_removes_kube_proxys_leftovers_and_nothing_else(ns, spelling):
     ns.nft(NFT_LEFTOVERS)
     for tool, script in IPTABLES_LEFTOVERS.items():
