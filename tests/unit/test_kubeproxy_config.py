@@ -410,6 +410,14 @@ def test_a_bad_config_exits_2_naming_the_field(tmp_path, caplog):
     assert "conntrack.min: want an integer" in caplog.text
 
 
+def test_kube_proxys_command_line_without_a_subcommand_is_run(tmp_path, caplog):
+    """kube-proxy's DaemonSet command (`kube-proxy --config=FILE --hostname-override=...`) with our name."""
+    path = tmp_path / "config.conf"
+    path.write_text(f"apiVersion: {kpc.API_VERSION}\nkind: {kpc.KIND}\nconntrack: {{min: lots}}\n")
+    assert cli.main([f"--config={path}", "--hostname-override=node1", "--v=2"]) == cli.EXIT_USAGE
+    assert "conntrack.min: want an integer" in caplog.text  # run read the file
+
+
 def test_a_missing_config_exits_2(tmp_path, caplog):
     assert cli.main(["run", "--config", str(tmp_path / "nope")]) == cli.EXIT_USAGE
     assert "No such file" in caplog.text
