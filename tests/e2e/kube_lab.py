@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from dataplane.lab import Lab
+from dataplane.lab import Lab, request, sample, tally
 from dataplane.lab.kubeapi import KubeApi, netns_listener
 
 API = "http://127.0.0.1:6443"
@@ -41,3 +41,9 @@ def stand_in_api(lab: Lab) -> Iterator[KubeApi]:
     with KubeApi(netns_listener(lab.node, 6443), bookmark_interval=5.0) as api:
         api.apply(node_object())
         yield api
+
+
+def answering(lab: Lab, address: str, port: int = 80, protocol: str = "TCP") -> set[str]:
+    """The Pods that answer the client at address:port within 30 tries."""
+    return set(tally(o for o in sample(lambda: request(protocol, lab.client, address, port, timeout=0.3),
+                                       ALL, tries=30) if o.ok))

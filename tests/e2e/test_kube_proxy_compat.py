@@ -27,11 +27,11 @@ import dns.message
 import pytest
 import yaml
 
-from dataplane.lab import Daemon, Lab, environment_problem, http_get, sample, tally, tcp_request, wait_until
+from dataplane.lab import Daemon, Lab, environment_problem, http_get, wait_until
 from dataplane.lab.daemon import dataplane_executable
 from dataplane.lab.kubeapi import kubeconfig
 from dataplane.lab.manifests import endpoint_slice, port, service
-from kube_lab import ALL, NODE_IP, POD_IPS, node_object
+from kube_lab import ALL, NODE_IP, POD_IPS, answering, node_object
 from tests.kubeproxy import scrape
 
 PROBLEM = environment_problem()
@@ -46,11 +46,6 @@ def web(name: str, cluster_ip: str, annotations: dict | None = None) -> list[dic
     if annotations:
         slice_["metadata"]["annotations"] = annotations
     return [service(name, cluster_ip, [port("http", 80)]), slice_]
-
-
-def answering(lab: Lab, address: str) -> set[str]:
-    return set(tally(o for o in sample(lambda: tcp_request(lab.client, address, 80, timeout=0.3), ALL, tries=30)
-                     if o.ok))
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import time
 
 import pytest
 
-from dataplane.lab import Daemon, Lab, environment_problem, request, sample, tally, tcp_request, wait_until
+from dataplane.lab import Daemon, Lab, environment_problem, tcp_request, wait_until
 from dataplane.lab.daemon import run_argv
 from dataplane.lab.kubeapi import KubeApi
 from dataplane.lab.manifests import endpoint_slice, port, service
-from kube_lab import ALL, API, NODE_IP, POD_IPS, stand_in_api
+from kube_lab import ALL, API, NODE_IP, POD_IPS, answering, stand_in_api
 
 PROBLEM = environment_problem()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(PROBLEM is not None, reason=f"namespace tests: {PROBLEM}")]
@@ -37,11 +37,6 @@ def web(name: str, cluster_ip: str, pods=ALL, **fields) -> list[dict]:
 def apply(api: KubeApi, objects) -> None:
     for obj in objects:
         api.apply(obj)
-
-
-def answering(lab: Lab, address: str, port_: int = 80, protocol: str = "TCP") -> set[str]:
-    return set(tally(o for o in sample(lambda: request(protocol, lab.client, address, port_, timeout=0.3),
-                                       ALL, tries=30) if o.ok))
 
 
 def serving(lab: Lab, address: str, pods=ALL, timeout: float = 10.0, port_: int = 80, protocol: str = "TCP") -> float:
@@ -82,9 +77,7 @@ def test_follows_create_change_and_delete(lab, api, daemon):
 
 def test_a_nodeport_service_from_the_api(lab, api, daemon):
     apply(api, web("nodeport", "10.96.5.70", type="NodePort", ports=[port("http", 80, node_port=30170)]))
-    wait_until(lambda: set(tally(o for o in sample(lambda: tcp_request(lab.client, NODE_IP, 30170, timeout=0.3),
-                                                   ALL, tries=30) if o.ok)) == ALL,
-               timeout=5, what="NodePort 30170 on the node's address")
+    wait_until(lambda: answering(lab, NODE_IP, 30170) == ALL, timeout=5, what="NodePort 30170 on the node's address")
 
 
 def test_a_dropped_watch_is_resumed_and_a_change_right_after_is_live_within_3_s(lab, api, daemon):
