@@ -291,7 +291,7 @@ def apply_config(args: argparse.Namespace, argv: list[str], parser: argparse.Arg
     loaded = kpc.load(args.config)
     given = given_flags(parser, argv)
     defaults = {a.dest: a.default for a in _run_actions(parser) if a.dest in KUBE_PROXY_DESTS}
-    resolution = kpc.resolve(loaded, given, defaults)
+    resolution = kpc.resolve(loaded, given, defaults, {dest: getattr(args, dest) for dest in kpc.FLAGS_OVER_FILE})
     for dest, value in resolution.values.items():
         setattr(args, dest, value)
     if "source" not in given and "source" not in loaded.extension:
@@ -387,11 +387,28 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every batch of events
 
 
+def klog_verbosity(argv: list[str]) -> list[str]:
+    """kube-proxy's `-v=N` and `-v N` (klog's level) as `--v=N`; our bare `-v`/`-vv` stay counts."""
+    spelled, at = [], 0
+    while at < len(argv):
+        token = argv[at]
+        if token == "--":
+            return spelled + argv[at:]
+        if token.startswith("-v=") and token[3:].isdigit():
+            token = "--v=" + token[3:]
+        elif token == "-v" and at + 1 < len(argv) and argv[at + 1].isdigit():
+            token, at = "--v=" + argv[at + 1], at + 1
+        spelled.append(token)
+        at += 1
+    return spelled
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cleanup = {"--cleanup", "--cleanup=true", "--cleanup=True", "--cleanup=1"}
-    if argv and argv[0].startswith("-") and cleanup & set(argv):  # `kube-proxy --cleanup`
-        argv = ["cleanup", "--kube-proxy", *[a for a in argv if a not in cleanup]]
+    argv = klog_verbosity(list(sys.argv[1:] if argv is None else argv))
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        # kube-proxy's command line has no subcommand (`kube-proxy --cleanup --config FILE --v=2`):
+        # read it as `run`, which takes every kube-proxy flag; its --cleanup cleans up and exits.
+        argv = ["run", *argv]
     parser = _parser()
     args = parser.parse_args(argv)
     _configure_logging(args)

@@ -113,7 +113,8 @@ class Probe:
         }
         status = 200 if self.local_endpoints and proxy_healthy else 503
         headers = {**NOSNIFF, "X-Load-Balancing-Endpoint-Weight": str(self.local_endpoints)}
-        return status, "application/json", (json.dumps(body) + "\n").encode(), headers
+        # kube-proxy's layout, byte for byte: tab-indented, no newline at the end
+        return status, "application/json", json.dumps(body, indent="\t").encode(), headers
 
 
 def probes(snapshot: Snapshot, node_name: str) -> dict[int, Probe]:

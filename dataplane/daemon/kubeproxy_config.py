@@ -253,7 +253,7 @@ SCHEMA: dict[str, Any] = {
     "bindAddressHardFail": _leaf("bool", "bind_address_hard_fail"),
     **_ignored_section("no /debug/pprof here", enableProfiling="bool"),
     **_ignored_section("no metric is hidden here", showHiddenMetricsForVersion="str"),
-    "mode": _leaf("str", "mode"),
+    "mode": _leaf("str"),  # read by parse(): it picks kernel mode or refuses, and the section to read
     "iptables": {
         **_SECTION_FIELDS,
         **_ignored_section("NodePorts never answer on loopback here", localhostNodePorts="bool"),
@@ -355,10 +355,23 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
     # kube-proxy takes the mode's own section; "" and iptables mean the iptables section.
     unused_section = "iptables" if mode == "nftables" else "nftables"
     _walk(first, SCHEMA, (), found, found.values, unused_section)
+    _ipv6_server_defaults(found.values)
     for document in rest:
         _expect_kind(document, path, EXTENSION_API_VERSION, EXTENSION_KIND)
         _walk(document, EXTENSION_SCHEMA, (), found, found.extension, None)
     return found
+
+
+def _ipv6_server_defaults(values: dict[str, Any]) -> None:
+    """kube-proxy's defaulting of the file: with an IPv6 bindAddress, the healthz and metrics servers
+    left unset default to [::]:10256 and [::1]:10249 instead of their IPv4 addresses."""
+    try:
+        ipv6 = ipaddress.ip_address(str(values.get("bind_address", "")).strip()).version == 6
+    except ValueError:
+        return
+    if ipv6:
+        values.setdefault("healthz_bind_address", f"[::]:{HEALTHZ_PORT}")
+        values.setdefault("metrics_bind_address", f"[::1]:{METRICS_PORT}")
 
 
 def _documents(text: str, path: str, lenient: list[str]) -> list[dict]:
@@ -502,20 +515,25 @@ class Resolution:
     overridden: tuple[str, ...]  # kube-proxy flags given on the command line but replaced by the file
 
 
-def resolve(config: FileConfig, given: set[str], kube_proxy_defaults: dict[str, Any]) -> Resolution:
+def resolve(config: FileConfig, given: set[str], kube_proxy_defaults: dict[str, Any],
+            flag_values: dict[str, Any] | None = None) -> Resolution:
     """The option values that hold with `--config`, by kube-proxy's precedence.
 
     `given`: dests set explicitly on the command line. `kube_proxy_defaults`:
     dest -> default of each flag kube-proxy also has. Such a flag is replaced
     by the file's value, or by its default where the file leaves the field
-    unset, except `FLAGS_OVER_FILE`. Our own flags, when given, win over the
-    extension document (kube-proxy has no word on them; a flag beats a file).
+    unset, except `FLAGS_OVER_FILE` (`flag_values`: what those flags were
+    given as). Our own flags, when given, win over the extension document
+    (kube-proxy has no word on them; a flag beats a file).
     """
     values: dict[str, Any] = {}
     overridden = []
+    flag_values = flag_values or {}
     for dest, default in kube_proxy_defaults.items():
         if dest in FLAGS_OVER_FILE:
-            if dest in config.values and dest not in given:
+            # kube-proxy: a --hostname-override that is empty leaves the file's hostnameOverride
+            spelled = dest in given and (dest != "hostname_override" or str(flag_values.get(dest, "")).strip())
+            if dest in config.values and not spelled:
                 values[dest] = config.values[dest]
             continue
         values[dest] = config.values.get(dest, default)

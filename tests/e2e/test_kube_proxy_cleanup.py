@@ -2,13 +2,14 @@
 
 The namespace gets what kube-proxy's three modes leave (nftables `kube-proxy`
 tables in ip and ip6; iptables chains and jumps through both the legacy and
-the nft backends, IPv4 and IPv6), plus a foreign nftables table and foreign
+the nft backends, each in IPv4 and IPv6), plus a foreign nftables table and foreign
 iptables chains and rules, and kubelet's KUBE-FIREWALL, which must survive.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +64,16 @@ COMMIT
 -A INPUT -p tcp --dport 22 -j ACCEPT
 COMMIT
 """,
+    "ip6tables-legacy": """*mangle
+:KUBE-PROXY-CANARY - [0:0]
+COMMIT
+*filter
+:KUBE-FORWARD - [0:0]
+:FOREIGN6 - [0:0]
+-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
+-A FORWARD -j FOREIGN6
+COMMIT
+""",
     "ip6tables-nft": """*nat
 :KUBE-SERVICES - [0:0]
 :KUBE-SVC-XYZ - [0:0]
@@ -86,8 +97,14 @@ def saved(ns: Netns, tool: str) -> str:
     return ns.run(f"{tool}-save").stdout
 
 
-@pytest.mark.parametrize("spelling", [["cleanup", "--kube-proxy"], ["cleanup", "--cleanup"], ["--cleanup"],
-                                      ["run", "--cleanup"]])
+KUBEADM = Path(__file__).resolve().parents[1] / "kubeproxy" / "kubeadm-config.conf"
+
+
+@pytest.mark.parametrize("spelling", [
+    ["cleanup", "--kube-proxy"], ["cleanup", "--cleanup"], ["--cleanup"], ["run", "--cleanup"],
+    # as a kube-proxy init container runs it: its other flags are taken, and clean nothing else
+    ["--cleanup=true", "--config", str(KUBEADM), "--hostname-override=node1", "--v=2", "--proxy-mode=iptables"],
+], ids=["cleanup --kube-proxy", "cleanup --cleanup", "--cleanup", "run --cleanup", "kube-proxy's argv"])
 def test_cleanup_removes_kube_proxys_leftovers_and_nothing_else(ns, spelling):
     ns.nft(NFT_LEFTOVERS)
     for tool, script in IPTABLES_LEFTOVERS.items():
@@ -97,8 +114,9 @@ def test_cleanup_removes_kube_proxys_leftovers_and_nothing_else(ns, spelling):
     ruleset = ns.ruleset()
     assert "kube-proxy" not in ruleset
     assert "table ip foreign" in ruleset and "chain keep" in ruleset
-    legacy, nft4, nft6 = (saved(ns, t) for t in ("iptables-legacy", "iptables-nft", "ip6tables-nft"))
-    for text in (legacy, nft4, nft6):
+    legacy, legacy6, nft4, nft6 = (saved(ns, t) for t in ("iptables-legacy", "ip6tables-legacy", "iptables-nft",
+                                                          "ip6tables-nft"))
+    for text in (legacy, legacy6, nft4, nft6):
         for gone in ("KUBE-SERVICES", "KUBE-SVC-", "KUBE-SEP-", "KUBE-MARK-MASQ", "KUBE-POSTROUTING", "KUBE-FORWARD",
                      "KUBE-PROXY-CANARY", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS"):
             assert gone not in text, f"{gone} left:\n{text}"
@@ -108,6 +126,7 @@ def test_cleanup_removes_kube_proxys_leftovers_and_nothing_else(ns, spelling):
     assert ":KUBE-FIREWALL" in legacy and "-A INPUT -j KUBE-FIREWALL" in legacy  # kubelet's chain stays
     assert ":FOREIGN-MANGLE" in nft4 and "-A PREROUTING -j FOREIGN-MANGLE" in nft4
     assert "--dport 22 -j ACCEPT" in nft4
+    assert ":FOREIGN6" in legacy6 and "-A FORWARD -j FOREIGN6" in legacy6
     assert "IPVS" in done.stderr  # probed, and said so
     again = ns.run(dataplane_executable(), *spelling, check=False)  # idempotent
     assert again.returncode == 0 and "nothing of kube-proxy's was found" in again.stderr

@@ -6,13 +6,11 @@ these fields changed, each checked below for its effect: clientConnection.kubeco
 (a kubeconfig for the stand-in API server), healthzBindAddress (a bare IP: port
 10256), mode nftables with nftables.masqueradeBit, logging.format json,
 oomScoreAdj, conntrack timeouts (written in the node namespace), and our own
-extension document (the built-in DNS). The stand-in API server listens inside
-the node namespace only.
+extension document (the built-in DNS). The lab and the stand-in API server are
+kube_lab.py's (the `lab` and `api` fixtures of conftest.py).
 
-Address plan
-    client          192.168.50.2/24, default route via the node
-    node            node1: 192.168.50.1, 10.244.1.1; API server 127.0.0.1:6443; DNS 127.0.0.1:5353
-    pods            pod1 10.244.1.11, pod2 10.244.1.12, pod3 10.244.1.13; echo on TCP 80
+Address plan (the rest is kube_lab.py's)
+    node            DNS 127.0.0.1:5353
     ClusterIPs      10.96.6.10 web, 10.96.6.20 trigger, 10.96.6.30 lb (NodePort 30631, health 32631)
 """
 
@@ -29,26 +27,18 @@ import dns.message
 import pytest
 import yaml
 
-from dataplane.lab import Daemon, Lab, environment_problem, http_get, sample, tally, tcp_request, wait_until
+from dataplane.lab import Daemon, Lab, environment_problem, http_get, wait_until
 from dataplane.lab.daemon import dataplane_executable
-from dataplane.lab.kubeapi import KubeApi, kubeconfig, netns_listener
+from dataplane.lab.kubeapi import kubeconfig
 from dataplane.lab.manifests import endpoint_slice, port, service
+from kube_lab import ALL, NODE_IP, POD_IPS, answering, node_object
+from tests.kubeproxy import scrape
 
 PROBLEM = environment_problem()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(PROBLEM is not None, reason=f"namespace tests: {PROBLEM}")]
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBEADM = ROOT / "tests" / "kubeproxy" / "kubeadm-config.conf"
-METRICS_LIST = ROOT / "tests" / "kubeproxy" / "metrics-v1.34.txt"
-DASHBOARD = ROOT / "deploy" / "grafana" / "dataplane.json"
-NODE_IP = "192.168.50.1"
-POD_IPS = {"pod1": "10.244.1.11", "pod2": "10.244.1.12", "pod3": "10.244.1.13"}
-ALL = frozenset(POD_IPS)
-
-
-def node_object(**spec) -> dict:
-    return {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "node1"}, "spec": spec,
-            "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}}
 
 
 def web(name: str, cluster_ip: str, annotations: dict | None = None) -> list[dict]:
@@ -56,25 +46,6 @@ def web(name: str, cluster_ip: str, annotations: dict | None = None) -> list[dic
     if annotations:
         slice_["metadata"]["annotations"] = annotations
     return [service(name, cluster_ip, [port("http", 80)]), slice_]
-
-
-def answering(lab: Lab, address: str) -> set[str]:
-    return set(tally(o for o in sample(lambda: tcp_request(lab.client, address, 80, timeout=0.3), ALL, tries=30)
-                     if o.ok))
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with Lab.build() as lab:
-        lab.start_echo(tcp=[80])
-        yield lab
-
-
-@pytest.fixture(scope="module")
-def api(lab):
-    with KubeApi(netns_listener(lab.node, 6443), bookmark_interval=5.0) as api:
-        api.apply(node_object())
-        yield api
 
 
 @pytest.fixture(scope="module")
@@ -145,18 +116,19 @@ def test_status_in_kernel_mode_shows_each_service_port(lab, api, daemon):
 
 
 def test_every_kube_proxy_metric_on_a_live_daemon(lab, api, daemon):
-    text = metrics(lab)
-    for line in METRICS_LIST.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        name, kind, labels = line.split()
-        sample_name = name + "_count" if kind == "histogram" else name
-        found = [m for m in re.finditer(rf"^{sample_name}(\{{[^}}]*\}})? ", text, re.M)]
-        assert found, f"{sample_name} not on /metrics"
-        if labels != "-":
-            got = set(re.findall(r'(\w+)="', found[0].group(1) or ""))
-            assert got == set(labels.split(",")), f"{name}: labels {got}"
-    assert "process_resident_memory_bytes" in text and "python_info" in text
+    """kube-proxy v1.34's nftables-mode families (tests/kubeproxy/metrics-v1.34.txt), each with
+    its type's samples and exactly its labels, and its histograms' buckets (buckets-v1.34.txt)."""
+    samples = scrape.exposed(metrics(lab))
+    for name, kind, labels in scrape.metric_list():
+        suffixes = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)
+        for sample_name in (name + suffix for suffix in suffixes):
+            assert sample_name in samples, f"{sample_name} not on /metrics"
+            for label_set in samples[sample_name]:
+                assert set(label_set) - {"le"} == labels, f"{sample_name}: labels {sorted(label_set)}"
+    for name, bounds in scrape.bucket_list().items():
+        seen = {float(s["le"]) for s in samples[name + "_bucket"] if s.get("ip_family") == "IPv4"}
+        assert seen == {*bounds, float("inf")}, f"{name}: buckets {sorted(seen)}"
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "python_info"} <= samples.keys()
 
 
 def test_network_programming_duration_from_the_endpointslice_trigger_time(lab, api, daemon):
@@ -173,6 +145,8 @@ def test_network_programming_duration_from_the_endpointslice_trigger_time(lab, a
 
 
 def test_every_grafana_query_resolves_on_a_live_daemon(lab, api, daemon):
+    """Every query of deploy/grafana/dataplane.json (panels and template variables): each metric
+    it names is on a live daemon's /metrics with each label it matches on or groups by."""
     query = dns.message.make_query("web.default.svc.cluster.local", "A")
     with lab.node.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(2)
@@ -180,18 +154,9 @@ def test_every_grafana_query_resolves_on_a_live_daemon(lab, api, daemon):
         answer = dns.message.from_wire(sock.recv(512))
     assert answer.rcode() == 0 and "10.96.6.10" in answer.to_text()
     text = metrics(lab)
-    samples = {}
-    for match in re.finditer(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? ", text, re.M):
-        samples.setdefault(match.group(1), set()).update(re.findall(r'(\w+)="', match.group(2) or ""))
-    dashboard = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    assert exprs
-    for expr in exprs:
-        for name in re.findall(r"\b((?:kubeproxy|dataplane|process|python|kubernetes)_\w+)", expr):
-            assert name in samples, f"{name} (in {expr}) is not on a live daemon's /metrics"
-            for group in re.findall(r"by \(([^)]*)\)", expr):
-                wanted = {label.strip() for label in group.split(",")} - {"le", "instance", "job"}
-                assert wanted <= samples[name] | {"le"}, f"{expr}: {wanted - samples[name]} not labels of {name}"
+    dashboard = scrape.load_dashboard()
+    assert len(scrape.dashboard_queries(dashboard)) >= 30
+    assert scrape.dashboard_problems(dashboard, scrape.exposed(text)) == []
     assert 'dataplane_dns_queries_total{rcode="NOERROR",type="A"}' in text
 
 
@@ -230,8 +195,8 @@ def test_health_check_node_port_on_the_node_addresses(lab, api, daemon):
 
     wait_until(lambda: probe() is not None, timeout=10, what="healthCheckNodePort 32631 on the node address")
     status, body = probe()
-    assert status == 200 and json.loads(body) == {"service": {"namespace": "default", "name": "lb"},
-                                                  "localEndpoints": 3, "serviceProxyHealthy": True}
+    assert status == 200 and body == (b'{\n\t"service": {\n\t\t"namespace": "default",\n\t\t"name": "lb"\n\t},\n'
+                                      b'\t"localEndpoints": 3,\n\t"serviceProxyHealthy": true\n}')  # kube-proxy's bytes
     with pytest.raises(OSError):  # as kube-proxy's: the node addresses, not every address
         http_get(lab.node, "127.0.0.1", 32631, "/")
 

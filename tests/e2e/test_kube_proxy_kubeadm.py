@@ -1,4 +1,4 @@
-"""kubeadm's config.conf, byte for byte, starts `dataplane run --config` and serves a Service.
+"""kubeadm's config.conf, byte for byte, starts `dataplane --config` (kube-proxy's command line) and serves.
 
 The file names its kubeconfig at kubeadm's path, /var/lib/kube-proxy/kubeconfig.conf.
 The daemon runs in a mount namespace of its own where a tmpfs covers /var/lib and
@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from dataplane.lab import Daemon, Lab, environment_problem, sample, tally, tcp_request, wait_until
+from dataplane.lab import Daemon, Lab, environment_problem, wait_until
 from dataplane.lab.daemon import dataplane_executable
-from dataplane.lab.kubeapi import KubeApi, kubeconfig, netns_listener
+from dataplane.lab.kubeapi import kubeconfig
 from dataplane.lab.manifests import endpoint_slice, port, service
+from kube_lab import ALL, POD_IPS, answering, stand_in_api
 
 PROBLEM = environment_problem() or (None if shutil.which("unshare") else "unshare is not installed")
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(PROBLEM is not None, reason=f"namespace tests: {PROBLEM}")]
 
 KUBEADM = Path(__file__).resolve().parents[1] / "kubeproxy" / "kubeadm-config.conf"
-PODS = ("10.244.1.11", "10.244.1.12", "10.244.1.13")
 
 
 def test_kubeadms_config_conf_unchanged(tmp_path):
@@ -34,20 +34,18 @@ def test_kubeadms_config_conf_unchanged(tmp_path):
     script = (
         "mount -t tmpfs dataplane-test /var/lib && mkdir /var/lib/kube-proxy && "
         f"cp {shlex.quote(str(tmp_path / 'kubeconfig.conf'))} /var/lib/kube-proxy/kubeconfig.conf && "
-        f"exec {shlex.quote(dataplane_executable())} run --config {shlex.quote(str(KUBEADM))} "
-        "--hostname-override node1"
+        # kube-proxy's DaemonSet command line, with the program's name changed
+        f"exec {shlex.quote(dataplane_executable())} --config={shlex.quote(str(KUBEADM))} "
+        "--hostname-override=node1"
     )
     argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
-    with Lab.build() as lab, KubeApi(netns_listener(lab.node, 6443), bookmark_interval=5.0) as api:
+    with Lab.build() as lab, stand_in_api(lab) as api:
         lab.start_echo(tcp=[80])
-        api.apply({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "node1"},
-                   "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.1"}]}})
         api.apply(service("web", "10.96.7.10", [port("http", 80)]))
-        api.apply(endpoint_slice("web", PODS, [("http", 80, "TCP")]))
+        api.apply(endpoint_slice("web", sorted(POD_IPS.values()), [("http", 80, "TCP")]))
         with Daemon(lab.node, tmp_path / "dataplane.log", argv) as daemon:
-            wait_until(lambda: len(set(tally(o for o in sample(
-                lambda: tcp_request(lab.client, "10.96.7.10", 80, timeout=0.3), PODS, tries=30) if o.ok))) == 3,
-                timeout=10, what="the Service answers from all three Pods")
+            wait_until(lambda: answering(lab, "10.96.7.10") == ALL, timeout=10,
+                       what="the Service answers from all three Pods")
             log = daemon.log_text()
             assert "mode '': kernel mode" in log
             assert "is ignored" not in log  # kubeadm's zero values are not "set"

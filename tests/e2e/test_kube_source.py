@@ -1,14 +1,10 @@
 """`dataplane run --source kube` end to end: the stand-in API server, the real client, real packets.
 
-The stand-in API server (dataplane/lab/kubeapi.py) runs in this test process
-but listens on 127.0.0.1:6443 *inside the node namespace* (its socket is
-made there), so the daemon reaches it with `--master http://127.0.0.1:6443`
-and nothing listens in the root namespace. Each test owns its Services.
+The lab and the stand-in API server are kube_lab.py's (the `lab` and `api`
+fixtures of conftest.py); the daemon reaches the API server with
+`--master http://127.0.0.1:6443`. Each test owns its Services.
 
-Address plan
-    client          192.168.50.2/24, default route via the node
-    node            node1: 192.168.50.1 (client side), 10.244.1.1 (Pod side); API server 127.0.0.1:6443
-    pods            pod1 10.244.1.11, pod2 10.244.1.12, pod3 10.244.1.13; echo servers on TCP 80, UDP 53
+Address plan (the rest is kube_lab.py's)
     ClusterIPs      10.96.5.10 follow, 10.96.5.20 cut, 10.96.5.30-31 gone, 10.96.5.40 restart,
                     10.96.5.50-51 invalid, 10.96.5.60 started-unreachable, 10.96.5.70 nodeport (30170)
 """
@@ -21,18 +17,14 @@ import time
 
 import pytest
 
-from dataplane.lab import Daemon, Lab, environment_problem, request, sample, tally, tcp_request, wait_until
+from dataplane.lab import Daemon, Lab, environment_problem, tcp_request, wait_until
 from dataplane.lab.daemon import run_argv
-from dataplane.lab.kubeapi import KubeApi, netns_listener
+from dataplane.lab.kubeapi import KubeApi
 from dataplane.lab.manifests import endpoint_slice, port, service
+from kube_lab import ALL, API, NODE_IP, POD_IPS, answering, stand_in_api
 
 PROBLEM = environment_problem()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(PROBLEM is not None, reason=f"namespace tests: {PROBLEM}")]
-
-API = "http://127.0.0.1:6443"
-NODE_IP = "192.168.50.1"
-POD_IPS = {"pod1": "10.244.1.11", "pod2": "10.244.1.12", "pod3": "10.244.1.13"}
-ALL = frozenset(POD_IPS)
 
 
 def web(name: str, cluster_ip: str, pods=ALL, **fields) -> list[dict]:
@@ -42,19 +34,9 @@ def web(name: str, cluster_ip: str, pods=ALL, **fields) -> list[dict]:
             endpoint_slice(name, [POD_IPS[p] for p in sorted(pods)], [("http", 80, "TCP"), ("dns", 53, "UDP")])]
 
 
-def node_object(name: str = "node1") -> dict:
-    return {"kind": "Node", "apiVersion": "v1", "metadata": {"name": name, "labels": {
-        "topology.kubernetes.io/zone": "z1"}}, "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}}
-
-
 def apply(api: KubeApi, objects) -> None:
     for obj in objects:
         api.apply(obj)
-
-
-def answering(lab: Lab, address: str, port_: int = 80, protocol: str = "TCP") -> set[str]:
-    return set(tally(o for o in sample(lambda: request(protocol, lab.client, address, port_, timeout=0.3),
-                                       ALL, tries=30) if o.ok))
 
 
 def serving(lab: Lab, address: str, pods=ALL, timeout: float = 10.0, port_: int = 80, protocol: str = "TCP") -> float:
@@ -70,20 +52,6 @@ def silent(lab: Lab, address: str, timeout: float = 10.0) -> float:
     wait_until(lambda: not tcp_request(lab.client, address, 80, timeout=0.3).ok, timeout=timeout,
                what=f"{address} stops answering")
     return time.monotonic() - started
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with Lab.build() as lab:
-        lab.start_echo(tcp=[80], udp=[53])
-        yield lab
-
-
-@pytest.fixture(scope="module")
-def api(lab):
-    with KubeApi(netns_listener(lab.node, 6443), bookmark_interval=5.0) as api:
-        api.apply(node_object())
-        yield api
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +77,7 @@ def test_follows_create_change_and_delete(lab, api, daemon):
 
 def test_a_nodeport_service_from_the_api(lab, api, daemon):
     apply(api, web("nodeport", "10.96.5.70", type="NodePort", ports=[port("http", 80, node_port=30170)]))
-    wait_until(lambda: set(tally(o for o in sample(lambda: tcp_request(lab.client, NODE_IP, 30170, timeout=0.3),
-                                                   ALL, tries=30) if o.ok)) == ALL,
-               timeout=5, what="NodePort 30170 on the node's address")
+    wait_until(lambda: answering(lab, NODE_IP, 30170) == ALL, timeout=5, what="NodePort 30170 on the node's address")
 
 
 def test_a_dropped_watch_is_resumed_and_a_change_right_after_is_live_within_3_s(lab, api, daemon):
@@ -178,9 +144,8 @@ def test_objects_the_api_server_would_reject_are_logged_and_skipped(lab, api, da
 
 def test_started_while_the_api_server_is_unreachable(tmp_path):
     """Its own lab: /healthz is not 200 until the first lists are programmed, and adopted rules stay meanwhile."""
-    with Lab.build() as lab, KubeApi(netns_listener(lab.node, 6443), bookmark_interval=5.0) as api:
+    with Lab.build() as lab, stand_in_api(lab) as api:
         lab.start_echo(tcp=[80])
-        api.apply(node_object())
         apply(api, web("early", "10.96.5.60"))
         daemon = Daemon(lab.node, tmp_path / "dataplane.log", run_argv("kube", extra=["--master", API]))
         with daemon:

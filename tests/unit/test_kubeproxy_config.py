@@ -254,13 +254,42 @@ def _conntrack(args) -> nodetuning.Conntrack:
                                 args.conntrack_udp_timeout_stream)
 
 
-def test_iptables_mode_reads_the_iptables_section(tmp_path):
-    text = EVERY.read_text().replace("mode: nftables", "mode: iptables")
+@pytest.mark.parametrize("mode", ["iptables", ""])
+def test_iptables_mode_reads_the_iptables_section(tmp_path, mode):
+    text = (EVERY.read_text().replace("mode: nftables", f'mode: "{mode}"')
+            .replace("  masqueradeAll: false\n", "  masqueradeAll: MINE\n")  # iptables' false, nftables' true:
+            .replace("  masqueradeAll: true\n", "  masqueradeAll: false\n").replace("MINE", "true"))  # swapped
     (tmp_path / "c.yaml").write_text(text)
     args = resolved("--config", str(tmp_path / "c.yaml"))
     settings = cli.settings_from(args)
     assert (settings.masquerade_all, settings.masquerade_bit, args.sync_period, args.min_sync_period) == (
-        False, 1 << 3, 120, 9)
+        True, 1 << 3, 120, 9)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("detectLocalMode: NodeCIDR", "detect-local-mode 'NodeCIDR': only ClusterCIDR"),
+    ("detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: cbr0}", "'BridgeInterface': only ClusterCIDR"),
+    ("nodePortAddresses: [localhost]", "NodePorts never answer on loopback"),
+    ("oomScoreAdj: 1001", "oom-score-adj 1001"),
+    ("nftables: {masqueradeBit: 40}\nmode: nftables", "masquerade-bit 40"),
+])
+def test_file_values_without_an_implementation_exit_2(tmp_path, caplog, text, message):
+    path = tmp_path / "config.conf"
+    path.write_text(f"apiVersion: {kpc.API_VERSION}\nkind: {kpc.KIND}\n{text}\n")
+    assert cli.main(["run", "--config", str(path)]) == cli.EXIT_USAGE
+    assert message in caplog.text
+
+
+@pytest.mark.parametrize("fields, want", [
+    ("bindAddress: fd00:60::1", ("[::]:10256", "[::1]:10249")),
+    ("bindAddress: '::'\nhealthzBindAddress: ''\nmetricsBindAddress: '[::]:9'", ("[::]:10256", "[::]:9")),
+    ("bindAddress: 192.168.60.1", ("0.0.0.0:10256", "127.0.0.1:10249")),
+])
+def test_an_ipv6_bind_address_makes_the_servers_defaults_ipv6(tmp_path, fields, want):
+    """kube-proxy's v1alpha1 defaulting of healthzBindAddress and metricsBindAddress."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"apiVersion: {kpc.API_VERSION}\nkind: {kpc.KIND}\n{fields}\n")
+    assert cli.bind_addresses(resolved("--config", str(path))) == want
 
 
 def test_json_is_read_too(tmp_path):
@@ -285,6 +314,12 @@ def test_json_is_read_too(tmp_path):
 def test_precedence_between_flags_and_config(flag, dest, from_flag, want):
     args = resolved("--config", str(EVERY), flag)
     assert getattr(args, dest) == want
+
+
+def test_an_empty_hostname_override_flag_leaves_the_files(tmp_path):
+    """kube-proxy's processHostnameOverrideFlag: only a non-empty flag replaces hostnameOverride."""
+    assert resolved("--config", str(EVERY), "--hostname-override=").hostname_override == "Node-7"
+    assert resolved("--config", str(EVERY), "--hostname-override", "  ").hostname_override == "Node-7"
 
 
 def test_a_flag_left_out_of_the_file_takes_kube_proxys_default_not_the_flags(tmp_path):
@@ -373,6 +408,14 @@ def test_a_bad_config_exits_2_naming_the_field(tmp_path, caplog):
     path.write_text(f"apiVersion: {kpc.API_VERSION}\nkind: {kpc.KIND}\nconntrack: {{min: lots}}\n")
     assert cli.main(["run", "--config", str(path)]) == cli.EXIT_USAGE
     assert "conntrack.min: want an integer" in caplog.text
+
+
+def test_kube_proxys_command_line_without_a_subcommand_is_run(tmp_path, caplog):
+    """kube-proxy's DaemonSet command (`kube-proxy --config=FILE --hostname-override=...`) with our name."""
+    path = tmp_path / "config.conf"
+    path.write_text(f"apiVersion: {kpc.API_VERSION}\nkind: {kpc.KIND}\nconntrack: {{min: lots}}\n")
+    assert cli.main([f"--config={path}", "--hostname-override=node1", "--v=2"]) == cli.EXIT_USAGE
+    assert "conntrack.min: want an integer" in caplog.text  # run read the file
 
 
 def test_a_missing_config_exits_2(tmp_path, caplog):
