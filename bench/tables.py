@@ -154,6 +154,15 @@ def _flow_sources(count: int) -> list[str]:
     return [f"172.16.{i // 250}.{i % 250 + 1}" for i in range(count)]
 
 
+def _link(sources: list[str]) -> None:
+    """This namespace's node: 192.168.50.1 and `sources` on d0, a veth pair with both ends here (what
+    leaves d0 dies at d1, conntrack has seen it by then), Service and Pod ranges routed out of d0."""
+    lines = ["link add d0 type veth peer name d1", "link set d0 up", "link set d1 up",
+             "address add 192.168.50.1/24 dev d0", *(f"address add {s}/32 dev d0" for s in sources),
+             "route add 10.96.0.0/12 dev d0", "route add 10.244.0.0/16 dev d0"]
+    subprocess.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", text=True, check=True)
+
+
 def _send_flows(sources: list[str], ports: range) -> dict[tuple[str, int], str]:
     """One datagram per (source, port) to the Service; (source, port) -> the endpoint conntrack shows."""
     import re
@@ -203,11 +212,7 @@ def moved(args: argparse.Namespace) -> list[dict]:
 
     sources = _flow_sources(args.sources)
     ports = range(40000, 40000 + args.ports)
-    # A veth pair with both ends here: what leaves d0 dies at d1 (conntrack has seen it by then).
-    lines = ["link add d0 type veth peer name d1", "link set d0 up", "link set d1 up",
-             "address add 192.168.50.1/24 dev d0", *(f"address add {s}/32 dev d0" for s in sources),
-             "route add 10.96.0.0/12 dev d0", "route add 10.244.0.0/16 dev d0"]
-    subprocess.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", text=True, check=True)
+    _link(sources)
     nft = Nftables()
     results = []
     for n in args.moved:
@@ -291,10 +296,7 @@ def pick_cost(args: argparse.Namespace) -> dict:
     from dataplane.nat.ruleset import Chain
     from dataplane.sync.store import Store
 
-    lines = ["link add d0 type veth peer name d1", "link set d0 up", "link set d1 up",
-             "address add 192.168.50.1/24 dev d0", "address add 172.16.0.1/32 dev d0",
-             "route add 10.96.0.0/12 dev d0", "route add 10.244.0.0/16 dev d0"]
-    subprocess.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", text=True, check=True)
+    _link(["172.16.0.1"])
     endpoints = [f"10.244.1.{e + 1}" for e in range(args.endpoints)]
     documents = []
     for name, algorithm in (("numgen", ""), ("table", "maglev"), ("numgen-deep", "maglev")):
