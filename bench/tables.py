@@ -3,13 +3,14 @@ flows move when an endpoint leaves.
 
     sudo .venv/bin/python -m bench.tables [--services 1000] [--endpoints 10] [--size 1021] [--changes 20]
     sudo .venv/bin/python -m bench.tables --moved 2,5,10,30 [--sources 128] [--ports 128] [--leaving 3]
+    sudo .venv/bin/python -m bench.tables --pick-cost [--flows 1000] [--rounds 20]
 
 Runs itself again inside a fresh network namespace (`ip netns exec`, so this process never
 changes namespace). By default: loads `--services` Maglev Services of `--endpoints` endpoints and
 `--size`-slot tables, an explicit size (in batches, as a daemon start would in several syncs), then
 times `--changes` single changes, each one endpoint leaving one Service (and coming back next
-time): render, plan and apply through libnftables in-process, as the daemon's incremental
-syncs do, until the kernel has it ("to live"). Also reports the kernel slab grown per 1,000
+time): render, plan and apply in-process through the daemon's applier (nat/nftables.Nftables:
+netlink, or libnftables), as its incremental syncs do, until the kernel has it ("to live"). Also reports the kernel slab grown per 1,000
 slots while loading (/proc/meminfo `Slab:`, machine-wide: noisy on a shared machine) and the
 daemon-side memory per slot (tracemalloc over the rendered rulesets).
 
@@ -19,7 +20,8 @@ ports, sent from the namespace itself (the output hook meets the same dispatch a
 where each went is read from conntrack's reply tuple, so no endpoint need exist: the kernel's own
 choice. Then `--leaving` of the N endpoints leave, one at a time (each alone, then back): conntrack
 is flushed and the same flows sent again; the fraction that reached another endpoint is the
-flows moved (the issue's goal: at most 1/N + 1%), beside the fraction of slots Maglev rewrote.
+flows moved (the issue's goal: at most 1/N + 1%), beside the share of the hash space whose
+endpoint changed, computed from the two tables (whose sizes differ at a step of the default size).
 
 `--pick-cost`: what the kernel spends picking, per new flow, on each path: UDP datagrams of new
 flows (a fresh source port each) timed around `sendto`, which carries the packet through conntrack,
@@ -186,7 +188,7 @@ def _send_flows(sources: list[str], ports: range) -> dict[tuple[str, int], str]:
     return found
 
 
-def _space_moved(before: list[int], names: list[str], after: list[int], rest: list[str]) -> float:
+def hash_space_moved(before: list[int], names: list[str], after: list[int], rest: list[str]) -> float:
     """The fraction of the 32-bit hash space whose endpoint differs between two tables (of any sizes):
     what new flows would see moved, computed rather than sampled."""
     edges = sorted({-(-(i << 32) // len(before)) for i in range(len(before))}  # slot i's first hash: ceil
@@ -258,7 +260,7 @@ def moved(args: argparse.Namespace) -> list[dict]:
             after_table = maglev.build(rest_names, None, size_after)
             # Slots compared by the flows' positions (slot_of scales the hash to the size): the fraction
             # of hash space whose endpoint changed, whether or not the size did.
-            slots_moved = _space_moved(table, names, after_table, rest_names)
+            space_moved = hash_space_moved(table, names, after_table, rest_names)
             flows = len(before)
             moved_flows = sum(1 for flow, endpoint in before.items() if after[flow] != endpoint)
             fraction = moved_flows / flows
@@ -269,7 +271,7 @@ def moved(args: argparse.Namespace) -> list[dict]:
                 "flows_moved_95": round(1.96 * (fraction * (1 - fraction) / flows) ** 0.5, 4),
                 "flows_of_the_leaver": round(sum(1 for e in before.values() if e == gone) / flows, 4),
                 "flows_to_the_leaver_after": sum(1 for e in after.values() if e == gone),
-                "hash_space_moved": round(slots_moved, 4), "slots_rewritten": rewritten,
+                "hash_space_moved": round(space_moved, 4), "slots_rewritten": rewritten,
                 "goal": round(1 / n + 0.01, 4), "met": fraction <= 1 / n + 0.01,
                 "flows_where_slot_of_predicts": round(predicted, 4), "send_seconds": round(send_seconds, 2),
             })

@@ -237,13 +237,13 @@ def test_one_of_n_leaving_moves_at_most_one_nth_and_one_percent_at_one_size(n: i
 def test_one_of_n_leaving_at_the_default_sizes_moves_at_most_one_nth_and_one_percent(n: int) -> None:
     """The fraction of the hash space whose endpoint changes when one of n leaves, each table at the
     default size for its endpoint count (what a Service without an explicit size gets)."""
-    from bench.tables import _space_moved
+    from bench.tables import hash_space_moved
 
     names = [f"10.244.1.{i}:8080" for i in sorted(range(1, n + 1), key=str)]
     before = maglev.build(names, None, default_table_size(n))
     rest = names[1:]
     after = maglev.build(rest, None, default_table_size(n - 1))
-    assert _space_moved(before, names, after, rest) <= 1 / n + 0.01
+    assert hash_space_moved(before, names, after, rest) <= 1 / n + 0.01
 
 
 # Which path each Service port takes, per port: `mixed` is Maglev with 3-slot tables, so its port
