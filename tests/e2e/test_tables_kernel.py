@@ -277,3 +277,19 @@ def test_userspace_mode_queues_no_flow_of_a_table_balanced_port(tmp_path) -> Non
                     outcome = flow.connect() or flow.request()
                 assert outcome.ok, outcome
             assert queued(lab) >= 4 and status(lab)["packets_queued"] >= 4
+
+
+def test_one_of_thirty_leaving_at_the_default_size_moves_at_most_one_thirtieth_and_one_percent(nodes) -> None:
+    """N = 30 at its default size (65,537 slots, the same for 29): of 4,096 real flows, at most 1/N + 1%
+    reach another endpoint, none the one that left (bench.tables --moved: N = 2, 5, 10, 30, 16,384 flows)."""
+    endpoints = [f"10.244.2.{i}" for i in range(1, 31)]
+    assert default_table_size(30) == default_table_size(29) == 65537
+    node = nodes("192.168.50.1")
+    node.publish(endpoints)
+    before = node.send(CLUSTER_IP, 53)
+    node.publish(endpoints[1:])
+    node.forget_flows()
+    after = node.send(CLUSTER_IP, 53)
+    moved = sum(1 for flow in before if after[flow] != before[flow]) / len(before)
+    assert endpoints[0] not in after.values()
+    assert moved <= 1 / 30 + 0.01, f"{moved:.4f} of the flows moved"
