@@ -135,6 +135,9 @@ class UserspaceMode:
         keys = snapshot.changed_since(seen) if seen is not None else snapshot.services.keys()
         if seen is not None:
             keys = set(keys) | (seen.services.keys() - snapshot.services.keys())
+        requeued = set().union(*(rules.take_requeued() for rules in self.rules.values()))
+        if requeued:
+            keys = set(keys) | requeued
         tables = {}
         for key in keys:
             state = snapshot.services.get(key)

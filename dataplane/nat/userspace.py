@@ -258,13 +258,19 @@ class UserspaceRules:
         self._owned: dict[Hashable, tuple[Fragment, Fragment]] = {}  # owner -> (as rendered, with decisions)
         self._blocks: dict[int, dict[int, tuple[str, int]]] = {}  # id block -> id -> endpoint
         self._last: Ruleset | None = None
-        # Service -> (protocol, port) of its ports whose new flows are queued: what the forwarder must know.
+        # Service -> (protocol, port) of its ports whose new flows are queued: what the forwarder must know;
+        # `requeued`: the Services whose queued ports changed, until the daemon takes them (take_requeued).
         self.queued: dict[ServiceKey, frozenset[tuple[str, int]]] = {}
+        self.requeued: set[ServiceKey] = set()
 
     def extend(self, ruleset: Ruleset, snapshot: Snapshot) -> Ruleset:
         """`ruleset` plus userspace mode; pure with respect to the kernel."""
         previous = self._snapshot
         keys = snapshot.changed_since(previous) if previous is not None else snapshot.services.keys()
+        if ruleset.changed is None and previous is not None:
+            # Rendered whole: a Service that did not change may have gained or lost its tables (the
+            # node's slot bound is shared, nat/render.py), so whether its ports are queued is asked again.
+            keys = set(keys) | snapshot.services.keys()
         changed: set[Hashable] = set()
         for key in keys:
             state = snapshot.services.get(key)
@@ -272,6 +278,8 @@ class UserspaceRules:
             tabled = table_keys(ruleset.fragments.get(key, Fragment()))
             fragment = service_fragment(state, self.family, tabled) if state is not None else Fragment()
             queued = queued_ports(fragment)
+            if queued != self.queued.get(key, frozenset()):
+                self.requeued.add(key)
             if queued:
                 self.queued[key] = queued
             else:
@@ -311,6 +319,11 @@ class UserspaceRules:
         )
         self._last = extended
         return extended
+
+    def take_requeued(self) -> set[ServiceKey]:
+        """The Services whose queued ports changed since the last call (the Service itself may not have)."""
+        taken, self.requeued = self.requeued, set()
+        return taken
 
     def _use(self, key: ServiceKey, endpoints: set[tuple[str, int]]) -> None:
         before = self._uses.pop(key, set())

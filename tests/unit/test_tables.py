@@ -354,3 +354,32 @@ def test_status_says_which_path_each_service_port_takes_and_the_forwarder_knows_
         "default/plain:http", "default/least:http"}
     assert [s["path"] for s in body["services"] if s["service"] == "default/mixed:big"] == ["kernel-table"]
     assert set(nft.elements("ip", "dataplane", "userspace-nodeports")) == set()
+
+
+def test_a_port_that_gains_its_table_in_a_whole_rebuild_leaves_the_forwarder() -> None:
+    """The node's slot bound holds two of three Maglev Services' tables: the third is queued and decided
+    by the forwarder. When one of the two leaves, the third keeps its random pick until the ruleset is
+    rendered whole (new node addresses); then it has its table, and userspace mode stops queueing it and
+    tells the forwarder, though the Service itself did not change."""
+    from dataplane.daemon.userspace import UserspaceMode
+
+    settings = NodeSettings(node_name="node1", cluster_cidrs=("10.244.0.0/16",), table_slots=2 * SIZE)
+    store = Store()
+    for n in range(3):
+        objects, _ = parse_objects(documents(name=f"m{n}", cluster_ip=f"10.96.7.{n + 1}", node_port=30701 + n,
+                                             ingress_ip=f"192.168.60.{n + 7}"), f"m{n}.yaml")
+        store.replace(f"m{n}.yaml", objects)
+    mode = UserspaceMode(settings, FakeNftables(), queues=1, queue_in_nft=True)
+    builders = {4: RulesetBuilder(settings, 4), 6: RulesetBuilder(settings, 6)}
+
+    def sync(node_ips) -> set[str]:
+        snapshot = store.snapshot()
+        for version, builder in builders.items():
+            mode.extend(builder.build(snapshot, node_ips), snapshot)
+        mode.synced(snapshot)
+        return {s["service"] for s in mode.forwarder.snapshot()["services"]}
+
+    (fallback,) = sync(NODE_IPS)  # one of the three, whichever rendered last
+    store.replace([n for n in ("m0.yaml", "m1.yaml", "m2.yaml") if f"/{n[:2]}:" not in fallback][0], None)
+    assert sync(NODE_IPS) == {fallback}  # rendered incrementally: it keeps the random pick, still queued
+    assert sync((*NODE_IPS, "192.168.50.9")) == set()  # rendered whole: it has its table now
