@@ -1,7 +1,9 @@
 """`/status` and `dataplane status`: how the running daemon balances, as JSON and as text.
 
 Userspace mode: `body` builds the JSON from values already in memory (no I/O:
-it runs on the event loop); `format_status` is the CLI's rendering of it.
+it runs on the event loop); `format_status` is the CLI's rendering of it. Its
+`services` are every Service port, each with its `path`: the forwarder's (with
+flow counts), or a kernel balancing table's (Maglev, weights: never queued).
 
 Kernel mode: `kernel_status()` is pure: from the snapshot the last successful
 sync put in the kernel, each Service port with its addresses (ClusterIPs,
@@ -16,7 +18,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Callable
 
+from ..lb.policy import PortTable
 from ..model import Snapshot
+from ..nat.tables import FORWARDER, KERNEL_TABLE
 
 if TYPE_CHECKING:
     from .userspace import UserspaceMode
@@ -39,8 +43,19 @@ def body(mode: UserspaceMode | None) -> dict:
         "forwarder_cpu_seconds": snapshot.get("cpu_seconds"),
         "forwarder_cpu_user_seconds": snapshot.get("cpu_user_seconds"),
         "fail_open": mode.fail_open.value,
-        "services": snapshot["services"],
+        "services": sorted([{**port, "path": FORWARDER} for port in snapshot["services"]]
+                           + [_table_port(port) for ports in mode.tabled.values() for port in ports],
+                           key=lambda port: port["service"]),
     }
+
+
+def _table_port(port: PortTable) -> dict:
+    """A Service port the kernel balances by its table (Maglev, weights): the forwarder never sees
+    its flows, so it has no flow counts, only its endpoints and their weights (slot shares)."""
+    return {"service": port.name, "path": KERNEL_TABLE, "algorithm": port.algorithm,
+            "affinity_timeout": port.affinity_timeout, "affinity_entries": None, "maglev_table": None,
+            "endpoints": [{"endpoint": t.name, "id": t.id, "weight": t.weight, "active": None, "decided": None}
+                          for t in port.targets]}
 
 
 def format_status(body: dict, out: Callable[[str], None] = print) -> None:
@@ -53,8 +68,12 @@ def format_status(body: dict, out: Callable[[str], None] = print) -> None:
     for service in body.get("services", []):
         affinity = service.get("affinity_timeout")
         extra = f", ClientIP affinity {affinity} s ({service['affinity_entries']} entries)" if affinity else ""
-        out(f"{service['service']}  {service['algorithm']}{extra}")
+        tabled = service.get("path") == KERNEL_TABLE
+        out(f"{service['service']}  {service['algorithm']}{extra}{'  (kernel table)' if tabled else ''}")
         for endpoint in service["endpoints"]:
+            if tabled:  # the kernel decides: no flow counts
+                out(f"    {endpoint['endpoint']:<24} weight {endpoint['weight']}")
+                continue
             out(f"    {endpoint['endpoint']:<24} weight {endpoint['weight']:<4} active {endpoint['active']:<6} "
                 f"decided {endpoint['decided']}")
 

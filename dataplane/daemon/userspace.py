@@ -16,7 +16,8 @@ import os
 
 from ..config import NodeSettings
 from ..lb.balancer import Balancer
-from ..lb.policy import packed, port_tables
+from ..lb.policy import PROTOCOL_NUMBERS, PortTable, packed, port_tables
+from ..lb.tables import table_balanced
 from ..model import Snapshot
 from ..nat import layout
 from ..nat.nftables import Nftables
@@ -30,6 +31,7 @@ from .counters import CounterTotal
 log = logging.getLogger(__name__)
 
 FAMILIES = {"ip": 4, "ip6": 6}
+PROTOCOL_NAMES = {number: protocol.value for protocol, number in PROTOCOL_NUMBERS.items()}
 
 
 def remove_queue_rules() -> None:
@@ -61,6 +63,8 @@ class UserspaceMode:
         self.forwarder = (Forwarder(numbers, Balancer(maglev_size), busy_poll=busy_poll) if queues == 1
                           else WorkerPool(numbers, maglev_size, busy_poll=busy_poll, loop=loop))
         self._seen: Snapshot | None = None
+        # Service -> its ports balanced by kernel tables, not the forwarder's: for /status only.
+        self.tabled: dict[object, tuple[PortTable, ...]] = {}
         self.fail_open = CounterTotal(FAIL_OPEN, tuple((family, layout.TABLE) for family in FAMILIES))
         log.info("userspace mode: %d queue(s) via %s, default algorithm %s", count,
                  "nft queue" if self.queue.in_nft else "iptables NFQUEUE (this kernel has no nft queue)", algorithm)
@@ -122,23 +126,42 @@ class UserspaceMode:
         await self.forwarder.start()
 
     def synced(self, snapshot: Snapshot) -> None:
-        """The kernel holds `snapshot`'s rules: tell the balancer about the Services that changed."""
+        """The kernel holds `snapshot`'s rules: tell the balancer about the Services that changed.
+
+        Only the ports the kernel queues (nat/userspace.queued_ports): a port balanced by its kernel
+        table (Maglev, weights) never reaches the forwarder, which so builds no table for it; a
+        Maglev port without one (over the node's slot bound) is queued and decided here."""
         seen = self._seen
         keys = snapshot.changed_since(seen) if seen is not None else snapshot.services.keys()
         if seen is not None:
             keys = set(keys) | (seen.services.keys() - snapshot.services.keys())
+        requeued = set().union(*(rules.take_requeued() for rules in self.rules.values()))
+        if requeued:
+            keys = set(keys) | requeued
         tables = {}
         for key in keys:
             state = snapshot.services.get(key)
-            ports = []
+            ports, tabled = [], []
             for family, version in FAMILIES.items():
+                rules = self.rules[family]
+                queued = rules.queued.get(key, frozenset())
                 if state is not None:
-                    found, problems = port_tables(state, self.rules[family].ids.get, self.algorithm, version,
+                    found, problems = port_tables(state, rules.ids.get, self.algorithm, version,
                                                   self.settings.node_name, self.settings.node_zone)
-                    ports += [p for p in found if p.addresses]
+                    for port in found:
+                        if not port.addresses:
+                            continue  # none in this family
+                        if (PROTOCOL_NAMES[port.protocol], port.port) in queued:
+                            ports.append(port)
+                        elif table_balanced(state.service, self.algorithm):
+                            tabled.append(port)
                     for problem in problems if version == 4 else ():
                         log.warning("%s", problem)
             tables[key] = tuple(ports)
+            if tabled:
+                self.tabled[key] = tuple(tabled)
+            else:
+                self.tabled.pop(key, None)
         self._seen = snapshot
         if tables:
             self.forwarder.services_changed(tables)

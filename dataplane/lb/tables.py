@@ -64,7 +64,10 @@ def default_table_size(endpoints: int, bound: int = MAX_TABLE_SIZE) -> int:
     node's slot bound); past the largest, the largest (the 1/N + 1% bound then no longer holds).
 
     `endpoints` counts every endpoint listed for the port, ready or not, so readiness flapping
-    never resizes a table: only adding or removing Pods does, at a step."""
+    never resizes a table: only adding or removing Pods does, at a step. A resize rehashes every
+    flow: one endpoint leaving at a step (5 -> 4, 17 -> 16, 66 -> 65, ...) moves about 1 - 1/N of
+    new flows, not 1/N (bench/results/tables-moved); established ones stay (conntrack). Being a
+    function of the listed endpoints alone is what lets every node pick the same size."""
     fitting = [size for size in TABLE_SIZES if size <= bound] or [TABLE_SIZES[0]]
     return next((size for size in fitting if size >= SLOTS_PER_ENDPOINT * endpoints), fitting[-1])
 

@@ -85,11 +85,41 @@ def slot_elements(service: Service, backends: Sequence[Backend], size: int, tabl
             for slot, b in enumerate(lb_tables.fill(service, backends, size))]
 
 
-def balanced_by_table(fragment: Fragment) -> bool:
-    """The Service's rendered fragment picks by a balancing table (its slots, or affinity chains that
-    hash), so userspace mode has nothing to decide for it."""
-    return any(e.container.startswith("slots-") for e in fragment.elements) or any(
-        isinstance(d, Chain) and any(rule.hashes for rule in d.rules) for d in fragment.owned)
+def _affinity_tables(fragment: Fragment) -> dict[str, int]:
+    """Affinity chain base (nat/affinity.py: `<base>-pick-<which>`) -> the slots its pick hashes over,
+    for each of the Service's ports whose affinity places new clients by a balancing table."""
+    found = {}
+    for declaration in fragment.owned:
+        if not isinstance(declaration, Chain) or "-pick-" not in declaration.name:
+            continue
+        for rule in declaration.rules:
+            if rule.hashes:
+                found[declaration.name.rsplit("-pick-", 1)[0]] = next(
+                    part.mod for s in rule.statements if isinstance(s, Vmap) for part in s.expr
+                    if isinstance(part, Jhash))
+    return found
+
+
+def table_keys(fragment: Fragment) -> dict[str, int]:
+    """Dispatch key (`daddr . proto . port` in the Service-address map, `proto . nodeport` in the
+    NodePort one) -> the slots of its balancing table, for each address of the Service whose new
+    flows the kernel picks for by a table: a hash chain, or an affinity chain whose pick hashes.
+    Per port: a table-balanced Service may have a port without (its table would not be larger than
+    its endpoints), which takes the kernel's random pick, or in userspace mode the forwarder."""
+    affinity = None
+    found = {}
+    for element in fragment.elements:
+        if element.container not in (layout.SERVICE_IPS, layout.SERVICE_NODEPORTS):
+            continue
+        chain = element.value.split()[-1]
+        if chain.startswith("hash-"):
+            found[element.key] = int(chain.rsplit("-", 1)[1])
+        elif chain.startswith("aff-"):
+            affinity = _affinity_tables(fragment) if affinity is None else affinity
+            slots = affinity.get(chain.rsplit("-", 1)[0])  # <base>-cluster, -external, -local
+            if slots:
+                found[element.key] = slots
+    return found
 
 
 KERNEL_TABLE, FORWARDER, KERNEL_RANDOM = "kernel-table", "forwarder", "kernel-random"
@@ -106,25 +136,18 @@ def balancing_paths(ruleset: Ruleset | None) -> list[dict]:
     for owner, fragment in ruleset.fragments.items():
         if owner == "node" or (isinstance(owner, tuple) and owner[:1] in (("userspace",), ("endpoint-ids",))):
             continue
-        dispatch, slots = [], 0
-        for element in fragment.elements:  # one pass: a table Service holds thousands of slots
-            if element.container in (layout.SERVICE_IPS, layout.SERVICE_NODEPORTS) and element.comment:
-                dispatch.append(element)
-            elif not slots and element.container.startswith("slots-"):
-                slots = int(element.container.rsplit("-", 1)[1])
+        dispatch = [e for e in fragment.elements
+                    if e.container in (layout.SERVICE_IPS, layout.SERVICE_NODEPORTS) and e.comment]
         if not dispatch:
             continue
+        tabled = table_keys(fragment)
         queued_keys = {e.key for e in ruleset.fragments.get(("userspace", owner), Fragment()).elements}
-        hashing_affinity = next((part.mod for d in fragment.owned if isinstance(d, Chain) for r in d.rules
-                                 if r.hashes for s in r.statements if isinstance(s, Vmap)
-                                 for part in s.expr if isinstance(part, Jhash)), 0)
         for element in dispatch:
-            chain = element.value.split()[-1]
             entry = found.setdefault(element.comment, {"service": element.comment, "family": ruleset.family,
                                                        "paths": []})
-            if chain.startswith("hash-") or (chain.startswith("aff-") and hashing_affinity):
+            if element.key in tabled:
                 path = KERNEL_TABLE
-                entry["table_slots"] = slots or hashing_affinity
+                entry["table_slots"] = tabled[element.key]
             elif element.key in queued_keys:
                 path = FORWARDER
             else:

@@ -33,7 +33,7 @@ import dataclasses
 import time
 import weakref
 from collections import deque
-from typing import Callable, Hashable, Iterable, Mapping
+from typing import Callable, Collection, Hashable, Iterable, Mapping
 
 from ..config import NodeSettings
 from ..lb.policy import frontends, packed
@@ -43,7 +43,7 @@ from . import layout
 from .expr import CT_STATE, CT_STATUS, MARK, AnonMap, BinOp, Counter, Match, Nat, Queue, Rule, SetMeta, Vmap
 from .layout import NODEPORT_IPS, Family
 from .ruleset import BaseChain, Chain, Container, Declaration, Element, Fragment, Ruleset
-from .tables import balanced_by_table
+from .tables import table_keys
 
 ENDPOINT_IDS = "endpoint-ids"  # mark & ID_MASK : endpoint address . port
 USERSPACE_SERVICES = "userspace-services"  # daddr . proto . port of Service addresses to queue
@@ -189,23 +189,42 @@ def _fixed_target(chain: Chain) -> tuple[str, int] | None:
     return None
 
 
-def service_fragment(state: ServiceState, family: Family) -> Fragment:
-    """The addresses and NodePorts of one Service whose new flows go to the forwarder (lb/policy.frontends)."""
+def service_fragment(state: ServiceState, family: Family, tabled: Collection[str] = frozenset()) -> Fragment:
+    """The addresses and NodePorts of one Service whose new flows go to the forwarder (lb/policy.frontends).
+
+    `tabled`: the dispatch keys the kernel balances by a table (nat/tables.table_keys); a port with
+    any of them is not queued at all (its every address shares the table), the Service's other ports are.
+    """
     service = state.service
     if not service.proxied or not any(family.holds(ip) for ip in service.cluster_ips):
         return Fragment()
     internal, external = frontends(state, family.holds)
     addresses = [ip for ip in (*service.cluster_ips, *service.external_ips_all)
                  if family.holds(ip) and packed(ip) in internal + (external or ())]
+    every_address = [ip for ip in (*service.cluster_ips, *service.external_ips_all) if family.holds(ip)]
     elements = []
     for port, backends in state.port_backends():
         if not any(family.holds(b.ip) for b in backends):
             continue  # nothing to decide: the kernel refuses or drops
         proto = port.protocol.lower()
+        if tabled and (any(f"{ip} . {proto} . {port.port}" in tabled for ip in every_address)
+                       or (port.node_port and f"{proto} . {port.node_port}" in tabled)):
+            continue  # balanced by its kernel table: nothing to decide per flow
         elements += [Element(USERSPACE_SERVICES, f"{ip} . {proto} . {port.port}") for ip in addresses]
         if port.node_port and external is not None:
             elements.append(Element(USERSPACE_NODEPORTS, f"{proto} . {port.node_port}"))
     return Fragment(frozenset(elements))
+
+
+def queued_ports(fragment: Fragment) -> frozenset[tuple[str, int]]:
+    """(protocol, port) of each Service port a `service_fragment` queues, protocol as the model
+    spells it (TCP, UDP, SCTP): every queued port has its ClusterIPs in it."""
+    found = set()
+    for element in fragment.elements:
+        if element.container == USERSPACE_SERVICES:
+            _, proto, port = element.key.split(" . ")
+            found.add((proto.upper(), int(port)))
+    return frozenset(found)
 
 
 def endpoints_in_use(state: ServiceState, family: Family, node_name: str = "", zone: str = "") -> set[tuple[str, int]]:
@@ -239,17 +258,32 @@ class UserspaceRules:
         self._owned: dict[Hashable, tuple[Fragment, Fragment]] = {}  # owner -> (as rendered, with decisions)
         self._blocks: dict[int, dict[int, tuple[str, int]]] = {}  # id block -> id -> endpoint
         self._last: Ruleset | None = None
+        # Service -> (protocol, port) of its ports whose new flows are queued: what the forwarder must know;
+        # `requeued`: the Services whose queued ports changed, until the daemon takes them (take_requeued).
+        self.queued: dict[ServiceKey, frozenset[tuple[str, int]]] = {}
+        self.requeued: set[ServiceKey] = set()
 
     def extend(self, ruleset: Ruleset, snapshot: Snapshot) -> Ruleset:
         """`ruleset` plus userspace mode; pure with respect to the kernel."""
         previous = self._snapshot
         keys = snapshot.changed_since(previous) if previous is not None else snapshot.services.keys()
+        if ruleset.changed is None and previous is not None:
+            # Rendered whole: a Service that did not change may have gained or lost its tables (the
+            # node's slot bound is shared, nat/render.py), so whether its ports are queued is asked again.
+            keys = set(keys) | snapshot.services.keys()
         changed: set[Hashable] = set()
         for key in keys:
             state = snapshot.services.get(key)
-            # A Service balanced by a kernel table (Maglev, weights: nat/tables.py) is not queued.
-            tabled = balanced_by_table(ruleset.fragments.get(key, Fragment()))
-            fragment = service_fragment(state, self.family) if state is not None and not tabled else Fragment()
+            # A port balanced by a kernel table (Maglev, weights: nat/tables.py) is not queued.
+            tabled = table_keys(ruleset.fragments.get(key, Fragment()))
+            fragment = service_fragment(state, self.family, tabled) if state is not None else Fragment()
+            queued = queued_ports(fragment)
+            if queued != self.queued.get(key, frozenset()):
+                self.requeued.add(key)
+            if queued:
+                self.queued[key] = queued
+            else:
+                self.queued.pop(key, None)
             owner = ("userspace", key)
             if fragment != self._fragments.get(owner, Fragment()):
                 changed.add(owner)
@@ -285,6 +319,11 @@ class UserspaceRules:
         )
         self._last = extended
         return extended
+
+    def take_requeued(self) -> set[ServiceKey]:
+        """The Services whose queued ports changed since the last call (the Service itself may not have)."""
+        taken, self.requeued = self.requeued, set()
+        return taken
 
     def _use(self, key: ServiceKey, endpoints: set[tuple[str, int]]) -> None:
         before = self._uses.pop(key, set())

@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 
@@ -173,3 +174,123 @@ def test_an_endpoint_leaving_moves_only_its_flows(nodes, size: int) -> None:
     fraction = len(moved) / len(before)
     print(f"{size} slots: {fraction:.4f} of {len(before)} flows moved, {rewritten['add']} slots rewritten")
     assert fraction <= MOVED_AT_MOST[size], f"{fraction:.3f} of the flows moved"
+
+
+# Userspace mode with real packets through a daemon: Pods 10.244.1.11-13 (pod1-3, echo on TCP and
+# UDP 80), client 192.168.50.2 and its aliases 192.168.50.100-115, ClusterIPs 10.96.9.1-3.
+TABLE_PODS = {"10.244.1.11": "pod1", "10.244.1.12": "pod2", "10.244.1.13": "pod3"}
+
+
+def userspace_manifests() -> dict[str, list[dict]]:
+    pods = sorted(TABLE_PODS)
+    maglev = service("maglev", "10.96.9.1", [port("http", 80), port("dns", 53, 80, "UDP")])
+    maglev["metadata"]["annotations"] = {"dataplane.io/lb-algorithm": "maglev"}
+    weighted = service("weighted", "10.96.9.2", [port("http", 80)])
+    weighted["metadata"]["annotations"] = {"dataplane.io/weights": "10.244.1.11=3, 10.244.1.13=0"}  # pod3 drains
+    # Maglev with 3-slot tables: `small` (2 endpoints) has one; `big` (3, not fewer than the slots) has
+    # none, so userspace mode queues it: the same Service, a port each way.
+    mixed = service("mixed", "10.96.9.3", [port("small", 80), port("big", 81, 80)])
+    mixed["metadata"]["annotations"] = {"dataplane.io/lb-algorithm": "maglev", TABLE_SIZE_ANNOTATION: "3"}
+    return {
+        "maglev.yaml": [maglev, endpoint_slice("maglev", pods, [("http", 80, "TCP"), ("dns", 80, "UDP")])],
+        "weighted.yaml": [weighted, endpoint_slice("weighted", pods, [("http", 80, "TCP")])],
+        "mixed.yaml": [mixed, endpoint_slice("mixed", pods[:2], [("small", 80, "TCP")], name="mixed-small"),
+                       endpoint_slice("mixed", pods, [("big", 80, "TCP")], name="mixed-big")],
+    }
+
+
+def table_pod(documents: list[dict], port_name: str, saddr: str, sport: int) -> str:
+    """The Pod the port's kernel table names for a flow from saddr:sport (lb/tables: the fill, the jhash)."""
+    from dataplane.lb.tables import fill, table_size
+
+    objects, errors = parse_objects(documents, "t.yaml")
+    assert not errors
+    store = Store()
+    store.replace("t.yaml", objects)
+    (state,) = store.snapshot().services.values()
+    (backends,) = [b for p, b in state.port_backends() if p.name == port_name]
+    size = table_size(state.service, None, len(backends))
+    return TABLE_PODS[fill(state.service, backends, size)[slot_of(saddr, sport, size)].ip]
+
+
+def test_userspace_mode_queues_no_flow_of_a_table_balanced_port(tmp_path) -> None:
+    """A Maglev Service and a weighted one (weight 0 draining pod3), in userspace mode, from 17 client
+    addresses: every flow reaches the Pod its kernel table names, and nothing is queued to userspace
+    (nfnetlink_queue's and the forwarder's counters stay at 0, no fail-open). Then the Maglev Service's
+    port without a table is queued, so the counters do count."""
+    import json
+
+    from dataplane.lab import (AddressPlan, Daemon, Lab, ManifestDir, TcpSession, UdpSession, environment_problem,
+                               http_get)
+    from dataplane.lab.daemon import dataplane_executable
+
+    problem = environment_problem()
+    if problem is not None:
+        pytest.skip(f"namespace tests: {problem}")
+    usage = subprocess.run([dataplane_executable(), "run", "--help"], capture_output=True, text=True).stdout
+    if "userspace" not in usage:
+        pytest.skip("this build has no userspace mode")
+    documents = userspace_manifests()
+    manifest_dir = ManifestDir(tmp_path / "manifests")
+    for name, docs in documents.items():
+        manifest_dir.write(name, docs)
+
+    def queued(lab) -> int:
+        text = lab.node.run("cat", "/proc/net/netfilter/nfnetlink_queue", check=False).stdout
+        return sum(int(line.split()[7]) for line in text.splitlines() if line.strip())  # id_sequence
+
+    def status(lab) -> dict:
+        code, body = http_get(lab.node, "127.0.0.1", 10249, "/status", timeout=10)
+        assert code == 200
+        return json.loads(body)
+
+    with Lab.build(AddressPlan(client_aliases=16)) as lab:
+        lab.start_echo(tcp=[80], udp=[80])
+        with Daemon.for_source(lab.node, manifest_dir.path, tmp_path / "dataplane.log",
+                               extra=["--proxy-mode", "userspace"]):
+            wrong, reached = [], {}
+            for address in lab.plan.client_sources:
+                for name, ip, service_port, port_name, session in (
+                        ("maglev.yaml", "10.96.9.1", 80, "http", TcpSession),
+                        ("maglev.yaml", "10.96.9.1", 53, "dns", UdpSession),
+                        ("weighted.yaml", "10.96.9.2", 80, "http", TcpSession),
+                        ("mixed.yaml", "10.96.9.3", 80, "small", TcpSession)):
+                    for _ in range(2):
+                        with session(lab.client, ip, service_port, 1.0, (address, 0)) as flow:
+                            failed = flow.connect() if session is TcpSession else None
+                            outcome = failed or flow.request()
+                            local_ip, local_port = flow.local
+                        want = table_pod(documents[name], port_name, local_ip, local_port)
+                        reached.setdefault((name, port_name), set()).add(outcome.pod)
+                        if not outcome.ok or outcome.pod != want:
+                            wrong.append(f"{ip}:{service_port} from {local_ip}:{local_port}: the table names "
+                                         f"{want}, got {outcome}")
+            assert wrong == []
+            assert reached[("weighted.yaml", "http")] == {"pod1", "pod2"}  # pod3 drained
+            assert reached[("maglev.yaml", "http")] == set(TABLE_PODS.values())
+            body = status(lab)
+            assert queued(lab) == 0
+            assert (body["packets_queued"], body["undecided"], body["fail_open"]) == (0, 0, 0)
+            paths = {p["service"]: p["paths"] for p in body["paths"]}
+            assert paths["default/mixed:small"] == ["kernel-table"] and paths["default/mixed:big"] == ["forwarder"]
+            for address in lab.plan.client_sources[:4]:
+                with TcpSession(lab.client, "10.96.9.3", 81, 1.0, (address, 0)) as flow:
+                    outcome = flow.connect() or flow.request()
+                assert outcome.ok, outcome
+            assert queued(lab) >= 4 and status(lab)["packets_queued"] >= 4
+
+
+def test_one_of_thirty_leaving_at_the_default_size_moves_at_most_one_thirtieth_and_one_percent(nodes) -> None:
+    """N = 30 at its default size (65,537 slots, the same for 29): of 4,096 real flows, at most 1/N + 1%
+    reach another endpoint, none the one that left (bench.tables --moved: N = 2, 5, 10, 30, 16,384 flows)."""
+    endpoints = [f"10.244.2.{i}" for i in range(1, 31)]
+    assert default_table_size(30) == default_table_size(29) == 65537
+    node = nodes("192.168.50.1")
+    node.publish(endpoints)
+    before = node.send(CLUSTER_IP, 53)
+    node.publish(endpoints[1:])
+    node.forget_flows()
+    after = node.send(CLUSTER_IP, 53)
+    moved = sum(1 for flow in before if after[flow] != before[flow]) / len(before)
+    assert endpoints[0] not in after.values()
+    assert moved <= 1 / 30 + 0.01, f"{moved:.4f} of the flows moved"

@@ -212,8 +212,9 @@ def test_the_default_size_holds_a_thousand_slots_per_endpoint(endpoints: int, si
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 10, 16])
-def test_one_of_n_leaving_moves_at_most_one_nth_and_one_percent(n: int) -> None:
-    """The issue's goal at the default size for n (the pure computation; nat/README.md has n up to 200)."""
+def test_one_of_n_leaving_moves_at_most_one_nth_and_one_percent_at_one_size(n: int) -> None:
+    """The issue's goal at the default size for n, the size staying (an explicit one, or n - 1 on the
+    same step); the pure computation; nat/README.md has n up to 200."""
     size = default_table_size(n)
     names = [f"10.244.1.{i}:8080" for i in range(1, n + 1)]
     before = maglev.build(names, None, size)
@@ -222,3 +223,163 @@ def test_one_of_n_leaving_moves_at_most_one_nth_and_one_percent(n: int) -> None:
         after = maglev.build(rest, None, size)
         moved = sum(1 for a, b in zip(before, after) if names[a] != rest[b]) / size
         assert moved <= 1 / n + 0.01, (n, names[gone], moved)
+
+
+@pytest.mark.parametrize("n", [
+    2, 4, 10, 16, 30,
+    # At a step of the default size (lb/tables.TABLE_SIZES: 5 -> 4, 17 -> 16, ...) one leaving changes the
+    # size, which rehashes every flow: about 1 - 1/n of new flows move (bench/results/tables-moved: 80%
+    # at n = 5, real packets). A known defect: the size is a pure function of the endpoints listed, so
+    # that every node picks the same one; keeping the old size needs state (README, issue 15).
+    pytest.param(5, marks=pytest.mark.xfail(strict=True, reason="the default size steps from 16381 to 4093")),
+    pytest.param(17, marks=pytest.mark.xfail(strict=True, reason="the default size steps from 65537 to 16381")),
+])
+def test_one_of_n_leaving_at_the_default_sizes_moves_at_most_one_nth_and_one_percent(n: int) -> None:
+    """The fraction of the hash space whose endpoint changes when one of n leaves, each table at the
+    default size for its endpoint count (what a Service without an explicit size gets)."""
+    from bench.tables import hash_space_moved
+
+    names = [f"10.244.1.{i}:8080" for i in sorted(range(1, n + 1), key=str)]
+    before = maglev.build(names, None, default_table_size(n))
+    rest = names[1:]
+    after = maglev.build(rest, None, default_table_size(n - 1))
+    assert hash_space_moved(before, names, after, rest) <= 1 / n + 0.01
+
+
+# Which path each Service port takes, per port: `mixed` is Maglev with 3-slot tables, so its port
+# `small` (2 endpoints) has a table and its port `big` (4 endpoints, not fewer than the slots) has
+# none: kernel mode picks at random there, userspace mode queues it to the forwarder.
+MIXED_SMALL, MIXED_BIG = ["10.244.2.1", "10.244.2.2"], [f"10.244.3.{i}" for i in range(1, 5)]
+
+
+def path_documents(mixed_size: int = 3) -> dict[str, list[dict]]:
+    def one(name: str, number: int, annotations: dict, **spec) -> list[dict]:
+        svc = service(name, f"10.96.8.{number}", [port("http", 80, 8080, "TCP")], **spec)
+        svc["metadata"]["annotations"] = annotations
+        return [svc, endpoint_slice(name, [f"10.244.4.{number}", f"10.244.5.{number}"], [("http", 8080, "TCP")])]
+
+    mixed = service("mixed", "10.96.8.1", [port("small", 80, 8080, "TCP", node_port=30801),
+                                           port("big", 81, 8081, "TCP", node_port=30802)], type="NodePort")
+    mixed["metadata"]["annotations"] = {"dataplane.io/lb-algorithm": "maglev", TABLE_SIZE_ANNOTATION: str(mixed_size)}
+    return {
+        "mixed.yaml": [mixed, endpoint_slice("mixed", MIXED_SMALL, [("small", 8080, "TCP")], name="mixed-small"),
+                       endpoint_slice("mixed", MIXED_BIG, [("big", 8081, "TCP")], name="mixed-big")],
+        "weighted.yaml": one("weighted", 2, {"dataplane.io/weights": "10.244.4.2=0"}),  # draining one
+        "plain.yaml": one("plain", 3, {}),
+        "least.yaml": one("least", 4, {"dataplane.io/lb-algorithm": "least-conn"}),
+        "sticky.yaml": one("sticky", 5, {"dataplane.io/lb-algorithm": "maglev"}, sessionAffinity="ClientIP"),
+    }
+
+
+PATHS = {  # Service port -> (kernel mode's path, userspace mode's path, table slots)
+    "default/mixed:small": ("kernel-table", "kernel-table", 3),
+    "default/mixed:big": ("kernel-random", "forwarder", None),
+    "default/weighted:http": ("kernel-table", "kernel-table", DEFAULT_TABLE_SIZE),
+    "default/plain:http": ("kernel-random", "forwarder", None),
+    "default/least:http": ("kernel-random", "forwarder", None),
+    "default/sticky:http": ("kernel-table", "kernel-table", DEFAULT_TABLE_SIZE),
+}
+
+
+@pytest.mark.parametrize("mode", ["kernel", "userspace"])
+def test_status_says_which_path_each_service_port_takes_and_the_forwarder_knows_only_queued_ports(
+        tmp_path, mode: str) -> None:
+    """Through the daemon's HTTP: /status's `paths`, per Service port; in userspace mode the forwarder
+    is told only of the queued ports (it builds no table for a table-balanced one, `mixed:small`), and
+    forgets one that gains a table."""
+    import asyncio
+    import json
+
+    from dataplane.daemon import http
+    from dataplane.daemon.app import Daemon, Options
+    from dataplane.daemon.status import format_status
+    from dataplane.daemon.userspace import UserspaceMode
+    from dataplane.lab.manifests import ManifestDir
+
+    manifests = ManifestDir(tmp_path / "manifests")
+    for name, docs in path_documents().items():
+        manifests.write(name, docs)
+    nft = FakeNftables()
+    settings = NodeSettings(node_name="node1", cluster_cidrs=("10.244.0.0/16",))
+    userspace = UserspaceMode(settings, nft, queues=1, queue_in_nft=True) if mode == "userspace" else None
+    daemon = Daemon(Options(source=manifests.path, settings=settings), nft, userspace=userspace)
+
+    async def status() -> dict:
+        server = await http.serve("127.0.0.1:0", {"/status": daemon._status})
+        try:
+            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+            writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = await reader.read()
+            writer.close()
+        finally:
+            server.close()
+        assert response.startswith(b"HTTP/1.1 200 OK")
+        return json.loads(response.split(b"\r\n\r\n", 1)[1])
+
+    async def synced() -> dict:
+        daemon.source.load_all()
+        daemon.changed("test")
+        assert await daemon.loop.step(True)
+        return await status()
+
+    body = asyncio.run(synced())
+    paths = {p["service"]: p for p in body["paths"] if p["family"] == "ip"}
+    assert {name: p["paths"] for name, p in paths.items()} == {
+        name: [kernel if mode == "kernel" else user] for name, (kernel, user, _) in PATHS.items()}
+    assert {name: p.get("table_slots") for name, p in paths.items()} == {
+        name: slots for name, (_, _, slots) in PATHS.items()}
+    if mode == "kernel":
+        return
+    forwarded = {s["service"]: s["algorithm"] for s in daemon.userspace.forwarder.snapshot()["services"]}
+    assert forwarded == {"default/mixed:big": "maglev", "default/plain:http": "random",
+                         "default/least:http": "least-conn"}
+    # /status lists every port with its path; a table port's endpoints with their weights, no flow counts.
+    listed = {s["service"]: (s["path"], s["algorithm"]) for s in body["services"]}
+    assert listed == {name: (user, "least-conn" if "least" in name else "random" if name.split("/")[1][:5]
+                             in ("plain", "weigh") else "maglev") for name, (_, user, _) in PATHS.items()}
+    (weighted,) = [s for s in body["services"] if s["service"] == "default/weighted:http"]
+    assert {e["endpoint"]: (e["weight"], e["decided"]) for e in weighted["endpoints"]} == {
+        "10.244.4.2:8080": (0, None), "10.244.5.2:8080": (1, None)}
+    lines: list[str] = []
+    format_status(body, lines.append)
+    assert "default/weighted:http  random  (kernel table)" in lines
+    assert f"    {'10.244.4.2:8080':<24} weight 0" in lines
+    assert set(nft.elements("ip", "dataplane", "userspace-nodeports")) == {"tcp . 30802"}  # not 30801
+    # The mixed Service's tables grow to 5 slots: its big port now has one, and leaves the forwarder.
+    manifests.write("mixed.yaml", path_documents(mixed_size=5)["mixed.yaml"])
+    body = asyncio.run(synced())
+    assert [p["paths"] for p in body["paths"] if p["service"] == "default/mixed:big" and p["family"] == "ip"] \
+        == [["kernel-table"]]
+    assert {s["service"] for s in daemon.userspace.forwarder.snapshot()["services"]} == {
+        "default/plain:http", "default/least:http"}
+    assert [s["path"] for s in body["services"] if s["service"] == "default/mixed:big"] == ["kernel-table"]
+    assert set(nft.elements("ip", "dataplane", "userspace-nodeports")) == set()
+
+
+def test_a_port_that_gains_its_table_in_a_whole_rebuild_leaves_the_forwarder() -> None:
+    """The node's slot bound holds two of three Maglev Services' tables: the third is queued and decided
+    by the forwarder. When one of the two leaves, the third keeps its random pick until the ruleset is
+    rendered whole (new node addresses); then it has its table, and userspace mode stops queueing it and
+    tells the forwarder, though the Service itself did not change."""
+    from dataplane.daemon.userspace import UserspaceMode
+
+    settings = NodeSettings(node_name="node1", cluster_cidrs=("10.244.0.0/16",), table_slots=2 * SIZE)
+    store = Store()
+    for n in range(3):
+        objects, _ = parse_objects(documents(name=f"m{n}", cluster_ip=f"10.96.7.{n + 1}", node_port=30701 + n,
+                                             ingress_ip=f"192.168.60.{n + 7}"), f"m{n}.yaml")
+        store.replace(f"m{n}.yaml", objects)
+    mode = UserspaceMode(settings, FakeNftables(), queues=1, queue_in_nft=True)
+    builders = {4: RulesetBuilder(settings, 4), 6: RulesetBuilder(settings, 6)}
+
+    def sync(node_ips) -> set[str]:
+        snapshot = store.snapshot()
+        for version, builder in builders.items():
+            mode.extend(builder.build(snapshot, node_ips), snapshot)
+        mode.synced(snapshot)
+        return {s["service"] for s in mode.forwarder.snapshot()["services"]}
+
+    (fallback,) = sync(NODE_IPS)  # one of the three, whichever rendered last
+    store.replace([n for n in ("m0.yaml", "m1.yaml", "m2.yaml") if f"/{n[:2]}:" not in fallback][0], None)
+    assert sync(NODE_IPS) == {fallback}  # rendered incrementally: it keeps the random pick, still queued
+    assert sync((*NODE_IPS, "192.168.50.9")) == set()  # rendered whole: it has its table now
