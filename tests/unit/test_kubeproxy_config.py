@@ -284,6 +284,7 @@ def test_file_values_without_an_implementation_exit_2(tmp_path, caplog, text, me
     ("bindAddress: fd00:60::1", ("[::]:10256", "[::1]:10249")),
     ("bindAddress: '::'\nhealthzBindAddress: ''\nmetricsBindAddress: '[::]:9'", ("[::]:10256", "[::]:9")),
     ("bindAddress: 192.168.60.1", ("0.0.0.0:10256", "127.0.0.1:10249")),
+    ("bindAddress: '::ffff:192.168.60.1'", ("0.0.0.0:10256", "127.0.0.1:10249")),  # Go's To4() takes it as IPv4
 ])
 def test_an_ipv6_bind_address_makes_the_servers_defaults_ipv6(tmp_path, fields, want):
     """kube-proxy's v1alpha1 defaulting of healthzBindAddress and metricsBindAddress."""
