@@ -322,6 +322,8 @@ def check_kube_proxy_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"{name.replace('_', '-')}: must not be negative")
     if args.config_sync_period <= 0:
         raise ValueError("config-sync-period: must be greater than 0")
+    if args.hostname_override and not args.hostname_override.strip():
+        raise ValueError(f"hostname-override {args.hostname_override!r}: empty hostname-override is invalid")
     kpc.media_type(args.kube_api_content_type, "kube-api-content-type")
 
 

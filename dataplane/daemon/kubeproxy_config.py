@@ -533,8 +533,9 @@ def resolve(config: FileConfig, given: set[str], kube_proxy_defaults: dict[str, 
     flag_values = flag_values or {}
     for dest, default in kube_proxy_defaults.items():
         if dest in FLAGS_OVER_FILE:
-            # kube-proxy: a --hostname-override that is empty leaves the file's hostnameOverride
-            spelled = dest in given and (dest != "hostname_override" or str(flag_values.get(dest, "")).strip())
+            # kube-proxy: a --hostname-override that is empty leaves the file's hostnameOverride (one of
+            # blanks only replaces it, and is then refused: cli.check_kube_proxy_flags)
+            spelled = dest in given and (dest != "hostname_override" or str(flag_values.get(dest, "")))
             if dest in config.values and not spelled:
                 values[dest] = config.values[dest]
             continue

@@ -318,9 +318,12 @@ def test_precedence_between_flags_and_config(flag, dest, from_flag, want):
 
 
 def test_an_empty_hostname_override_flag_leaves_the_files(tmp_path):
-    """kube-proxy's processHostnameOverrideFlag: only a non-empty flag replaces hostnameOverride."""
+    """kube-proxy's processHostnameOverrideFlag: only a non-empty flag replaces hostnameOverride,
+    and one of blanks only is refused ("empty hostname-override is invalid"), with --config or not."""
     assert resolved("--config", str(EVERY), "--hostname-override=").hostname_override == "Node-7"
-    assert resolved("--config", str(EVERY), "--hostname-override", "  ").hostname_override == "Node-7"
+    for argv in (("--config", str(EVERY), "--hostname-override", "  "), ("--hostname-override", "  ")):
+        with pytest.raises(ValueError, match="hostname-override"):
+            cli.settings_from(resolved(*argv))
 
 
 def test_a_flag_left_out_of_the_file_takes_kube_proxys_default_not_the_flags(tmp_path):
