@@ -322,6 +322,8 @@ def check_kube_proxy_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"{name.replace('_', '-')}: must not be negative")
     if args.config_sync_period <= 0:
         raise ValueError("config-sync-period: must be greater than 0")
+    if args.hostname_override and not args.hostname_override.strip():
+        raise ValueError(f"hostname-override {args.hostname_override!r}: empty hostname-override is invalid")
     kpc.media_type(args.kube_api_content_type, "kube-api-content-type")
 
 
@@ -388,7 +390,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def klog_verbosity(argv: list[str]) -> list[str]:
-    """kube-proxy's `-v=N` and `-v N` (klog's level) as `--v=N`; our bare `-v`/`-vv` stay counts."""
+    """kube-proxy's `-v=N`, `-v N` and `-vN` (klog's level, a pflag shorthand) as `--v=N`; our bare
+    `-v`/`-vv` stay counts."""
     spelled, at = [], 0
     while at < len(argv):
         token = argv[at]
@@ -396,6 +399,8 @@ def klog_verbosity(argv: list[str]) -> list[str]:
             return spelled + argv[at:]
         if token.startswith("-v=") and token[3:].isdigit():
             token = "--v=" + token[3:]
+        elif token.startswith("-v") and token[2:].isdigit():
+            token = "--v=" + token[2:]
         elif token == "-v" and at + 1 < len(argv) and argv[at + 1].isdigit():
             token, at = "--v=" + argv[at + 1], at + 1
         spelled.append(token)

@@ -364,11 +364,13 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
 
 def _ipv6_server_defaults(values: dict[str, Any]) -> None:
     """kube-proxy's defaulting of the file: with an IPv6 bindAddress, the healthz and metrics servers
-    left unset default to [::]:10256 and [::1]:10249 instead of their IPv4 addresses."""
+    left unset default to [::]:10256 and [::1]:10249 instead of their IPv4 addresses. An IPv4-mapped
+    address (::ffff:a.b.c.d) counts as IPv4 there (Go's To4)."""
     try:
-        ipv6 = ipaddress.ip_address(str(values.get("bind_address", "")).strip()).version == 6
+        address = ipaddress.ip_address(str(values.get("bind_address", "")).strip())
     except ValueError:
         return
+    ipv6 = address.version == 6 and address.ipv4_mapped is None
     if ipv6:
         values.setdefault("healthz_bind_address", f"[::]:{HEALTHZ_PORT}")
         values.setdefault("metrics_bind_address", f"[::1]:{METRICS_PORT}")
@@ -531,8 +533,9 @@ def resolve(config: FileConfig, given: set[str], kube_proxy_defaults: dict[str, 
     flag_values = flag_values or {}
     for dest, default in kube_proxy_defaults.items():
         if dest in FLAGS_OVER_FILE:
-            # kube-proxy: a --hostname-override that is empty leaves the file's hostnameOverride
-            spelled = dest in given and (dest != "hostname_override" or str(flag_values.get(dest, "")).strip())
+            # kube-proxy: a --hostname-override that is empty leaves the file's hostnameOverride (one of
+            # blanks only replaces it, and is then refused: cli.check_kube_proxy_flags)
+            spelled = dest in given and (dest != "hostname_override" or str(flag_values.get(dest, "")))
             if dest in config.values and not spelled:
                 values[dest] = config.values[dest]
             continue

@@ -82,6 +82,7 @@ def test_each_flag_the_readme_calls_not_accepted_is_refused(flag, capsys):
 
 @pytest.mark.parametrize("argv, verbosity", [
     (["-v=4"], 4), (["-v", "3"], 3), (["--v=2"], 2), (["--v", "5"], 5), (["-v"], 0),
+    (["-v2"], 2),  # pflag's shorthand with its value attached, as klog's -v is registered
 ])
 def test_klogs_short_verbosity_spelling(argv, verbosity):
     """kube-proxy's -v is klog's level (-v=4, -v 4); ours alone (-v, -vv) still counts."""

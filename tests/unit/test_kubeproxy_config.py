@@ -284,6 +284,7 @@ def test_file_values_without_an_implementation_exit_2(tmp_path, caplog, text, me
     ("bindAddress: fd00:60::1", ("[::]:10256", "[::1]:10249")),
     ("bindAddress: '::'\nhealthzBindAddress: ''\nmetricsBindAddress: '[::]:9'", ("[::]:10256", "[::]:9")),
     ("bindAddress: 192.168.60.1", ("0.0.0.0:10256", "127.0.0.1:10249")),
+    ("bindAddress: '::ffff:192.168.60.1'", ("0.0.0.0:10256", "127.0.0.1:10249")),  # Go's To4() takes it as IPv4
 ])
 def test_an_ipv6_bind_address_makes_the_servers_defaults_ipv6(tmp_path, fields, want):
     """kube-proxy's v1alpha1 defaulting of healthzBindAddress and metricsBindAddress."""
@@ -317,9 +318,12 @@ def test_precedence_between_flags_and_config(flag, dest, from_flag, want):
 
 
 def test_an_empty_hostname_override_flag_leaves_the_files(tmp_path):
-    """kube-proxy's processHostnameOverrideFlag: only a non-empty flag replaces hostnameOverride."""
+    """kube-proxy's processHostnameOverrideFlag: only a non-empty flag replaces hostnameOverride,
+    and one of blanks only is refused ("empty hostname-override is invalid"), with --config or not."""
     assert resolved("--config", str(EVERY), "--hostname-override=").hostname_override == "Node-7"
-    assert resolved("--config", str(EVERY), "--hostname-override", "  ").hostname_override == "Node-7"
+    for argv in (("--config", str(EVERY), "--hostname-override", "  "), ("--hostname-override", "  ")):
+        with pytest.raises(ValueError, match="hostname-override"):
+            cli.settings_from(resolved(*argv))
 
 
 def test_a_flag_left_out_of_the_file_takes_kube_proxys_default_not_the_flags(tmp_path):
