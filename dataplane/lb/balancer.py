@@ -132,8 +132,8 @@ class Log:
 # -- per Service port -----------------------------------------------------------------------------
 
 def family_of(table: PortTable) -> int:
-    """4 or 6: the address family of a port table's frontends (each table holds one family's)."""
-    return 6 if table.addresses and len(table.addresses[0]) == 16 else 4
+    """4 or 6: the address family of a port table (each table holds one family's frontends)."""
+    return 6 if table.addresses and len(table.addresses[0]) == 16 else table.family
 
 
 def flow_hash(flow: Flow) -> int:

@@ -51,6 +51,7 @@ class PortTable:
     targets: tuple[Target, ...]
     algorithm: str
     affinity_timeout: int | None  # seconds of ClientIP affinity; None: none
+    family: int = 4  # 4 or 6: a NodePort-only table has no address to tell its family by
 
 
 def packed(ip: str) -> bytes:
@@ -101,7 +102,7 @@ def port_tables(
         if family == 6 and dual_stack:  # each family its own endpoints and balancing state: names must not meet
             name += "/ipv6"
         common = dict(protocol=PROTOCOL_NUMBERS[port.protocol], port=port.port, algorithm=algorithm,
-                      affinity_timeout=service.session_affinity_timeout)
+                      affinity_timeout=service.session_affinity_timeout, family=family)
         node_port = port.node_port if external is not None else None
         if inside == outside:
             tables.append(PortTable(name=name, addresses=internal + (external or ()), node_port=node_port,

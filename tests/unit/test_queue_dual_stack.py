@@ -19,7 +19,7 @@ import pytest
 from scapy.all import IP, IPv6, TCP, raw
 
 from dataplane.lb.balancer import Balancer, NodeAddresses, ServicesChanged
-from dataplane.lb.policy import packed, port_tables
+from dataplane.lb.policy import PortTable, Target, packed, port_tables
 from dataplane.marks import ID_MASK, QUEUE_BIT, id_of
 from dataplane.model import parse_objects
 from dataplane.packet import PacketQueued
@@ -53,7 +53,7 @@ def dual_stack_tables() -> dict:
     ports = []
     for version, ids in ((4, V4_IDS), (6, V6_IDS)):  # as daemon/userspace.py's synced()
         found, _ = port_tables(state, ids.get, "round-robin", version, "node-a")
-        ports += [p for p in found if p.addresses]
+        ports += [p for p in found if p.addresses or p.node_port]
     return {key: tuple(ports)}
 
 
@@ -87,3 +87,16 @@ def test_the_pick_table_holds_the_ipv4_frontends_of_a_dual_stack_service():
         entry = table.get(picks.key(packed(dst), 6, dport))
         assert entry is not None, dst
         assert {id_of(mark) for mark in entry[1]} == set(V4_IDS.values())
+
+
+def test_nodeport_only_tables_of_both_families_keep_their_own_nodeports():
+    """A NodePort table with no address (internalTrafficPolicy Local, no external IP) is told apart by
+    its family, not by its addresses: the IPv6 one must not take the IPv4 one's NodePort."""
+    def table(family, targets):
+        return PortTable(f"default/web:http{'/ipv6' if family == 6 else ''}/external", 6, (), 80, 30040,
+                         tuple(Target(i, ip, port, 1) for (ip, port), i in targets.items()), "round-robin",
+                         None, family=family)
+    b = Balancer(seed=1)
+    b.handle(ServicesChanged({"web": (table(4, V4_IDS), table(6, V6_IDS))}, 0.0))
+    assert {key: {t.id for t in state.table.targets} for key, state in b.nodeports.items()} == {
+        (4, 6, 30040): {1, 2}, (6, 6, 30040): {101, 102}}

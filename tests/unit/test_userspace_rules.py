@@ -325,3 +325,31 @@ def test_the_queue_rule_falls_back_to_the_hash_where_fanout_is_refused(tmp_path,
     fake.chmod(0o755)
     installed = Xtables(4, wrap=(str(fake),)).install_probing(QueueSpec(count=2, fanout=True))
     assert installed == QueueSpec(count=2, fanout=expected)
+
+
+def test_the_forwarder_decides_the_nodeport_of_an_internal_local_service_and_no_family_it_lacks():
+    """internalTrafficPolicy Local with no external address: the NodePort's table (`.../external`, no
+    address of its own) reaches the forwarder, keyed as IPv4; the IPv6 pass, a family this Service lacks,
+    adds no NodePort table that would take the IPv4 one's key."""
+    from dataplane.daemon.userspace import UserspaceMode
+    from dataplane.nat.fake import FakeNftables
+
+    store = Store()
+    objects, errors = parse_objects([
+        service("a", "10.96.0.1", node_port=30080, internalTrafficPolicy="Local"),
+        {**endpoint_slice("a", "10.244.1.1"), "endpoints": [
+            {"addresses": ["10.244.1.1"], "nodeName": "node-a"}, {"addresses": ["10.244.2.1"], "nodeName": "node-b"}]},
+    ], "a.yaml")
+    assert not errors
+    store.replace("a.yaml", objects)
+    mode = UserspaceMode(SETTINGS, FakeNftables(), queues=1, queue_in_nft=True)
+    snapshot = store.snapshot()
+    for version in (4, 6):
+        mode.extend(RulesetBuilder(SETTINGS, version).build(snapshot, ("192.168.50.1",)), snapshot)
+    mode.synced(snapshot)
+    known = {s["service"]: s for s in mode.forwarder.snapshot()["services"]}
+    assert set(known) == {"default/a:p", "default/a:p/external"}
+    balancer = mode.forwarder.balancer
+    assert {key: state.table.name for key, state in balancer.nodeports.items()} == {
+        (4, 6, 30080): "default/a:p/external"}
+    assert [t.ip for t in balancer.nodeports[(4, 6, 30080)].table.targets] == ["10.244.1.1", "10.244.2.1"]
