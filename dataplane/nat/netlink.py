@@ -28,8 +28,14 @@ from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
 from .encode import Message
 
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NFT_MSG_GETTABLE, NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 1, 18, 19
+NFTA_TABLE_NAME = 1
+NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
+NFT_OBJECT_COUNTER = 1
+NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
+NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 NLM_F_ACK_TLVS = 0x200  # extended ack: NLMSGERR_ATTR_* after the error
 NLMSGERR_ATTR_MSG = 1
 SOL_NETLINK = 270
@@ -149,6 +155,60 @@ class NetlinkBatches:
             raise BatchError(f"the kernel took {sent} of {size} bytes of the batch", None)
         self._replies(first, last, labels)
 
+    def counters(self, family: str, table: str) -> dict[str, tuple[int, int]]:
+        """The table's named counters, name -> (packets, bytes): one dump request, no nft process.
+
+        Raises BatchError with errno ENOENT when the table does not exist (a dump
+        of a missing table's objects is merely empty, so that is asked apart)."""
+        proto = NFPROTO[family]
+        name = _attr(NFTA_OBJ_TABLE, table.encode() + b"\0")
+        with self._lock:
+            found = {}
+            for body in self._request(NFT_MSG_GETOBJ, NLM_F_DUMP, proto,
+                                      name + _attr(NFTA_OBJ_TYPE, struct.pack(">I", NFT_OBJECT_COUNTER))):
+                attrs = _attrs(body)
+                if NFTA_OBJ_NAME in attrs and NFTA_OBJ_DATA in attrs:
+                    data = _attrs(attrs[NFTA_OBJ_DATA])
+                    found[bytes(attrs[NFTA_OBJ_NAME]).rstrip(b"\0").decode()] = (
+                        _u64(data.get(NFTA_COUNTER_PACKETS)), _u64(data.get(NFTA_COUNTER_BYTES)))
+            if not found:
+                self._request(NFT_MSG_GETTABLE, 0, proto, _attr(NFTA_TABLE_NAME, table.encode() + b"\0"))
+            return found
+
+    def _request(self, kind: int, flags: int, family: int, body: bytes) -> list[memoryview]:
+        """Sends one get request and returns its replies' payloads (after nfgenmsg); raises BatchError."""
+        self._drain()
+        self._seq += 1
+        seq = self._seq
+        data = bytearray(_FRAMED + ((len(body) + 3) & ~3))
+        ack = 0 if flags & NLM_F_DUMP else NLM_F_ACK  # a dump ends with DONE; a plain get with its ack
+        _put(data, 0, (NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | ack | flags, seq, family, body)
+        self._sock.send(data)
+        replies: list[memoryview] = []
+        buffer = bytearray(1 << 16)
+        while True:
+            ready, _, _ = select.select([self._sock], [], [], 5.0)
+            if not ready:
+                raise BatchError("no reply from the kernel to a get request", None)
+            size = self._sock.recv_into(buffer)
+            view = memoryview(bytes(buffer[:size]))
+            offset = 0
+            while offset + _HEADER.size <= size:
+                length, reply_kind, _, reply_seq, _ = _HEADER.unpack_from(view, offset)
+                if length < _HEADER.size or offset + length > size:
+                    raise BatchError("a truncated reply from the kernel", None)
+                if reply_seq == seq:
+                    if reply_kind == NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=i", view, offset + 16)
+                        if code:
+                            raise BatchError(_describe(-code, _ext_ack_message(view[offset:offset + length], 0),
+                                                       "a get request"), -code)
+                        return replies  # the ack, after the reply
+                    if reply_kind == NLMSG_DONE:
+                        return replies
+                    replies.append(view[offset + _FRAMED:offset + length])
+                offset += (length + 3) & ~3
+
     def _drain(self) -> None:
         while True:
             try:
@@ -223,6 +283,26 @@ def _put(data: bytearray, offset: int, kind: int, flags: int, seq: int, family: 
     _NFGEN.pack_into(data, offset + _HEADER.size, family, 0, socket.htons(res_id))
     data[offset + _FRAMED:offset + length] = body
     return offset + ((length + 3) & ~3)
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
+
+
+def _attrs(data: memoryview) -> dict[int, memoryview]:
+    """A message's attributes by type (the nested flag masked off); a malformed one ends the walk."""
+    found, offset = {}, 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4 or offset + length > len(data):
+            break
+        found[kind & 0x3FFF] = data[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    return found
+
+
+def _u64(value: memoryview | None) -> int:
+    return struct.unpack(">Q", value)[0] if value is not None and len(value) == 8 else 0
 
 
 def _ext_ack_message(reply: memoryview, flags: int) -> str:

@@ -246,12 +246,19 @@ class Nftables:
             self._encoder.forget(family, table)
 
     def counters(self, family: str, table: str) -> dict[str, tuple[int, int]]:
-        """The table's named counters, name -> (packets, bytes), read from `nft -j`.
+        """The table's named counters, name -> (packets, bytes): over netlink, else from `nft -j`.
 
         Raises NftError: `is_not_found()` when the table does not exist; any
         other failure when nft cannot list (libnftables is used without JSON
         output here, so this needs the nft command).
         """
+        if self._batches is not None:  # no nft process: a scrape must stay cheap at any ruleset size
+            from .netlink import BatchError
+
+            try:
+                return self._batches.counters(family, table)
+            except BatchError as error:
+                raise NftError(str(error), code=error.code) from None
         if not isinstance(self._bulk, NftCommand):
             raise NftError("listing counters needs the nft command, which was not found")
         rc, out, err = self._bulk.run_args(["-j", "list", "counters", "table", family, table])

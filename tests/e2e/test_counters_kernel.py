@@ -58,3 +58,21 @@ def test_the_total_survives_the_table_being_replaced(nft):
     assert total.read(nft) == 7  # while it is gone: what it had counted
     nft.run(TABLE.format(packets=2, bytes=120))
     assert total.read(nft) == 9
+
+
+def test_netlink_and_nft_read_the_same_counters_over_a_dump_of_many_parts(nft):
+    """The netlink read (the default applier's: one dump, no nft process) against `nft -j`: 600 counters
+    fill several dump parts; a table with no counter is {} either way, a missing one not found either way."""
+    assert nft.applier == "netlink"
+    wrapped = nft._bulk  # the same `ip netns exec` nft command
+    text = Nftables(wrapped, applier="nft")
+    nft.run("add table ip t\nadd table ip empty\n" + "".join(
+        f"add counter ip t c{n} {{ packets {n * 3} bytes {n * 1000 + 7} ; }}\n" for n in range(600)))
+    read = nft.counters("ip", "t")
+    assert len(read) == 600 and read["c599"] == (1797, 599007)
+    assert read == text.counters("ip", "t")
+    assert nft.counters("ip", "empty") == text.counters("ip", "empty") == {}
+    for reader in (nft, text):
+        with pytest.raises(NftError) as raised:
+            reader.counters("ip6", "t")
+        assert raised.value.is_not_found()
