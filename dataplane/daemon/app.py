@@ -140,6 +140,7 @@ class Daemon:
             self.proxier.extend = userspace.extend
             self.metrics.registry.register(UserspaceCollector(userspace))
         self.node_ips: tuple[str, ...] = ()
+        self._probed_ips: tuple[str, ...] | None = None  # the node addresses health_checks were last given
         self.health_checks = HealthCheckServers(options.settings.node_name, healthy=lambda: self.health.healthy())
         self.dns = None if not options.dns_bind else DnsServer(
             options.dns_bind, options.cluster_domain, options.dns_ttl, parse_list(options.dns_upstream) or None
@@ -180,6 +181,7 @@ class Daemon:
     async def _sync(self, full: bool) -> None:
         """Programs the store's snapshot; raises whatever failed (the SyncLoop then calls `_sync_failed`)."""
         snapshot = self.store.snapshot()
+        previous = self.proxier.synced
         pending_mono = self.loop.schedule.pending_since
         started = time.perf_counter()
         triggers = self.metrics.triggers.checkout()
@@ -189,6 +191,16 @@ class Daemon:
             self.metrics.triggers.restore(triggers)  # still owed: measured when a later sync programs them
             raise
         elapsed = time.perf_counter() - started
+        # The rules are live: said first, and everything after is kept to the Services that changed.
+        render, plan, apply = (round(s * 1000, 1) for s in result.seconds)
+        log.info(
+            "%s sync: %d commands in %.1f ms (render %s, plan %s, apply %s; %d services, %d endpoint entries)",
+            "full" if full else "partial", result.commands, elapsed * 1000, render, plan, apply,
+            result.services, result.endpoints,
+            extra={"full": full, "commands": result.commands, "ms": round(elapsed * 1000, 1), "render_ms": render,
+                   "plan_ms": plan, "apply_ms": apply, "services": result.services,
+                   "endpoints": result.endpoints},
+        )
         self.metrics.synced(elapsed, full, snapshot, self.options.settings.node_name)
         self.metrics.programmed(triggers)
         self.metrics.changes.synced(self.store.state, snapshot)
@@ -196,7 +208,7 @@ class Daemon:
             self.metrics.change_latency.observe(self.loop.clock() - pending_mono)
         self.metrics.services.set(result.services)
         self.metrics.endpoints.set(result.endpoints)
-        self.metrics.invalid_objects.set(sum(len(p) for p in self.source.errors.values()))
+        self.metrics.invalid_objects.set(self.store.problem_count())  # what source.errors sums, without the walk
         if self.loop.schedule.last_ok is None:  # the first sync to succeed
             # Everything loaded so far lives as long as the daemon: keep the collector from
             # walking it again and again (it stalled the loop 150 ms per pass at 10k Services).
@@ -207,16 +219,9 @@ class Daemon:
         if self.dns is not None:
             # After the rules are live, so that a name never resolves to a ClusterIP that does not work yet.
             self.dns.publish(snapshot)
-        await self.health_checks.update(snapshot, self.node_ips)
-        render, plan, apply = (round(s * 1000, 1) for s in result.seconds)
-        log.info(
-            "%s sync: %d commands in %.1f ms (render %s, plan %s, apply %s; %d services, %d endpoint entries)",
-            "full" if full else "partial", result.commands, elapsed * 1000, render, plan, apply,
-            result.services, result.endpoints,
-            extra={"full": full, "commands": result.commands, "ms": round(elapsed * 1000, 1), "render_ms": render,
-                   "plan_ms": plan, "apply_ms": apply, "services": result.services,
-                   "endpoints": result.endpoints},
-        )
+        if self._probes_may_change(previous, snapshot):
+            await self.health_checks.update(snapshot, self.node_ips)
+            self._probed_ips = self.node_ips
         if result.stale:
             try:
                 cleared = time.perf_counter()
@@ -226,6 +231,14 @@ class Daemon:
                 log.info("deleted %d stale conntrack entries for %d endpoints", deleted, len(result.stale))
             except Exception as error:  # the rules are live; a cleanup failure must not fail the sync
                 log.warning("conntrack cleanup failed: %s", error)
+
+    def _probes_may_change(self, previous: Snapshot, snapshot: Snapshot) -> bool:
+        """False when no Service that has or had a healthCheckNodePort changed, nor the node addresses:
+        building the probes walks (and sorts) every Service."""
+        if not snapshot.follows(previous) or self.node_ips != self._probed_ips:
+            return True
+        return any(state is not None and state.service.health_check_node_port is not None
+                   for key in snapshot.changed for state in (previous.services.get(key), snapshot.services.get(key)))
 
     def _program(self, snapshot: Snapshot, full: bool) -> SyncResult:
         """The sync thread's part: the kernel's rules, then, on full syncs, userspace mode's queue rules
