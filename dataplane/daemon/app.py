@@ -110,11 +110,6 @@ class Health:
         return (200 if healthy else 503), "application/json", (json.dumps(body) + "\n").encode()
 
 
-def _freeze_heap() -> None:
-    gc.collect()
-    gc.freeze()
-
-
 def _iso(stamp: float | None) -> str | None:
     return None if stamp is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
 
@@ -217,8 +212,9 @@ class Daemon:
         if self.loop.schedule.last_ok is None:  # the first sync to succeed
             # Everything loaded so far lives as long as the daemon: keep the collector from
             # walking it again and again (it stalled the loop 150 ms per pass at 10k Services).
-            # Soon, not now: /healthz need not wait for the pass over the whole heap.
-            asyncio.get_running_loop().call_soon(_freeze_heap)
+            # No collection first: a pass over the whole heap held /healthz back by a second at
+            # 10k Services, and loading and syncing leave next to no cyclic garbage to free.
+            gc.freeze()
         if self.userspace is not None:
             self.userspace.synced(snapshot)  # only now: the endpoint ids it names are in the kernel
         if self.dns is not None:
