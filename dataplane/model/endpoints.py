@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidObject
-from .fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, Reader, canonical_ip, shared
-from .service import Protocol, object_ref, read_metadata
+from .fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, Reader, canonical_ip, good_name, shared
+from .service import Protocol, fast_port, object_ref, read_metadata
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 # When the change an EndpointSlice carries was triggered (kube-proxy's network programming latency).
@@ -78,8 +78,6 @@ def parse_endpoint_slice(obj: dict[str, Any], problems: list[InvalidObject] | No
     return _read_endpoint_slice(obj, problems if problems is not None else [])
 
 
-_PROTOCOLS = {protocol.value: protocol for protocol in Protocol}
-
 
 def _condition(value: Any, default: bool) -> bool | None:
     """An endpoint condition: unset is `default`; anything but a bool is None (the slow path says why)."""
@@ -100,14 +98,11 @@ def fast_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice | None:
     meta = obj.get("metadata")
     if type(meta) is not dict:
         return None
-    name, namespace, labels = meta.get("name"), meta.get("namespace"), meta.get("labels")
-    if type(name) is not str or type(labels) is not dict:
+    name, namespace = good_name(meta.get("name"), DNS1123_SUBDOMAIN), good_name(meta.get("namespace"), DNS1123_LABEL)
+    labels = meta.get("labels")
+    if not name or namespace is None or type(labels) is not dict:
         return None
-    name = DNS1123_SUBDOMAIN.good(name)
-    if namespace is None or namespace == "":
-        namespace = "default"
-    elif type(namespace) is not str or (namespace := DNS1123_LABEL.good(namespace)) is None:
-        return None
+    namespace = namespace or "default"
     for key, value in labels.items():
         if type(key) is not str or type(value) is not str:
             return None
@@ -117,7 +112,7 @@ def fast_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice | None:
         address_type = "IPv4"
     elif address_type not in ("IPv4", "IPv6") or type(address_type) is not str:
         return None
-    if not name or not service_name:
+    if not service_name:
         return None
     ipv6 = address_type == "IPv6"
     address_type = "IPv6" if ipv6 else "IPv4"  # the constant, not one decoded copy per slice
@@ -144,10 +139,9 @@ def fast_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice | None:
                 return None
         else:
             return None
-        node_name, zone, hostname = item.get("nodeName"), item.get("zone"), item.get("hostname")
-        if node_name is None or node_name == "":
-            node_name = ""
-        elif type(node_name) is not str or (node_name := DNS1123_SUBDOMAIN.good(node_name)) is None:
+        node_name, zone, hostname = good_name(item.get("nodeName"), DNS1123_SUBDOMAIN), item.get("zone"), \
+            item.get("hostname")
+        if node_name is None:
             return None
         if zone is None:
             zone = ""
@@ -205,20 +199,10 @@ def _fast_ports(items: Any) -> tuple[EndpointPort, ...] | None:
         return None
     ports = []
     for item in items:
-        if type(item) is not dict:
+        common = fast_port(item)
+        if common is None:
             return None
-        name, port, protocol = item.get("name"), item.get("port"), item.get("protocol")
-        if name is None or name == "":
-            name = ""
-        elif type(name) is not str or (name := DNS1123_LABEL.good(name)) is None:
-            return None
-        if type(port) is not int or not 1 <= port <= 65535:
-            return None
-        if protocol is None:
-            protocol = Protocol.TCP
-        elif type(protocol) is not str or (protocol := _PROTOCOLS.get(protocol)) is None:
-            return None
-        ports.append(EndpointPort(name, port, protocol))
+        ports.append(EndpointPort(*common))
     return tuple(ports)
 
 

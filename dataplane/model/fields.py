@@ -84,6 +84,14 @@ def shared(text: str) -> str:
     return sys.intern(text)
 
 
+def good_name(value: Any, rule: NameRule) -> str | None:
+    """The fast paths' read of an optional name: "" when unset, the shared name when it follows
+    `rule`, None for anything else (which the Reader path then reports)."""
+    if value is None or value == "":
+        return ""
+    return rule.good(value) if type(value) is str else None
+
+
 def canonical_ip(text: str) -> str | None:
     """The canonical spelling of an IP address, or None. Zone-scoped IPv6 is refused."""
     try:

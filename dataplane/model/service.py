@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 from .annotations import PREFIX as ANNOTATION_PREFIX, read_annotations
 from .errors import InvalidObject
-from .fields import (DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, NameRule, Reader, ordinary_ipv4,
-                     shared, special_address)
+from .fields import (DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, NameRule, Reader, good_name,
+                     ordinary_ipv4, shared, special_address)
 
 # A Service carrying this label belongs to another proxy (kube-proxy skips it too).
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
@@ -157,13 +157,10 @@ def fast_service(obj: dict[str, Any]) -> Service | None:
     meta, spec = obj.get("metadata"), obj.get("spec")
     if type(meta) is not dict or type(spec) is not dict:
         return None
-    name, namespace = meta.get("name"), meta.get("namespace")
-    if type(name) is not str or (name := DNS1035_LABEL.good(name)) is None:
+    name, namespace = good_name(meta.get("name"), DNS1035_LABEL), good_name(meta.get("namespace"), DNS1123_LABEL)
+    if not name or namespace is None:
         return None
-    if namespace is None or namespace == "":
-        namespace = "default"
-    elif type(namespace) is not str or (namespace := DNS1123_LABEL.good(namespace)) is None:
-        return None
+    namespace = namespace or "default"
     labels, annotations = _fast_str_map(meta.get("labels")), _fast_str_map(meta.get("annotations"))
     if labels is None or annotations is None or any(key.startswith(ANNOTATION_PREFIX) for key, _ in annotations):
         return None
@@ -241,6 +238,19 @@ def _fast_cluster_ips(single: Any, listed: Any) -> tuple[str, ...] | None:
     return (ip,)
 
 
+def fast_port(item: Any) -> tuple[str, int, Protocol] | None:
+    """(name, port, protocol) of a Service or EndpointSlice port, or None where the Reader path might object."""
+    if type(item) is not dict:
+        return None
+    name, port, protocol = good_name(item.get("name"), DNS1123_LABEL), item.get("port"), item.get("protocol")
+    if name is None or type(port) is not int or not 1 <= port <= 65535:
+        return None
+    if protocol is None:
+        return name, port, Protocol.TCP
+    protocol = _PROTOCOLS.get(protocol) if type(protocol) is str else None
+    return None if protocol is None else (name, port, protocol)
+
+
 def _fast_ports(items: Any, service_type: ServiceType) -> tuple[ServicePort, ...] | None:
     """Service ports as `_parse_port` and `_check_unique_ports` read them, or None where they might object."""
     if items is None:
@@ -249,20 +259,11 @@ def _fast_ports(items: Any, service_type: ServiceType) -> tuple[ServicePort, ...
         return None
     ports, seen = [], set()
     for item in items:
-        if type(item) is not dict:
+        common = fast_port(item)
+        if common is None:
             return None
-        name, port, protocol = item.get("name"), item.get("port"), item.get("protocol")
+        name, port, protocol = common
         target, node_port = item.get("targetPort"), item.get("nodePort")
-        if name is None or name == "":
-            name = ""
-        elif type(name) is not str or (name := DNS1123_LABEL.good(name)) is None:
-            return None
-        if type(port) is not int or not 1 <= port <= 65535:
-            return None
-        if protocol is None:
-            protocol = Protocol.TCP
-        elif type(protocol) is not str or (protocol := _PROTOCOLS.get(protocol)) is None:
-            return None
         if target is None or target == "":
             target = port
         elif type(target) is int:
