@@ -13,23 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from pathlib import Path
 from typing import AsyncIterator, Iterable
 
-import watchfiles
-
 from ..model import ServiceKey, parse_objects
+from . import manifests_watch
 from .reader import Limits, ParserProcess, Refused, collector_paused
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml", ".json")
-# watchfiles checks its events every STEP_MS and yields once a check finds no new one (or after
-# the debounce): a burst still coalesces, and one edit waits 1-2 ms rather than 10-20 (issue 14).
-# The cost is a wakeup per millisecond of the watcher thread: about 2.5% of a CPU, idle.
-STEP_MS = 1
 
 
 def is_manifest(path: Path) -> bool:
@@ -58,13 +52,13 @@ class ManifestSource:
     """Feeds a Store from a file or a directory tree of manifests."""
 
     def __init__(self, root: Path, store: Store, limits: Limits = Limits()):
-        # Absolute, because watchfiles reports absolute paths and origins must compare equal.
+        # Absolute, because the watcher reports absolute paths and origins must compare equal.
         self.root = Path(root).absolute()
         self.store = store
         self.limits = limits
         self.parser = ParserProcess(self.root if self.root.is_dir() else self.root.parent, limits)
         self._read: set[str] = set()  # files read (or refused) at least once, each with an entry in `errors`
-        self._full_load: float | None = None  # when the last load_all() of every file began (monotonic)
+        self._loaded = False  # something was read: a watch begun later must catch up on edits made since
         self._stats: dict[str, tuple[int, int, int] | None] = {}  # file -> _stat() at its last read
 
     @property
@@ -95,8 +89,6 @@ class ManifestSource:
 
     def load_all(self, only_changed: bool = False) -> set[ServiceKey]:
         """(Re)reads every file, or with `only_changed` those whose mtime, size or inode moved."""
-        if not only_changed:
-            self._full_load = time.monotonic()
         listed = self.files()
         present = {str(p) for p in listed}
         changed: set[ServiceKey] = set()
@@ -109,6 +101,7 @@ class ManifestSource:
         self.parser.close()
 
     def _load_many(self, paths: Iterable[Path]) -> set[ServiceKey]:
+        self._loaded = True
         paths = list(paths)
         for path in paths:
             self._stats[str(path)] = _stat(path)
@@ -131,32 +124,23 @@ class ManifestSource:
             changed |= self.store.replace(origin, objects)
         return changed
 
-    async def watch(self, debounce_ms: int = 50, step_ms: int = STEP_MS) -> AsyncIterator[set[ServiceKey]]:
-        """Yields the Services changed by each batch of file events, forever.
+    async def watch(self, debounce_ms: int = 50, settle_ms: int = 5) -> AsyncIterator[set[ServiceKey]]:
+        """Yields the Services changed by each batch of file events, forever (`manifests_watch.changes`:
+        a batch waits for files still being written, `settle_ms` of quiet, at most `debounce_ms`).
 
-        Edits made between the caller's load_all() and the moment the watcher
-        exists have no event; a rescan of changed files once it exists catches them.
-        A load_all() begun after the watcher existed needs none (the daemon's start:
-        at 10,000 files the rescan held the first sync back by a third of a second).
+        Edits made between a read before this call and the moment the watches exist have no
+        event; a rescan of changed files once they exist catches them. With nothing read
+        before (the daemon watches first, then loads), there is nothing to catch up on.
         """
         watched = self.root if self.root.is_dir() else self.root.parent
-        caught_up = False
-        watching_since = time.monotonic()  # awatch sets its inotify watches up before its first await
-        async for events in watchfiles.awatch(
-            watched,
-            debounce=debounce_ms,
-            step=step_ms,
-            recursive=True,
-            force_polling=False,
-            yield_on_timeout=True,
-            rust_timeout=200,
-        ):
+        catch_up = self._loaded
+        async for paths in manifests_watch.changes(watched, recursive=self.root.is_dir(),
+                                                   settle=settle_ms / 1000, debounce=debounce_ms / 1000):
             changed: set[ServiceKey] = set()
-            if not caught_up:
-                caught_up = True
-                if self._full_load is None or self._full_load < watching_since:
-                    changed |= self.load_all(only_changed=True)
-            for path in sorted({Path(path) for _, path in events}):
+            if catch_up:
+                catch_up = False
+                changed |= self.load_all(only_changed=True)
+            for path in sorted(Path(path) for path in paths):
                 if self.root.is_file() and path != self.root:
                     continue
                 if path.is_dir() or (not path.exists() and self._holds_files_below(path)):
