@@ -49,6 +49,10 @@ class Inotify:
             raise OSError(error, f"inotify_init1: {os.strerror(error)}")
         self._directories: dict[int, str] = {}  # watch descriptor -> directory
         self.add(str(root))
+        if not self._directories:
+            error = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(error, f"cannot watch {root}: {os.strerror(error)}")
 
     def add(self, directory: str) -> None:
         """Watches `directory` and, when recursive, the directories below it; gone ones are skipped."""
