@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import NodeSettings, select_nodeport_ips
-from ..dns import DnsServer, parse_list
 from ..model import Snapshot
 from ..nat.nftables import NftError, Nftables
 from ..nat.xtables import XtablesError
@@ -147,9 +146,12 @@ class Daemon:
         self.node_ips: tuple[str, ...] = ()
         self._probed_ips: tuple[str, ...] | None = None  # the node addresses health_checks were last given
         self.health_checks = HealthCheckServers(options.settings.node_name, healthy=lambda: self.health.healthy())
-        self.dns = None if not options.dns_bind else DnsServer(
-            options.dns_bind, options.cluster_domain, options.dns_ttl, parse_list(options.dns_upstream) or None
-        )
+        self.dns = None
+        if options.dns_bind:
+            from ..dns import DnsServer, parse_list  # dnspython: 50 ms of the start, for a daemon that serves DNS
+
+            self.dns = DnsServer(options.dns_bind, options.cluster_domain, options.dns_ttl,
+                                 parse_list(options.dns_upstream) or None)
         if self.dns is not None:
             DnsMetrics(self.metrics.registry).attach(self.dns)
         self.loop = SyncLoop(
