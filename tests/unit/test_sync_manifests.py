@@ -416,3 +416,19 @@ def test_watch_waits_for_a_file_still_being_written(tmp_path):
 
     asyncio.run(main())
     assert reads == [path]  # read once, complete: never half-written
+
+
+def test_watch_follows_files_written_later_in_a_directory_made_after_it_started(tmp_path):
+    source = ManifestSource(tmp_path, Store())
+    source.load_all()
+
+    async def scenario(changes):
+        write(tmp_path / "marker.yaml", service("marker", "10.96.0.13"))
+        await until(changes, lambda: key("marker") in loaded(source))  # the watcher runs
+        (tmp_path / "team-c").mkdir()
+        write(tmp_path / "marker.yaml", service("marker", "10.96.0.13", port=81))
+        await until(changes, lambda: loaded(source)[key("marker")] == 81)  # the directory's event is handled
+        write(tmp_path / "team-c" / "db.yaml", service("db", "10.96.0.12"))  # only its own watch reports this
+        assert await until(changes, lambda: key("db") in loaded(source)) == {key("db")}
+
+    run_watching(source, scenario)
