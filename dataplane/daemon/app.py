@@ -2,7 +2,8 @@
 
 Everything runs on one asyncio (uvloop) event loop; the blocking nftables
 and conntrack calls run in a worker thread so probes stay answered while a
-large sync is in flight. On SIGTERM/SIGINT the daemon exits and leaves its
+large sync is in flight (a partial sync of a few Services, about a
+millisecond, runs on the loop: the hand-offs would cost more). On SIGTERM/SIGINT the daemon exits and leaves its
 rules in place: traffic keeps flowing until the next start adopts them.
 """
 
@@ -21,7 +22,6 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import NodeSettings, select_nodeport_ips
-from ..dns import DnsServer, parse_list
 from ..model import Snapshot
 from ..nat.nftables import NftError, Nftables
 from ..nat.xtables import XtablesError
@@ -42,6 +42,10 @@ if TYPE_CHECKING:  # kubernetes_asyncio costs ~40 MB: imported only with --sourc
     from ..sync.kube import ApiSettings, NodeInfo
 
 log = logging.getLogger("dataplane")
+
+# A partial sync of at most this many changed Services runs on the event loop itself (about 1 ms
+# for one); larger ones, and every full sync, run in a worker thread so probes stay answered.
+INLINE_SYNC_CHANGES = 20
 
 
 @dataclass
@@ -140,10 +144,14 @@ class Daemon:
             self.proxier.extend = userspace.extend
             self.metrics.registry.register(UserspaceCollector(userspace))
         self.node_ips: tuple[str, ...] = ()
+        self._probed_ips: tuple[str, ...] | None = None  # the node addresses health_checks were last given
         self.health_checks = HealthCheckServers(options.settings.node_name, healthy=lambda: self.health.healthy())
-        self.dns = None if not options.dns_bind else DnsServer(
-            options.dns_bind, options.cluster_domain, options.dns_ttl, parse_list(options.dns_upstream) or None
-        )
+        self.dns = None
+        if options.dns_bind:
+            from ..dns import DnsServer, parse_list  # dnspython: 50 ms of the start, for a daemon that serves DNS
+
+            self.dns = DnsServer(options.dns_bind, options.cluster_domain, options.dns_ttl,
+                                 parse_list(options.dns_upstream) or None)
         if self.dns is not None:
             DnsMetrics(self.metrics.registry).attach(self.dns)
         self.loop = SyncLoop(
@@ -180,34 +188,20 @@ class Daemon:
     async def _sync(self, full: bool) -> None:
         """Programs the store's snapshot; raises whatever failed (the SyncLoop then calls `_sync_failed`)."""
         snapshot = self.store.snapshot()
+        previous = self.proxier.synced
         pending_mono = self.loop.schedule.pending_since
         started = time.perf_counter()
         triggers = self.metrics.triggers.checkout()
         try:
-            result = await asyncio.to_thread(self._program, snapshot, full)
+            if not full and snapshot.follows(previous) and len(snapshot.changed) <= INLINE_SYNC_CHANGES:
+                result = self._program(snapshot, full)  # a millisecond: the thread hand-offs cost half as much again
+            else:
+                result = await asyncio.to_thread(self._program, snapshot, full)
         except BaseException:
             self.metrics.triggers.restore(triggers)  # still owed: measured when a later sync programs them
             raise
         elapsed = time.perf_counter() - started
-        self.metrics.synced(elapsed, full, snapshot, self.options.settings.node_name)
-        self.metrics.programmed(triggers)
-        self.metrics.changes.synced(self.store.state, snapshot)
-        if pending_mono is not None:
-            self.metrics.change_latency.observe(self.loop.clock() - pending_mono)
-        self.metrics.services.set(result.services)
-        self.metrics.endpoints.set(result.endpoints)
-        self.metrics.invalid_objects.set(sum(len(p) for p in self.source.errors.values()))
-        if self.loop.schedule.last_ok is None:  # the first sync to succeed
-            # Everything loaded so far lives as long as the daemon: keep the collector from
-            # walking it again and again (it stalled the loop 150 ms per pass at 10k Services).
-            gc.collect()
-            gc.freeze()
-        if self.userspace is not None:
-            self.userspace.synced(snapshot)  # only now: the endpoint ids it names are in the kernel
-        if self.dns is not None:
-            # After the rules are live, so that a name never resolves to a ClusterIP that does not work yet.
-            self.dns.publish(snapshot)
-        await self.health_checks.update(snapshot, self.node_ips)
+        # The rules are live: said first, and everything after is kept to the Services that changed.
         render, plan, apply = (round(s * 1000, 1) for s in result.seconds)
         log.info(
             "%s sync: %d commands in %.1f ms (render %s, plan %s, apply %s; %d services, %d endpoint entries)",
@@ -217,6 +211,28 @@ class Daemon:
                    "plan_ms": plan, "apply_ms": apply, "services": result.services,
                    "endpoints": result.endpoints},
         )
+        self.metrics.synced(elapsed, full, snapshot, self.options.settings.node_name)
+        self.metrics.programmed(triggers)
+        self.metrics.changes.synced(self.store.state, snapshot)
+        if pending_mono is not None:
+            self.metrics.change_latency.observe(self.loop.clock() - pending_mono)
+        self.metrics.services.set(result.services)
+        self.metrics.endpoints.set(result.endpoints)
+        self.metrics.invalid_objects.set(self.store.problem_count())  # what source.errors sums, without the walk
+        if self.loop.schedule.last_ok is None:  # the first sync to succeed
+            # Everything loaded so far lives as long as the daemon: keep the collector from
+            # walking it again and again (it stalled the loop 150 ms per pass at 10k Services).
+            # No collection first: a pass over the whole heap held /healthz back by a second at
+            # 10k Services, and loading and syncing leave next to no cyclic garbage to free.
+            gc.freeze()
+        if self.userspace is not None:
+            self.userspace.synced(snapshot)  # only now: the endpoint ids it names are in the kernel
+        if self.dns is not None:
+            # After the rules are live, so that a name never resolves to a ClusterIP that does not work yet.
+            self.dns.publish(snapshot)
+        if self._probes_may_change(previous, snapshot):
+            await self.health_checks.update(snapshot, self.node_ips)
+            self._probed_ips = self.node_ips
         if result.stale:
             try:
                 cleared = time.perf_counter()
@@ -226,6 +242,14 @@ class Daemon:
                 log.info("deleted %d stale conntrack entries for %d endpoints", deleted, len(result.stale))
             except Exception as error:  # the rules are live; a cleanup failure must not fail the sync
                 log.warning("conntrack cleanup failed: %s", error)
+
+    def _probes_may_change(self, previous: Snapshot, snapshot: Snapshot) -> bool:
+        """False when no Service that has or had a healthCheckNodePort changed, nor the node addresses:
+        building the probes walks (and sorts) every Service."""
+        if not snapshot.follows(previous) or self.node_ips != self._probed_ips:
+            return True
+        return any(state is not None and state.service.health_check_node_port is not None
+                   for key in snapshot.changed for state in (previous.services.get(key), snapshot.services.get(key)))
 
     def _program(self, snapshot: Snapshot, full: bool) -> SyncResult:
         """The sync thread's part: the kernel's rules, then, on full syncs, userspace mode's queue rules

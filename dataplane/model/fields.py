@@ -9,7 +9,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field as dataclass_field
 from typing import Any, Iterator
 
 from .errors import InvalidObject
@@ -26,6 +27,9 @@ class NameRule:
     pattern: re.Pattern[str]
     max_length: int
     description: str
+    # Names already found good, each as one shared string: 10,000 objects name the same hundred
+    # nodes and a few namespaces. Bounded, since the names come from untrusted input.
+    _good: dict[str, str] = dataclass_field(default_factory=dict, compare=False, repr=False)
 
     def problem(self, value: str) -> str | None:
         """None when `value` follows the rule, else what is wrong with it."""
@@ -33,6 +37,17 @@ class NameRule:
         if len(value) <= self.max_length and self.pattern.fullmatch(value):
             return None
         return f"must be {self.description}, got {value!r}"
+
+    def good(self, value: str) -> str | None:
+        """`value`, as the one shared copy of it, when it follows the rule; else None (say why with `problem`)."""
+        known = self._good.get(value)
+        if known is None:
+            if self.problem(value) is not None:
+                return None
+            if len(self._good) >= _REMEMBERED:
+                self._good.clear()
+            known = self._good[value] = value
+        return known
 
 
 DNS1123_LABEL = NameRule(
@@ -59,11 +74,30 @@ IANA_SVC_NAME = NameRule(
 )
 
 
+_REMEMBERED = 4096  # entries in each cache of good names and shared strings
+
+
+def shared(text: str) -> str:
+    """One copy of a string that repeats across objects (a zone, a label key): 10,000 Services
+    decoded from JSON would otherwise hold 10,000 equal strings. Interned strings are freed
+    once nothing uses them, so untrusted text cannot pile up here."""
+    return sys.intern(text)
+
+
+def good_name(value: Any, rule: NameRule) -> str | None:
+    """The fast paths' read of an optional name: "" when unset, the shared name when it follows
+    `rule`, None for anything else (which the Reader path then reports)."""
+    if value is None or value == "":
+        return ""
+    return rule.good(value) if type(value) is str else None
+
+
 def canonical_ip(text: str) -> str | None:
     """The canonical spelling of an IP address, or None. Zone-scoped IPv6 is refused."""
     try:
         # inet_pton is strict dotted-quad, as ipaddress is, and 20 times faster.
-        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text))
+        canonical = socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text))
+        return text if canonical == text else canonical  # the text already held, not a second copy
     except OSError:
         pass
     if "%" in text:
@@ -72,6 +106,21 @@ def canonical_ip(text: str) -> str | None:
         return str(ipaddress.IPv6Address(text))
     except ValueError:
         return None
+
+
+def ordinary_ipv4(text: str) -> str | None:
+    """`text` when it is a canonical IPv4 address a Service may have (what `canonical_ip` and
+    `special_address` together accept), else None: the fast path's check, without ipaddress."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        return None
+    first = packed[0]
+    # unspecified, loopback, multicast, broadcast, link-local: as special_address decides them
+    if (packed == b"\0\0\0\0" or first == 127 or 224 <= first <= 239 or packed == b"\xff\xff\xff\xff"
+            or (first == 169 and packed[1] == 254) or socket.inet_ntop(socket.AF_INET, packed) != text):
+        return None
+    return text
 
 
 def special_address(ip: str) -> str | None:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from .annotations import read_annotations
+from .annotations import PREFIX as ANNOTATION_PREFIX, read_annotations
 from .errors import InvalidObject
-from .fields import DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, NameRule, Reader, special_address
+from .fields import (DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME, NameRule, Reader, good_name,
+                     ordinary_ipv4, shared, special_address)
 
 # A Service carrying this label belongs to another proxy (kube-proxy skips it too).
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
@@ -132,7 +133,159 @@ def parse_service(obj: dict[str, Any], problems: list[InvalidObject] | None = No
     Problems that leave the Service usable (a bad annotation, an ignored
     field) are appended to `problems` instead, each marked not skipped.
     """
-    problems = problems if problems is not None else []
+    service = fast_service(obj)
+    if service is not None:
+        return service
+    return _read_service(obj, problems if problems is not None else [])
+
+
+_PROTOCOLS = {protocol.value: protocol for protocol in Protocol}
+_FAST_TYPES = {None: ServiceType.CLUSTER_IP, "ClusterIP": ServiceType.CLUSTER_IP, "NodePort": ServiceType.NODE_PORT}
+_POLICIES = {None: TrafficPolicy.CLUSTER, "Cluster": TrafficPolicy.CLUSTER, "Local": TrafficPolicy.LOCAL}
+
+
+def fast_service(obj: dict[str, Any]) -> Service | None:
+    """The Service `_read_service` would build, when it would raise and report nothing; else None.
+
+    The common case (ClusterIP or NodePort, one address per family, plain ports,
+    no dataplane.io annotations), read with plain dict lookups; whatever is unusual
+    (LoadBalancer, ExternalName, headless, external IPs, ClientIP affinity, any
+    wrong type or value) returns None and the slow path reads it, naming the object
+    and the field of any error. Equal results are a tested property
+    (tests/unit/test_model_fast_path.py).
+    """
+    meta, spec = obj.get("metadata"), obj.get("spec")
+    if type(meta) is not dict or type(spec) is not dict:
+        return None
+    name, namespace = good_name(meta.get("name"), DNS1035_LABEL), good_name(meta.get("namespace"), DNS1123_LABEL)
+    if not name or namespace is None:
+        return None
+    namespace = namespace or "default"
+    labels, annotations = _fast_str_map(meta.get("labels")), _fast_str_map(meta.get("annotations"))
+    if labels is None or annotations is None or any(key.startswith(ANNOTATION_PREFIX) for key, _ in annotations):
+        return None
+    created = meta.get("creationTimestamp")
+    if created is None or created == "":
+        created = ""
+    elif (created := _fast_timestamp(created)) is None:
+        return None
+    service_type = spec.get("type")
+    if type(service_type) not in (str, type(None)) or (service_type := _FAST_TYPES.get(service_type)) is None:
+        return None
+    external_policy, internal_policy = spec.get("externalTrafficPolicy"), spec.get("internalTrafficPolicy")
+    if type(external_policy) not in (str, type(None)) or type(internal_policy) not in (str, type(None)):
+        return None
+    external_policy, internal_policy = _POLICIES.get(external_policy), _POLICIES.get(internal_policy)
+    affinity, external_name, health_port = spec.get("sessionAffinity"), spec.get("externalName"), \
+        spec.get("healthCheckNodePort")
+    if (external_policy is None or internal_policy is None or affinity not in (None, "None")
+            or type(affinity) not in (str, type(None)) or type(external_name) not in (str, type(None))
+            or health_port is not None and (type(health_port) is not int or not 1 <= health_port <= 65535)):
+        return None
+    for field in ("externalIPs", "loadBalancerSourceRanges"):
+        value = spec.get(field)
+        if value is not None and (type(value) is not list or value):
+            return None  # the slow path reads these, or says why it cannot
+    selector = _fast_str_map(spec.get("selector"))
+    cluster_ips = _fast_cluster_ips(spec.get("clusterIP"), spec.get("clusterIPs"))
+    ports = _fast_ports(spec.get("ports"), service_type)
+    if selector is None or cluster_ips is None or ports is None:
+        return None
+    return Service(namespace, name, service_type, cluster_ips, ports, (), (), None, external_policy, internal_policy,
+                   (), health_port, selector, labels, annotations, external_name or "", created)
+
+
+def _fast_str_map(value: Any) -> tuple[tuple[str, str], ...] | None:
+    """A map of strings as `Reader.str_map` reads it (keys shared), or None where it might object."""
+    if value is None:
+        return ()
+    if type(value) is not dict:
+        return None
+    for key, item in value.items():
+        if type(key) is not str or type(item) is not str:
+            return None
+    return tuple(sorted((shared(key), item) for key, item in value.items()))
+
+
+def _fast_timestamp(value: Any) -> str | None:
+    if type(value) is not str:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+        if when.tzinfo is None:
+            return None
+        return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def _fast_cluster_ips(single: Any, listed: Any) -> tuple[str, ...] | None:
+    """One IPv4 ClusterIP, given as clusterIP, clusterIPs or both (agreeing); None for anything else."""
+    if listed is None or listed == []:
+        if type(listed) not in (list, type(None)):
+            return None
+        ip = single
+    elif type(listed) is list and len(listed) == 1:
+        ip = listed[0]
+        if single is not None and single != "" and single != ip:
+            return None
+    else:
+        return None
+    if type(ip) is not str or (ip := ordinary_ipv4(ip)) is None:
+        return None
+    if single is not None and type(single) is not str:
+        return None
+    return (ip,)
+
+
+def fast_port(item: Any) -> tuple[str, int, Protocol] | None:
+    """(name, port, protocol) of a Service or EndpointSlice port, or None where the Reader path might object."""
+    if type(item) is not dict:
+        return None
+    name, port, protocol = good_name(item.get("name"), DNS1123_LABEL), item.get("port"), item.get("protocol")
+    if name is None or type(port) is not int or not 1 <= port <= 65535:
+        return None
+    if protocol is None:
+        return name, port, Protocol.TCP
+    protocol = _PROTOCOLS.get(protocol) if type(protocol) is str else None
+    return None if protocol is None else (name, port, protocol)
+
+
+def _fast_ports(items: Any, service_type: ServiceType) -> tuple[ServicePort, ...] | None:
+    """Service ports as `_parse_port` and `_check_unique_ports` read them, or None where they might object."""
+    if items is None:
+        return ()
+    if type(items) is not list:
+        return None
+    ports, seen = [], set()
+    for item in items:
+        common = fast_port(item)
+        if common is None:
+            return None
+        name, port, protocol = common
+        target, node_port = item.get("targetPort"), item.get("nodePort")
+        if target is None or target == "":
+            target = port
+        elif type(target) is int:
+            if not 1 <= target <= 65535:
+                return None
+        elif type(target) is not str or target.isdigit() or (target := IANA_SVC_NAME.good(target)) is None:
+            return None
+        if node_port is not None:
+            if service_type is not ServiceType.NODE_PORT or type(node_port) is not int \
+                    or not 1 <= node_port <= 65535 or (node_port, protocol, "node") in seen:
+                return None
+            seen.add((node_port, protocol, "node"))
+        if (port, protocol) in seen or ("name", name) in seen:
+            return None
+        seen.add((port, protocol))
+        seen.add(("name", name))
+        ports.append(ServicePort(name, protocol, port, target, node_port))
+    return tuple(ports)
+
+
+def _read_service(obj: dict[str, Any], problems: list[InvalidObject]) -> Service:
+    """parse_service, field by field through a Reader: every input, every error message."""
     reader = Reader("Service", object_ref(obj), obj)
     namespace, name = read_metadata(reader, DNS1035_LABEL)
     meta = reader.child("metadata")

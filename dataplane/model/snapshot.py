@@ -82,7 +82,7 @@ def join_service(
             for endpoint in endpoint_slice.endpoints:
                 if endpoint.address not in found or (endpoint.ready and not found[endpoint.address].ready):
                     found[endpoint.address] = endpoint
-        endpoints = tuple(sorted(found.values()))
+        endpoints = _sorted_by_key(found)
     elif service.selector:
         matching = [
             pod for pod in pods if pod.namespace == service.namespace and _selects(service.selector, pod.labels)
@@ -119,22 +119,20 @@ def _from_slices(port: ServicePort, slices: tuple[EndpointSlice, ...]) -> tuple[
         )
         if slice_port is None:
             continue
+        number = slice_port.port
         for endpoint in endpoint_slice.endpoints:
-            backend = Backend(
-                ip=endpoint.address,
-                port=slice_port.port,
-                ready=endpoint.ready,
-                serving=endpoint.serving,
-                terminating=endpoint.terminating,
-                node_name=endpoint.node_name,
-                zone=endpoint.zone,
-                zone_hints=endpoint.zone_hints,
-                hostname=endpoint.hostname,
-            )
-            previous = found.get((backend.ip, backend.port))
-            if previous is None or (backend.ready and not previous.ready):
-                found[(backend.ip, backend.port)] = backend
-    return tuple(sorted(found.values()))
+            key = (endpoint.address, number)
+            previous = found.get(key)
+            if previous is None or (endpoint.ready and not previous.ready):
+                found[key] = Backend(endpoint.address, number, endpoint.ready, endpoint.serving, endpoint.terminating,
+                                     endpoint.node_name, endpoint.zone, endpoint.zone_hints, endpoint.hostname)
+    return _sorted_by_key(found)
+
+
+def _sorted_by_key(found: dict) -> tuple:
+    """The values in the order of their keys. Each key is the value's leading fields, unique, so
+    this is the values' own order, reached by comparing tuples rather than dataclasses."""
+    return tuple(found[key] for key in sorted(found))
 
 
 def _from_pods(port: ServicePort, pods: list[Pod]) -> tuple[Backend, ...]:
@@ -153,7 +151,7 @@ def _from_pods(port: ServicePort, pods: list[Pod]) -> tuple[Backend, ...]:
                 node_name=pod.node_name,
                 hostname=pod.hostname,
             )
-    return tuple(sorted(found.values()))
+    return _sorted_by_key(found)
 
 
 def _resolve_target_port(port: ServicePort, pod: Pod) -> int | None:

@@ -146,16 +146,15 @@ _FIRST_CONTENT = re.compile(r"^(?![ \t]*(?:#|%|$)).+", re.MULTILINE)
 
 def nesting_depth(value: Any, give_up: int) -> int:
     """How deep lists and maps nest in `value`, counted without recursion, stopping past `give_up`."""
-    deepest = 0
-    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
-    while stack:
-        node, depth = stack.pop()
-        deepest = max(deepest, depth)
+    # Level by level: one list per level rather than a tuple per node (a third of the parser's time at 10,000 files).
+    depth, level = 0, [value] if isinstance(value, (dict, list)) else []
+    while level:
+        depth += 1
         if depth > give_up:
             return depth
-        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node)
-                     if isinstance(child, (dict, list)))
-    return deepest
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+    return depth
 
 
 def read_documents(path: Path, root: Path, limits: Limits, real_dirs: dict[str, str] | None = None) -> list:
@@ -267,7 +266,7 @@ class ParserProcess:
         header = self._take(child, _FRAME.size, deadline)
         body = self._take(child, _FRAME.unpack(header)[0], deadline)
         try:
-            with _collector_paused():
+            with collector_paused():
                 answer = json.loads(body)
         except (ValueError, RecursionError):
             raise Refused("the parser process answered garbage") from None
@@ -295,7 +294,7 @@ class ParserProcess:
         return taken
 
 
-class _collector_paused:
+class collector_paused:
     """Pauses the cyclic garbage collector: decoding 10,000 documents otherwise spends 90% of its time in it
     (JSON gives no cycles; reference counting frees what becomes garbage)."""
 

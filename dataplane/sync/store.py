@@ -80,15 +80,23 @@ class Store:
             problems = problems[:MAX_PROBLEMS_PER_ORIGIN] + [f"{origin}: {more} more problems not shown"]
         messages = tuple(str(problem) for problem in problems)
         _log_new(problems, self._reported.get(origin, ()))
-        self._reported[origin] = messages
+        if messages:
+            self._reported[origin] = messages
+        else:  # only origins with problems are kept: counting them after each sync stays cheap
+            self._reported.pop(origin, None)
 
     def problems(self) -> dict[str, list[str]]:
         """Origin -> every problem reported for it, conflicts decided here included; origins without any left out."""
-        found: dict[str, list[str]] = {origin: list(messages) for origin, messages in self._reported.items() if messages}
+        found: dict[str, list[str]] = {origin: list(messages) for origin, messages in self._reported.items()}
         for entries in self._derived.values():
             for origin, message in entries:
                 found.setdefault(origin, []).append(message)
         return found
+
+    def problem_count(self) -> int:
+        """How many problems `problems()` holds (`dataplane_invalid_objects`), in time of the origins that have any."""
+        return sum(len(messages) for messages in self._reported.values()) + \
+            sum(len(entries) for entries in self._derived.values())
 
     def snapshot(self) -> Snapshot:
         """The current state; records what changed since the previous snapshot."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import weakref
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,31 @@ LOCAL = Backend("10.244.1.1", 8080, node_name="node-a")
 def test_no_local_endpoints(state, want):
     counts = m.no_local_endpoints(Snapshot({state.service.key: state}), "node-a")
     assert {k: v for k, v in counts.items() if v} == want
+
+
+def test_no_local_endpoints_kept_from_the_changes_equals_the_full_count():
+    """The tracker recounts only the Services a snapshot says changed; the pure walk is the oracle."""
+    tracker = m.NoLocalEndpoints()
+    steps = [  # (name, state or None: gone); each step is one snapshot following the one before
+        ("a", web(TrafficPolicy.LOCAL, backends=[REMOTE], name="a")),
+        ("b", web(policy_external=TrafficPolicy.LOCAL, type=ServiceType.NODE_PORT, backends=[REMOTE], name="b")),
+        ("a", web(TrafficPolicy.LOCAL, backends=[REMOTE, LOCAL], name="a")),  # a local endpoint now: not counted
+        ("c", web(name="c")),
+        ("b", None),
+        ("a", web(TrafficPolicy.LOCAL, backends=[REMOTE], name="a")),
+    ]
+    snapshot = Snapshot()
+    for name, state in steps:
+        services = {key: value for key, value in snapshot.services.items() if key.name != name}
+        if state is not None:
+            services[state.service.key] = state
+        changed = frozenset(key for key in services.keys() | snapshot.services.keys()
+                            if services.get(key) != snapshot.services.get(key))
+        snapshot = Snapshot(services, {}, weakref.ref(snapshot), changed)
+        assert tracker.update(snapshot, "node-a") == m.no_local_endpoints(snapshot, "node-a")
+    assert tracker.update(snapshot, "node-b") == m.no_local_endpoints(snapshot, "node-b")  # another node: recounted
+    unrelated = Snapshot(dict(snapshot.services))  # no lineage: recounted
+    assert tracker.update(unrelated, "node-b") == m.no_local_endpoints(unrelated, "node-b")
 
 
 def test_change_counters_split_service_and_endpoint_changes_and_pending_follows_the_kernel():

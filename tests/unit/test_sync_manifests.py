@@ -358,3 +358,77 @@ def test_watch_catches_an_edit_made_before_it_started(tmp_path):
         assert await until(changes, done) == {key("web"), key("api")}
 
     run_watching(source, scenario)
+
+
+def test_watch_follows_a_configmap_volume_update(tmp_path):
+    # Kubernetes' atomic writer: web.yaml -> ..data/web.yaml, ..data -> ..<stamp>; an update writes a new
+    # stamped directory and renames a fresh ..data link over the old one. Only the rename has an event.
+    write(tmp_path / "..2026_01" / "web.yaml", service("web", "10.96.0.10"))
+    (tmp_path / "..data").symlink_to("..2026_01")
+    (tmp_path / "web.yaml").symlink_to("..data/web.yaml")
+    source = ManifestSource(tmp_path, Store())
+    source.load_all()
+
+    async def scenario(changes):
+        write(tmp_path / "..2026_02" / "web.yaml", service("web", "10.96.0.10", port=8080))
+        (tmp_path / "..data_tmp").symlink_to("..2026_02")
+        os.rename(tmp_path / "..data_tmp", tmp_path / "..data")
+        assert await until(changes, lambda: loaded(source).get(key("web")) == 8080) == {key("web")}
+
+    run_watching(source, scenario)
+
+
+def test_watch_coalesces_a_burst_into_one_batch(tmp_path):
+    source = ManifestSource(tmp_path, Store())
+    source.load_all()
+    names = [f"svc-{i}" for i in range(30)]
+
+    async def scenario(changes):
+        for i, name in enumerate(names):  # no await in between: the events queue up in the kernel meanwhile
+            write(tmp_path / f"{name}.yaml", service(name, f"10.96.1.{i + 1}"))
+        assert await asyncio.wait_for(anext(changes), WAIT) == {key(name) for name in names}
+
+    run_watching(source, scenario)
+
+
+def test_watch_waits_for_a_file_still_being_written(tmp_path):
+    path = tmp_path / "web.yaml"
+    source = ManifestSource(tmp_path, Store())
+    source.load_all()
+    text = service("web", "10.96.0.10")
+    reads = []
+    load = source.load
+    source.load = lambda changed: reads.append(changed) or load(changed)  # type: ignore[method-assign]
+
+    async def main() -> None:
+        changes = source.watch(debounce_ms=2000, settle_ms=1000)  # generous: a loaded machine stays in bounds
+        try:
+            watching = asyncio.ensure_future(until(changes, lambda: key("web") in loaded(source)))
+            await asyncio.sleep(0.1)  # the watches are in place
+            with open(path, "w") as stream:  # modified, not yet closed: the batch waits for the close
+                stream.write(text[:20])
+                stream.flush()
+                await asyncio.sleep(0.05)
+                stream.write(text[20:])
+            await watching
+        finally:
+            await changes.aclose()
+
+    asyncio.run(main())
+    assert reads == [path]  # read once, complete: never half-written
+
+
+def test_watch_follows_files_written_later_in_a_directory_made_after_it_started(tmp_path):
+    source = ManifestSource(tmp_path, Store())
+    source.load_all()
+
+    async def scenario(changes):
+        write(tmp_path / "marker.yaml", service("marker", "10.96.0.13"))
+        await until(changes, lambda: key("marker") in loaded(source))  # the watcher runs
+        (tmp_path / "team-c").mkdir()
+        write(tmp_path / "marker.yaml", service("marker", "10.96.0.13", port=81))
+        await until(changes, lambda: loaded(source)[key("marker")] == 81)  # the directory's event is handled
+        write(tmp_path / "team-c" / "db.yaml", service("db", "10.96.0.12"))  # only its own watch reports this
+        assert await until(changes, lambda: key("db") in loaded(source)) == {key("db")}
+
+    run_watching(source, scenario)
