@@ -4,8 +4,9 @@
 it, or flushing and refilling it in place so affinity state survives): used
 at start (which adopts whatever a previous run left), after a failure and on
 resync.
-`Programmed.plan()` touches only the elements of owners whose fragment
-changed, plus declarations that became needed or unneeded.
+`Programmed.plan()` touches only the elements that differ in owners whose
+fragment changed (a balancing table's moved slots, not all of them), plus
+declarations that became needed or unneeded.
 
 Elements are reference-counted by (container, key): two owners may share one
 (a Pod behind two Services shares its hairpin entry), and a key already held
