@@ -135,11 +135,6 @@ class SlotElements:
         self._last.pop(table_id, None)
 
 
-def slot_elements(service: Service, backends: Sequence[Backend], size: int, table_id: int) -> list[tuple[str, str]]:
-    """(key, value) of the table's slots: `id . slot` : `endpoint . port` (SlotElements.render, unremembered)."""
-    return [(e.key, e.value) for e in SlotElements().render(service, backends, size, table_id, "")]
-
-
 def _affinity_tables(fragment: Fragment) -> dict[str, int]:
     """Affinity chain base (nat/affinity.py: `<base>-pick-<which>`) -> the slots its pick hashes over,
     for each of the Service's ports whose affinity places new clients by a balancing table."""
