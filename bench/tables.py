@@ -33,6 +33,7 @@ Service has: conntrack and a dispatch miss), `numgen` (kernel mode's pick, 10 en
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -87,6 +88,14 @@ def inner(args: argparse.Namespace) -> dict:
 
     def sync() -> float:
         nonlocal state
+        gc.disable()  # as the daemon's sync does (daemon/proxier._collector_paused)
+        try:
+            return _sync()
+        finally:
+            gc.enable()
+
+    def _sync() -> float:
+        nonlocal state
         started = time.perf_counter()
         current = store.snapshot()
         ruleset = builder.build(current, ["192.168.50.1"])
@@ -137,6 +146,7 @@ def inner(args: argparse.Namespace) -> dict:
         "daemon_bytes_per_slot": round(python_bytes / slots),
         "nft_backend": nft.backend_name,
         "median_ms_render_plan_apply": [round(statistics.median(p[i] for p in phases) * 1000, 2) for i in range(3)],
+        "load_average": os.getloadavg(),
     }
 
 

@@ -105,14 +105,19 @@ def weights(service: Service, backends: Sequence[Backend]) -> list[int]:
     return found if any(found) else [1] * len(found)  # all drained: none preferred, as the forwarder does
 
 
+def fill_input(service: Service, backends: Sequence[Backend]) -> tuple[list[Backend], tuple[str, ...], tuple[int, ...]]:
+    """What a fill is a function of: the endpoints in Maglev's order (by address), their names and weights."""
+    ordered = sorted(backends, key=lambda b: (b.ip, b.port))
+    return ordered, tuple(endpoint_name(b) for b in ordered), tuple(weights(service, ordered))
+
+
 def fill(service: Service, backends: Sequence[Backend], size: int) -> list[Backend]:
     """slot -> endpoint: the Maglev table of `size` slots over `backends` with the Service's weights.
 
     The order of `backends` does not matter. Raises ValueError when there are not fewer
     endpoints of positive weight than slots."""
-    ordered = sorted(backends, key=lambda b: (b.ip, b.port))
-    table = maglev.build([endpoint_name(b) for b in ordered], weights(service, ordered), size)
-    return [ordered[i] for i in table]
+    ordered, names, weights_ = fill_input(service, backends)
+    return [ordered[i] for i in maglev.build(names, weights_, size)]
 
 
 # The kernel's jhash (include/linux/jhash.h, Bob Jenkins' lookup3), bit for bit.

@@ -4,8 +4,9 @@
 it, or flushing and refilling it in place so affinity state survives): used
 at start (which adopts whatever a previous run left), after a failure and on
 resync.
-`Programmed.plan()` touches only the elements of owners whose fragment
-changed, plus declarations that became needed or unneeded.
+`Programmed.plan()` touches only the elements that differ in owners whose
+fragment changed (a balancing table's moved slots, not all of them), plus
+declarations that became needed or unneeded.
 
 Elements are reference-counted by (container, key): two owners may share one
 (a Pod behind two Services shares its hairpin entry), and a key already held
@@ -58,10 +59,20 @@ class Programmed:
         added: list[Element] = []
         removed: list[Element] = []
         owners = sorted(_changed_owners(old, new), key=repr)
+        # Only the elements that differ are retracted and contributed: a balancing table whose
+        # endpoint left changes about 1/N of its slots, and its other slots cost set arithmetic
+        # (in C), not a Python step each. An element refused before is tried again: its
+        # holder may be leaving in this very change.
+        deltas = {}
         for owner in owners:
-            change.retract(owner, old.fragments.get(owner, EMPTY), removed)
+            before, after = old.fragments.get(owner, EMPTY), new.fragments.get(owner, EMPTY)
+            refused = self.conflicts.get(owner, frozenset())
+            deltas[owner] = (Fragment(before.elements - after.elements, before.needs),
+                             Fragment((after.elements - before.elements) | (refused & after.elements), after.needs))
         for owner in owners:
-            change.contribute(owner, new.fragments.get(owner, EMPTY), added)
+            change.retract(owner, deltas[owner][0], removed)
+        for owner in owners:
+            change.contribute(owner, deltas[owner][1], added)
         # The same element released by one owner and taken by another stays.
         same = set(added) & set(removed)
         added = [e for e in added if e not in same]

@@ -18,7 +18,7 @@ from ..lb import tables as lb_tables
 from . import layout
 from .affinity import AffinityChains
 from .ruleset import EMPTY, Declaration, Element, Fragment, Ruleset
-from .tables import TableIdAllocator, id_text, slot_elements
+from .tables import TableIdAllocator, id_text
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class _FragmentBuilder:
         assert self.table_ids is not None
         table_id = self.table_ids.get(self.owner, key, f"{self.name}/{port.protocol}/{port.port}/{role}")
         self.tables.add(key)
-        self.add(layout.slots_map(size), *slot_elements(service, backends, size, table_id))
+        self.elements.extend(self.table_ids.slots.render(service, backends, size, table_id, layout.slots_map(size)))
         return id_text(table_id)
 
     def add(self, container: str, *items: tuple[str, str], comment: str = "") -> None:

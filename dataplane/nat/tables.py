@@ -15,14 +15,16 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
-from typing import Hashable, Sequence
+from array import array
+from typing import Hashable, NamedTuple, Sequence
 
+from ..lb import maglev
 from ..lb import tables as lb_tables
 from ..marks import MAX_ID, mark_for
 from ..model import Backend, Service
 from . import layout
 from .expr import Jhash, Vmap
-from .ruleset import Chain, Fragment, Ruleset
+from .ruleset import Chain, Element, Fragment, Ruleset
 
 
 def id_text(table_id: int) -> str:
@@ -45,6 +47,7 @@ class TableIdAllocator:
     def __init__(self) -> None:
         self._ids: dict[Hashable, dict[Hashable, int]] = {}  # owner -> table -> id
         self._taken: set[int] = set()
+        self.slots = SlotElements()  # the tables' last renderings, forgotten with their ids
 
     def get(self, owner: Hashable, table: Hashable, name: str = "") -> int:
         """`owner`'s id for `table` (named `name`, what the id is a hash of), the same as last time."""
@@ -57,7 +60,9 @@ class TableIdAllocator:
         """Releases `owner`'s ids of tables other than `tables` (it no longer has them)."""
         ids = self._ids.get(owner, {})
         for table in [t for t in ids if t not in tables]:
-            self._taken.discard(ids.pop(table))
+            released = ids.pop(table)
+            self._taken.discard(released)
+            self.slots.forget(released)
         if not ids:
             self._ids.pop(owner, None)
 
@@ -78,11 +83,56 @@ class TableIdAllocator:
         raise OverflowError("no free balancing table id")
 
 
-def slot_elements(service: Service, backends: Sequence[Backend], size: int, table_id: int) -> list[tuple[str, str]]:
-    """(key, value) of the table's slots: `id . slot` : `endpoint . port`."""
-    prefix = id_text(table_id)
-    return [(f"{prefix} . {slot}", f"{b.ip} . {b.port}")
-            for slot, b in enumerate(lb_tables.fill(service, backends, size))]
+class _Filled(NamedTuple):
+    """A table as last rendered: what its fill is a function of, the fill, and its elements by slot."""
+
+    source: tuple  # (endpoint names, weights, size)
+    fill: array  # slot -> index into the names
+    elements: list[Element]
+    previous_source: tuple  # the rendering before: an endpoint flapping back finds its fill here
+    previous_fill: array | None
+
+
+class SlotElements:
+    """Renders tables' slot elements, remembering each table's last rendering (by table id), so that
+    a change costs about what Maglev moved: an unchanged slot keeps its Element object (no text
+    formatted; the planner's set difference meets the same object), an unchanged table is not
+    filled again, and endpoints coming back to the set before (readiness flapping) reuse that
+    fill. About 12 bytes a slot beyond the elements themselves."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, _Filled] = {}
+
+    def render(self, service: Service, backends: Sequence[Backend], size: int, table_id: int,
+               container: str) -> list[Element]:
+        """The table's slot elements in `container`: `id . slot` : `endpoint . port`."""
+        ordered, names, weights = lb_tables.fill_input(service, backends)
+        source = (names, weights, size)
+        last = self._last.get(table_id)
+        if last is not None and len(last.elements) != size:
+            last = None
+        if last is not None and last.source == source and last.elements[0].container == container:
+            return last.elements
+        if last is not None and last.previous_source == source and last.previous_fill is not None:
+            fill = last.previous_fill
+        else:
+            fill = array("H" if len(names) < 1 << 16 else "I", maglev.build(names, weights, size))
+        values = [f"{b.ip} . {b.port}" for b in ordered]
+        if last is None or last.elements[0].container != container:
+            prefix = id_text(table_id)
+            elements = [Element(container, f"{prefix} . {slot}", values[index]) for slot, index in enumerate(fill)]
+        else:
+            elements = [old if old[2] == value else Element(container, old[1], value)
+                        for old, value in zip(last.elements, [values[index] for index in fill])]
+        if last is None:
+            self._last[table_id] = _Filled(source, fill, elements, (), None)
+        else:
+            self._last[table_id] = _Filled(source, fill, elements, last.source, last.fill)
+        return elements
+
+    def forget(self, table_id: int) -> None:
+        """Drops what is remembered of a table that is gone."""
+        self._last.pop(table_id, None)
 
 
 def _affinity_tables(fragment: Fragment) -> dict[str, int]:

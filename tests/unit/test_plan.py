@@ -160,3 +160,23 @@ def test_element_counts_follow_commits() -> None:
     for container, _ in cluster.state.held:
         counted[container] = counted.get(container, 0) + 1
     assert {k: v for k, v in cluster.state.sizes.items() if v} == counted
+
+
+def test_an_entry_left_out_is_taken_when_its_holder_leaves_in_the_same_change() -> None:
+    # The planner diffs only the elements that differ: b's refused entry is the same element
+    # before and after, and must still be tried again once a, holding the key, is gone.
+    from dataplane.nat.ruleset import Element, Fragment, Ruleset
+
+    def ruleset(**fragments: Fragment) -> Ruleset:
+        return Ruleset("ip", "dataplane", {}, frozenset(), fragments)
+
+    a = Fragment(frozenset({Element("m", "k", "a")}))
+    b = Fragment(frozenset({Element("m", "k", "b"), Element("m", "b1", "x")}))
+    b_changed = Fragment(frozenset({Element("m", "k", "b"), Element("m", "b2", "x")}))
+    state = plan.Programmed()
+    state = state.commit(state.plan(ruleset(a=a, b=b))[1])
+    assert state.held[("m", "k")].value == "a" and state.conflicts["b"]
+    tx, change = state.plan(ruleset(b=b_changed))
+    state = state.commit(change)
+    assert "k : b" in str(tx) and not state.conflicts.get("b")
+    assert state.held == plan.full(ruleset(b=b_changed))[1].held

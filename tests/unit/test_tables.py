@@ -383,3 +383,41 @@ def test_a_port_that_gains_its_table_in_a_whole_rebuild_leaves_the_forwarder() -
     store.replace([n for n in ("m0.yaml", "m1.yaml", "m2.yaml") if f"/{n[:2]}:" not in fallback][0], None)
     assert sync(NODE_IPS) == {fallback}  # rendered incrementally: it keeps the random pick, still queued
     assert sync((*NODE_IPS, "192.168.50.9")) == set()  # rendered whole: it has its table now
+
+
+def test_incremental_table_changes_converge_to_what_a_fresh_render_and_full_sync_give() -> None:
+    """The builder remembers each table's last rendering (nat/tables.SlotElements) and the planner diffs
+    only differing elements: after every step the elements and the planner's state are a fresh one's."""
+    store, _ = state_of(documents())
+    builder, state = RulesetBuilder(SETTINGS), plan.Programmed()
+    held = []
+    weighted = {"dataplane.io/lb-algorithm": "maglev", "dataplane.io/weights": "10.244.1.2=3,10.244.1.3=0"}
+    steps = [ENDPOINTS[:-1], ENDPOINTS, ENDPOINTS[:-1], ENDPOINTS[1:], (ENDPOINTS, weighted), ENDPOINTS,
+             (ENDPOINTS, {"dataplane.io/lb-algorithm": "maglev", TABLE_SIZE_ANNOTATION: "1021"}), ENDPOINTS[:3]]
+    for step in [ENDPOINTS, *steps]:
+        endpoints, annotations = step if isinstance(step, tuple) else (step, None)
+        objects, _ = parse_objects(documents(endpoints, annotations), "m.yaml")
+        store.replace("m.yaml", objects)
+        snapshot = store.snapshot()
+        ruleset = builder.build(snapshot, NODE_IPS)
+        held[:] = [snapshot]
+        tx, change = state.plan(ruleset)
+        state = state.commit(change)
+        fresh = RulesetBuilder(SETTINGS).build(snapshot, NODE_IPS)
+        assert {o: f.elements for o, f in ruleset.fragments.items()} == {o: f.elements for o, f in fresh.fragments.items()}
+        assert state.held == plan.full(fresh)[1].held
+
+
+def test_an_endpoint_coming_back_reuses_the_fill_before_and_its_unchanged_slots() -> None:
+    from dataplane.nat.tables import SlotElements
+
+    _, state = state_of(documents())
+    backends = list(state.port_backends())[0][1]
+    slots = SlotElements()
+    first = slots.render(state.service, backends, 1021, 7, "slots-1021")
+    fewer = slots.render(state.service, backends[:-1], 1021, 7, "slots-1021")
+    back = slots.render(state.service, backends, 1021, 7, "slots-1021")
+    assert back == first and back == SlotElements().render(state.service, backends, 1021, 7, "slots-1021")
+    kept = sum(1 for a, b in zip(first, fewer) if a is b)
+    assert kept == sum(1 for a, b in zip(first, fewer) if a == b) > 1021 * 0.8  # unchanged slots: the same objects
+    assert all(a is b for a, b in zip(fewer, back) if a == b)
