@@ -84,7 +84,10 @@ class Inotify:
                 name = data[offset + _EVENT.size:offset + _EVENT.size + size].rstrip(b"\0")
                 offset += _EVENT.size + size
                 if mask & IN_Q_OVERFLOW:
-                    into[str(self.root)] = True  # events were lost: the caller rescans the whole folder
+                    # Events were lost, a new directory's among them maybe: watch again what is there
+                    # (a watched one keeps its descriptor), and the caller rescans the whole folder.
+                    self.add(str(self.root))
+                    into[str(self.root)] = True
                     continue
                 directory = self._directories.get(wd)
                 if directory is None:
