@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import os
 import struct
 from pathlib import Path
@@ -48,11 +49,14 @@ class Inotify:
             error = ctypes.get_errno()
             raise OSError(error, f"inotify_init1: {os.strerror(error)}")
         self._directories: dict[int, str] = {}  # watch descriptor -> directory
-        self.add(str(root))
-        if not self._directories:
-            error = ctypes.get_errno()
+        try:
+            self.add(str(root))
+            if not self._directories:
+                error = ctypes.get_errno()
+                raise OSError(error, f"cannot watch {root}: {os.strerror(error)}")
+        except BaseException:
             os.close(self.fd)
-            raise OSError(error, f"cannot watch {root}: {os.strerror(error)}")
+            raise
 
     def add(self, directory: str) -> None:
         """Watches `directory` and, when recursive, the directories below it; gone ones are skipped."""
@@ -61,6 +65,10 @@ class Inotify:
             path = pending.pop()
             wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), WATCHED)
             if wd < 0:
+                error = ctypes.get_errno()
+                if error in (errno.ENOSPC, errno.ENOMEM):  # a directory unwatched would stop its updates unseen
+                    raise OSError(error, f"cannot watch {path}: the inotify watch limit is reached "
+                                         f"(sysctl fs.inotify.max_user_watches, per user)")
                 continue  # vanished, or not a directory after all: its parent's events say what happened
             self._directories[wd] = path
             if self.recursive:

@@ -6,9 +6,18 @@ Each test reads the queue itself (no event loop): what is queued when read() run
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import pytest
+
 from dataplane.sync.manifests_watch import Inotify
+
+REPO = Path(__file__).resolve().parents[2]
+
 
 def test_a_directory_made_while_the_queue_overflowed_is_watched_after_the_rescan(tmp_path):
     queue_size = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
@@ -29,3 +38,42 @@ def test_a_directory_made_while_the_queue_overflowed_is_watched_after_the_rescan
         assert seen.get(str(tmp_path / "late" / "db.yaml")) is True
     finally:
         notify.close()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a user namespace")
+def test_the_watch_limit_is_an_error_naming_it_never_a_silent_gap(tmp_path):
+    # A user namespace of our own gets its own max_inotify_watches: the root namespace's stays untouched.
+    script = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        from dataplane.sync.manifests_watch import Inotify
+        Path("/proc/sys/user/max_inotify_watches").write_text("1")
+        root = Path({str(tmp_path)!r})
+        notify = Inotify(root, recursive=True)  # the one watch allowed
+        (root / "team-a").mkdir()
+        try:
+            notify.read({{}})
+        except OSError as error:
+            print("raised:", error)
+        else:
+            print("no error")
+        notify.close()  # its watch is freed: a new instance gets the root's, not team-a's
+        before = os.listdir("/proc/self/fd")
+        try:
+            Inotify(root, recursive=True)
+        except OSError as error:
+            print("raised:", error)
+        else:
+            print("no error")
+        assert len(os.listdir("/proc/self/fd")) == len(before), "the failed instance's fd is left open"
+    """)
+    probe = subprocess.run(["unshare", "-U", "-r", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no user namespaces here: {probe.stderr.decode().strip()}")
+    done = subprocess.run(["unshare", "-U", "-r", sys.executable, "-c", script], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, done.stdout
+    for line in lines:
+        assert line.startswith("raised:") and "max_user_watches" in line and "team-a" in line, line
