@@ -49,8 +49,14 @@ class Inotify:
             error = ctypes.get_errno()
             raise OSError(error, f"inotify_init1: {os.strerror(error)}")
         self._directories: dict[int, str] = {}  # watch descriptor -> directory
+        self._root_wd = -1
         try:
             self.add(str(root))
+            # The root's parent, for the root's name alone: a root deleted or renamed away and then
+            # made again (a folder swapped whole by rename) is watched anew, its old watches dropped.
+            parent = os.path.dirname(str(root))
+            self._parent_wd = _libc.inotify_add_watch(self.fd, os.fsencode(parent), IN_CREATE | IN_MOVED_TO) \
+                if parent != str(root) else -1
             if not self._directories:
                 error = ctypes.get_errno()
                 raise OSError(error, f"cannot watch {root}: {os.strerror(error)}")
@@ -71,6 +77,8 @@ class Inotify:
                                          f"(sysctl fs.inotify.max_user_watches, per user)")
                 continue  # vanished, or not a directory after all: its parent's events say what happened
             self._directories[wd] = path
+            if path == str(self.root):
+                self._root_wd = wd
             if self.recursive:
                 try:
                     with os.scandir(path) as entries:
@@ -97,6 +105,16 @@ class Inotify:
                     self.add(str(self.root))
                     into[str(self.root)] = True
                     continue
+                if wd == self._parent_wd:
+                    if mask & IN_ISDIR and name == os.fsencode(self.root.name):
+                        self._watch_root_again()
+                        into[str(self.root)] = True
+                    continue
+                if wd == self._root_wd and mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+                    self._watch_root_again()
+                    # Gone: the rescan withdraws everything, unless a replacement comes within `settle`.
+                    into[str(self.root)] = self.root.is_dir()
+                    continue
                 directory = self._directories.get(wd)
                 if directory is None:
                     continue
@@ -108,6 +126,15 @@ class Inotify:
                         and not os.path.basename(path).startswith("."):
                     self.add(path)
                 into[path] = bool(mask & COMPLETE)
+
+    def _watch_root_again(self) -> None:
+        """Drops every watch (they may follow the old root's directories elsewhere), then watches
+        the root again if it is there; the caller rescans."""
+        for wd in self._directories:
+            _libc.inotify_rm_watch(self.fd, wd)  # EINVAL when already gone: nothing to do
+        self._directories.clear()
+        self._root_wd = -1
+        self.add(str(self.root))
 
     def close(self) -> None:
         os.close(self.fd)

@@ -432,3 +432,28 @@ def test_watch_follows_files_written_later_in_a_directory_made_after_it_started(
         assert await until(changes, lambda: key("db") in loaded(source)) == {key("db")}
 
     run_watching(source, scenario)
+
+
+def test_watch_follows_a_root_replaced_by_rename_or_deleted_and_made_again(tmp_path):
+    root = tmp_path / "manifests"
+    write(root / "web.yaml", service("web", "10.96.0.10"))
+    source = ManifestSource(root, Store())
+    source.load_all()
+
+    async def scenario(changes):
+        # A folder swapped whole (built beside it, renamed over): the old one's watches follow it away.
+        write(tmp_path / "next" / "web.yaml", service("web", "10.96.0.10", port=8080))
+        os.rename(root, tmp_path / "previous")
+        os.rename(tmp_path / "next", root)
+        await until(changes, lambda: loaded(source).get(key("web")) == 8080)
+        write(root / "api.yaml", service("api", "10.96.0.11"))  # only a watch on the new folder reports this
+        assert await until(changes, lambda: key("api") in loaded(source)) == {key("api")}
+        write(tmp_path / "previous" / "web.yaml", service("web", "10.96.0.10", port=9999))  # not ours any more
+
+        shutil.rmtree(root)
+        await until(changes, lambda: not loaded(source))
+        write(root / "db.yaml", service("db", "10.96.0.12"))
+        assert await until(changes, lambda: key("db") in loaded(source)) == {key("db")}
+
+    run_watching(source, scenario)
+    assert loaded(source) == {key("db"): 80}
