@@ -2,9 +2,12 @@
 
 Invariant: every path that may have changed since the last batch is in the next
 batch, and a batch is yielded only once each file in it looks complete: its last
-event closed a file written to, moved it in or out, or deleted it; a file still
-being written (modified, not yet closed) holds the batch back for `settle`
-seconds of quiet, at most `debounce`. Events that arrive while the caller works
+event closed a file written to or moved it in; a file still being written
+(modified, not yet closed) or gone (deleted, moved out) holds the batch back for
+`settle` seconds of quiet, at most `debounce`: an editor that saves by renaming
+the file away and writing it anew leaves it missing for a moment, which must not
+withdraw its Services. Only files the caller `reads` hold a batch back (a temporary
+renamed over a manifest does not). Events that arrive while the caller works
 on a batch queue in the kernel and make one batch (bursts coalesce). A queue
 overflow reports the root, which the caller rescans.
 
@@ -21,7 +24,7 @@ import errno
 import os
 import struct
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 # <sys/inotify.h>
 IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
@@ -31,7 +34,7 @@ IN_Q_OVERFLOW, IN_IGNORED, IN_ISDIR = 0x4000, 0x8000, 0x40000000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 WATCHED = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
            | IN_DELETE_SELF | IN_MOVE_SELF)
-COMPLETE = IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ISDIR
+COMPLETE = IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ISDIR
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -41,9 +44,10 @@ class Inotify:
     """One inotify instance watching a directory (and, `recursive`, the directories below it
     that are not hidden: manifests are never read from those)."""
 
-    def __init__(self, root: Path, recursive: bool):
+    def __init__(self, root: Path, recursive: bool, reads: Callable[[str], bool] = lambda name: True):
         self.root = root
         self.recursive = recursive
+        self.reads = reads  # file name -> whether the caller reads it: only those wait to look complete
         self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if self.fd < 0:
             error = ctypes.get_errno()
@@ -125,7 +129,7 @@ class Inotify:
                 if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO) and self.recursive \
                         and not os.path.basename(path).startswith("."):
                     self.add(path)
-                into[path] = bool(mask & COMPLETE)
+                into[path] = bool(mask & COMPLETE) or not self.reads(os.path.basename(path))
 
     def _watch_root_again(self) -> None:
         """Drops every watch (they may follow the old root's directories elsewhere), then watches
@@ -140,10 +144,10 @@ class Inotify:
         os.close(self.fd)
 
 
-async def changes(root: Path, recursive: bool = True, settle: float = 0.005,
-                  debounce: float = 0.05) -> AsyncIterator[set[str]]:
+async def changes(root: Path, recursive: bool = True, settle: float = 0.005, debounce: float = 0.05,
+                  reads: Callable[[str], bool] = lambda name: True) -> AsyncIterator[set[str]]:
     """Yields an empty set once the watches are in place, then each batch of changed paths, forever."""
-    notify = Inotify(root, recursive)
+    notify = Inotify(root, recursive, reads)
     loop = asyncio.get_running_loop()
     readable = asyncio.Event()
     loop.add_reader(notify.fd, readable.set)

@@ -77,3 +77,22 @@ def test_the_watch_limit_is_an_error_naming_it_never_a_silent_gap(tmp_path):
     assert len(lines) == 2, done.stdout
     for line in lines:
         assert line.startswith("raised:") and "max_user_watches" in line and "team-a" in line, line
+
+
+def test_a_manifest_renamed_away_waits_a_temporary_renamed_over_one_does_not(tmp_path):
+    web = tmp_path / "web.yaml"
+    web.write_text("kind: Service\n")
+    notify = Inotify(tmp_path, recursive=True, reads=lambda name: name.endswith(".yaml") and name[0] != ".")
+    try:
+        os.rename(web, tmp_path / "web.yaml~")  # an editor's save, first half: the manifest is missing
+        seen: dict[str, bool] = {}
+        notify.read(seen)
+        assert seen == {str(web): False, str(tmp_path / "web.yaml~"): True}
+
+        (tmp_path / ".web.yaml.tmp").write_text("kind: Service\n")  # an atomic writer's temporary
+        os.rename(tmp_path / ".web.yaml.tmp", web)
+        seen = {}
+        notify.read(seen)
+        assert seen == {str(web): True, str(tmp_path / ".web.yaml.tmp"): True}
+    finally:
+        notify.close()

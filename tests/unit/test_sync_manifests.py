@@ -457,3 +457,32 @@ def test_watch_follows_a_root_replaced_by_rename_or_deleted_and_made_again(tmp_p
 
     run_watching(source, scenario)
     assert loaded(source) == {key("db"): 80}
+
+
+def test_watch_never_withdraws_a_file_saved_by_rename(tmp_path):
+    # vim's default save (backupcopy=auto on a plain file): the file is renamed to its backup, then
+    # written anew. For the moment in between it is missing; its Service must not be withdrawn.
+    web = write(tmp_path / "web.yaml", service("web", "10.96.0.10"))
+    source = ManifestSource(tmp_path, Store())
+    source.load_all()
+    served: list[bool] = []
+
+    async def scenario(changes):
+        async def record():
+            async for _ in changes:
+                served.append(key("web") in loaded(source))
+
+        recording = asyncio.ensure_future(record())
+        await asyncio.sleep(0.1)  # the watches are in place
+        os.rename(web, tmp_path / "web.yaml~")
+        await asyncio.sleep(0.002)  # the watcher has seen the rename, and nothing after it
+        write(web, service("web", "10.96.0.10", port=8080))
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while loaded(source).get(key("web")) != 8080 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        recording.cancel()
+        await asyncio.gather(recording, return_exceptions=True)
+
+    run_watching(source, scenario)
+    assert loaded(source) == {key("web"): 8080}
+    assert all(served), served
