@@ -244,9 +244,9 @@ class Daemon:
                 log.warning("conntrack cleanup failed: %s", error)
 
     def _probes_may_change(self, previous: Snapshot, snapshot: Snapshot) -> bool:
-        """False when no Service that has or had a healthCheckNodePort changed, nor the node addresses:
-        building the probes walks (and sorts) every Service."""
-        if not snapshot.follows(previous) or self.node_ips != self._probed_ips:
+        """False when no Service that has or had a healthCheckNodePort changed, nor the node addresses,
+        and every port is bound: building the probes walks (and sorts) every Service."""
+        if not snapshot.follows(previous) or self.node_ips != self._probed_ips or self.health_checks.unbound:
             return True
         return any(state is not None and state.service.health_check_node_port is not None
                    for key in snapshot.changed for state in (previous.services.get(key), snapshot.services.get(key)))
