@@ -126,10 +126,20 @@ class Inotify:
                     del self._directories[wd]
                     continue
                 path = os.path.join(directory, os.fsdecode(name)) if name else directory
+                if mask & IN_ISDIR and mask & IN_MOVED_FROM:
+                    self._forget(path)  # its watches would follow it out; moved within, IN_MOVED_TO adds it again
                 if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO) and self.recursive \
                         and not os.path.basename(path).startswith("."):
                     self.add(path)
                 into[path] = bool(mask & COMPLETE) or not self.reads(os.path.basename(path))
+
+    def _forget(self, directory: str) -> None:
+        """Drops the watches of `directory` and of the directories below it."""
+        below = directory + "/"
+        for wd, path in list(self._directories.items()):
+            if path == directory or path.startswith(below):
+                _libc.inotify_rm_watch(self.fd, wd)
+                del self._directories[wd]
 
     def _watch_root_again(self) -> None:
         """Drops every watch (they may follow the old root's directories elsewhere), then watches

@@ -96,3 +96,23 @@ def test_a_manifest_renamed_away_waits_a_temporary_renamed_over_one_does_not(tmp
         assert seen == {str(web): True, str(tmp_path / ".web.yaml.tmp"): True}
     finally:
         notify.close()
+
+
+def test_a_directory_moved_out_of_the_tree_is_no_longer_watched(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "team-a" / "apps").mkdir(parents=True)
+    outside.mkdir()
+    notify = Inotify(root, recursive=True)
+    try:
+        os.rename(root / "team-a", outside / "team-a")
+        seen: dict[str, bool] = {}
+        notify.read(seen)
+        assert str(root / "team-a") in seen
+        (outside / "team-a" / "web.yaml").write_text("kind: Service\n")  # not below the root any more
+        (outside / "team-a" / "apps" / "db.yaml").write_text("kind: Service\n")
+        seen = {}
+        notify.read(seen)
+        assert seen == {}  # before: reported as root/team-a/..., and its watches held until it was deleted
+        assert sorted(notify._directories.values()) == [str(root)]
+    finally:
+        notify.close()
