@@ -137,7 +137,8 @@ class ManifestSource:
         watched = self.root if self.root.is_dir() else self.root.parent
         catch_up = self._loaded
         async for paths in manifests_watch.changes(watched, recursive=self.root.is_dir(), reads=named_like_manifest,
-                                                   settle=settle_ms / 1000, debounce=debounce_ms / 1000):
+                                                   settle=settle_ms / 1000, debounce=debounce_ms / 1000,
+                                                   follow_links=self.limits.allow_links):
             changed: set[ServiceKey] = set()
             if catch_up:
                 catch_up = False

@@ -42,11 +42,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class Inotify:
     """One inotify instance watching a directory (and, `recursive`, the directories below it
-    that are not hidden: manifests are never read from those)."""
+    that are not hidden: manifests are never read from those; with `follow_links`, as
+    `--allow-links` reads them, those reached through symlinks too)."""
 
-    def __init__(self, root: Path, recursive: bool, reads: Callable[[str], bool] = lambda name: True):
+    def __init__(self, root: Path, recursive: bool, reads: Callable[[str], bool] = lambda name: True,
+                 follow_links: bool = False):
         self.root = root
         self.recursive = recursive
+        self.follow_links = follow_links
         self.reads = reads  # file name -> whether the caller reads it: only those wait to look complete
         self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if self.fd < 0:
@@ -80,14 +83,16 @@ class Inotify:
                     raise OSError(error, f"cannot watch {path}: the inotify watch limit is reached "
                                          f"(sysctl fs.inotify.max_user_watches, per user)")
                 continue  # vanished, or not a directory after all: its parent's events say what happened
+            if wd in self._directories and self._directories[wd] != path and os.path.islink(path):
+                continue  # a directory watched already, reached again through a link (maybe a cycle)
             self._directories[wd] = path
             if path == str(self.root):
                 self._root_wd = wd
             if self.recursive:
                 try:
                     with os.scandir(path) as entries:
-                        pending += [entry.path for entry in entries
-                                    if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False)]
+                        pending += [entry.path for entry in entries if not entry.name.startswith(".")
+                                    and entry.is_dir(follow_symlinks=self.follow_links)]
                 except OSError:
                     pass
 
@@ -128,8 +133,8 @@ class Inotify:
                 path = os.path.join(directory, os.fsdecode(name)) if name else directory
                 if mask & IN_ISDIR and mask & IN_MOVED_FROM:
                     self._forget(path)  # its watches would follow it out; moved within, IN_MOVED_TO adds it again
-                if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO) and self.recursive \
-                        and not os.path.basename(path).startswith("."):
+                if mask & (IN_CREATE | IN_MOVED_TO) and self.recursive and not os.path.basename(path).startswith(".") \
+                        and (mask & IN_ISDIR or self.follow_links and os.path.isdir(path)):  # a link has no IN_ISDIR
                     self.add(path)
                 into[path] = bool(mask & COMPLETE) or not self.reads(os.path.basename(path))
 
@@ -155,9 +160,10 @@ class Inotify:
 
 
 async def changes(root: Path, recursive: bool = True, settle: float = 0.005, debounce: float = 0.05,
-                  reads: Callable[[str], bool] = lambda name: True) -> AsyncIterator[set[str]]:
+                  reads: Callable[[str], bool] = lambda name: True,
+                  follow_links: bool = False) -> AsyncIterator[set[str]]:
     """Yields an empty set once the watches are in place, then each batch of changed paths, forever."""
-    notify = Inotify(root, recursive, reads)
+    notify = Inotify(root, recursive, reads, follow_links)
     loop = asyncio.get_running_loop()
     readable = asyncio.Event()
     loop.add_reader(notify.fd, readable.set)

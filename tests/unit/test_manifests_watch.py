@@ -116,3 +116,22 @@ def test_a_directory_moved_out_of_the_tree_is_no_longer_watched(tmp_path):
         assert sorted(notify._directories.values()) == [str(root)]
     finally:
         notify.close()
+
+
+def test_following_links_watches_each_directory_once_and_links_made_later(tmp_path):
+    root, shared, later = tmp_path / "root", tmp_path / "shared", tmp_path / "later"
+    for directory in (root, shared, later):
+        directory.mkdir()
+    (root / "team").symlink_to(shared)
+    (shared / "loop").symlink_to(shared)  # a cycle
+    notify = Inotify(root, recursive=True, follow_links=True)
+    try:
+        assert sorted(notify._directories.values()) == [str(root), str(root / "team")]
+        (root / "late").symlink_to(later)  # IN_CREATE of a link, without IN_ISDIR
+        notify.read({})
+        (later / "web.yaml").write_text("kind: Service\n")
+        seen: dict[str, bool] = {}
+        notify.read(seen)
+        assert seen == {str(root / "late" / "web.yaml"): True}
+    finally:
+        notify.close()

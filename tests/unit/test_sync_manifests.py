@@ -21,6 +21,7 @@ import pytest
 
 from dataplane.model import ServiceKey
 from dataplane.sync.manifests import ManifestSource, is_manifest, read_documents
+from dataplane.sync.reader import Limits
 from dataplane.sync.store import Store
 
 WAIT = 5.0
@@ -486,3 +487,22 @@ def test_watch_never_withdraws_a_file_saved_by_rename(tmp_path):
     run_watching(source, scenario)
     assert loaded(source) == {key("web"): 8080}
     assert all(served), served
+
+
+def test_watch_with_allow_links_follows_edits_in_a_linked_directory(tmp_path):
+    # --allow-links reads manifests through a symlinked directory; its edits must have events too.
+    root, shared_dir = tmp_path / "root", tmp_path / "shared"
+    write(shared_dir / "web.yaml", service("web", "10.96.0.10"))
+    root.mkdir()
+    (root / "team").symlink_to(shared_dir)
+    source = ManifestSource(root, Store(), Limits(allow_links=True))
+    source.load_all()
+    assert key("web") in loaded(source)
+
+    async def scenario(changes):
+        write(root / "marker.yaml", service("marker", "10.96.0.13"))
+        await until(changes, lambda: key("marker") in loaded(source))  # the watcher runs
+        write(shared_dir / "web.yaml", service("web", "10.96.0.10", port=8080))
+        assert await until(changes, lambda: loaded(source).get(key("web")) == 8080) == {key("web")}
+
+    run_watching(source, scenario)
