@@ -60,7 +60,8 @@ class Inotify:
         try:
             self.add(str(root))
             # The root's parent, for the root's name alone: a root deleted or renamed away and then
-            # made again (a folder swapped whole by rename) is watched anew, its old watches dropped.
+            # made again (a folder, or a symlink to one, swapped whole by rename) is watched anew,
+            # its old watches dropped.
             parent = os.path.dirname(str(root))
             self._parent_wd = _libc.inotify_add_watch(self.fd, os.fsencode(parent), IN_CREATE | IN_MOVED_TO) \
                 if parent != str(root) else -1
@@ -115,7 +116,7 @@ class Inotify:
                     into[str(self.root)] = True
                     continue
                 if wd == self._parent_wd:
-                    if mask & IN_ISDIR and name == os.fsencode(self.root.name):
+                    if name == os.fsencode(self.root.name):  # a directory, or a symlink to one swapped in
                         self._watch_root_again()
                         into[str(self.root)] = True
                     continue

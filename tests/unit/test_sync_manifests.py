@@ -506,3 +506,24 @@ def test_watch_with_allow_links_follows_edits_in_a_linked_directory(tmp_path):
         assert await until(changes, lambda: loaded(source).get(key("web")) == 8080) == {key("web")}
 
     run_watching(source, scenario)
+
+
+def test_watch_follows_a_root_that_is_a_symlink_swapped_to_another_directory(tmp_path):
+    # The release-directory idiom: manifests -> releases/1, then a new link renamed over it.
+    write(tmp_path / "releases" / "1" / "web.yaml", service("web", "10.96.0.10"))
+    write(tmp_path / "releases" / "2" / "web.yaml", service("web", "10.96.0.10", port=8080))
+    root = tmp_path / "manifests"
+    root.symlink_to(tmp_path / "releases" / "1")
+    source = ManifestSource(root, Store())
+    source.load_all()
+
+    async def scenario(changes):
+        write(root / "marker.yaml", service("marker", "10.96.0.13"))
+        await until(changes, lambda: key("marker") in loaded(source))  # the watcher runs
+        (tmp_path / "next").symlink_to(tmp_path / "releases" / "2")
+        os.rename(tmp_path / "next", root)
+        await until(changes, lambda: loaded(source).get(key("web")) == 8080 and key("marker") not in loaded(source))
+        write(root / "api.yaml", service("api", "10.96.0.11"))  # only a watch on releases/2 reports this
+        assert await until(changes, lambda: key("api") in loaded(source)) == {key("api")}
+
+    run_watching(source, scenario)
