@@ -143,6 +143,7 @@ class HealthCheckServers:
         self.healthy = healthy  # the proxy's own health: 503 on every port while it is not healthy
         self._probes: dict[int, Probe] = {}
         self._servers: dict[tuple[int, str], asyncio.AbstractServer] = {}
+        self.unbound = 0  # (port, address) pairs the last update could not bind
 
     async def update(self, snapshot: Snapshot, node_ips: tuple[str, ...] = ()) -> None:
         self._probes = probes(snapshot, self.node_name)
@@ -157,6 +158,7 @@ class HealthCheckServers:
             except OSError as error:
                 log.error("cannot serve healthCheckNodePort %d on %s for %s: %s", port, host,
                           self._probes[port].service, error)
+        self.unbound = len(wanted - self._servers.keys())  # retried at the next update, whatever changed
 
     def _answer(self, port: int):
         # Looks the probe up at request time: counts change without reopening the server.

@@ -26,12 +26,15 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".yaml", ".yml", ".json")
 
 
+def named_like_manifest(name: str) -> bool:
+    """A manifest's file name; dotfiles and editor temporaries are not."""
+    return name.endswith(SUFFIXES) and not name.startswith((".", "#", "~"))
+
+
 def is_manifest(path: Path) -> bool:
-    """Manifest files; dotfiles and editor temporaries are not."""
-    name = path.name
+    """Manifest files; dotfiles, editor temporaries and files in hidden directories are not."""
     return (
-        name.endswith(SUFFIXES)
-        and not name.startswith((".", "#", "~"))
+        named_like_manifest(path.name)
         and not any(part.startswith(".") for part in path.parts[-8:-1] if part not in (".", ".."))
     )
 
@@ -77,8 +80,7 @@ class ManifestSource:
         for directory, subdirectories, names in os.walk(self.root, followlinks=self.limits.allow_links):
             subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
             # Hidden directories are pruned above: only the names themselves are left to check.
-            found += [os.path.join(directory, name) for name in names
-                      if name.endswith(SUFFIXES) and not name.startswith((".", "#", "~"))]
+            found += [os.path.join(directory, name) for name in names if named_like_manifest(name)]
         return [Path(path) for path in sorted(found)]  # sorted as text: 10,000 Path comparisons cost 0.1 s
 
     def load(self, path: Path) -> set[ServiceKey]:
@@ -134,8 +136,9 @@ class ManifestSource:
         """
         watched = self.root if self.root.is_dir() else self.root.parent
         catch_up = self._loaded
-        async for paths in manifests_watch.changes(watched, recursive=self.root.is_dir(),
-                                                   settle=settle_ms / 1000, debounce=debounce_ms / 1000):
+        async for paths in manifests_watch.changes(watched, recursive=self.root.is_dir(), reads=named_like_manifest,
+                                                   settle=settle_ms / 1000, debounce=debounce_ms / 1000,
+                                                   follow_links=self.limits.allow_links):
             changed: set[ServiceKey] = set()
             if catch_up:
                 catch_up = False

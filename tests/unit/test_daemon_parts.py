@@ -136,3 +136,48 @@ def test_health_keeps_a_change_queued_during_a_sync_pending() -> None:
     assert schedule.pending_since == clock.now
     clock.now += 31
     assert probe.report()[0] == 503
+
+
+def test_a_partial_sync_runs_on_the_loop_only_when_its_work_is_small(tmp_path) -> None:
+    # On the loop, a sync holds DNS and health answers back for as long as it takes: a few
+    # changed Services of a few endpoints, yes; one of thousands of endpoints (100 ms+), no.
+    import asyncio
+    import threading
+
+    from dataplane.config import NodeSettings
+    from dataplane.daemon.app import Daemon, Options
+    from dataplane.lab.manifests import ManifestDir, endpoint_slice, port, service
+    from dataplane.nat.fake import FakeNftables
+
+    def web(endpoints: int, first: str) -> list[dict]:
+        addresses = [first] + [f"10.244.{i // 250}.{i % 250 + 1}" for i in range(1, endpoints)]
+        return [service("web", "10.96.0.10", [port("http", 80)])] + [
+            endpoint_slice("web", addresses[i:i + 100], [("http", 80, "TCP")], name=f"web-{i}")
+            for i in range(0, endpoints, 100)]
+
+    manifests = ManifestDir(tmp_path / "manifests")
+    manifests.write("small.yaml", [service("small", "10.96.0.11", [port("http", 80)]),
+                                   endpoint_slice("small", ["10.245.0.1"], [("http", 80, "TCP")])])
+    manifests.write("web.yaml", web(3000, "10.246.0.1"))
+    daemon = Daemon(Options(source=manifests.path, settings=NodeSettings(node_name="node1")), FakeNftables())
+    threads: list[bool] = []
+    program = daemon._program
+    daemon._program = lambda *args: threads.append(threading.current_thread() is threading.main_thread()) \
+        or program(*args)  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        daemon.source.load_all()
+        daemon.changed("start")
+        assert await daemon.loop.step(True)
+        manifests.write("small.yaml", [service("small", "10.96.0.11", [port("http", 80)]),
+                                       endpoint_slice("small", ["10.245.0.2"], [("http", 80, "TCP")])])
+        daemon.source.load_all()
+        daemon.changed("small")
+        assert await daemon.loop.step(False)
+        manifests.write("web.yaml", web(3000, "10.246.0.2"))  # one endpoint of 3,000 changed
+        daemon.source.load_all()
+        daemon.changed("web")
+        assert await daemon.loop.step(False)
+
+    asyncio.run(scenario())
+    assert threads == [False, True, False]  # full: a thread; small: the loop; large: a thread

@@ -68,3 +68,39 @@ def test_server_answers_200_then_503_then_closes() -> None:
         servers.close()
 
     asyncio.run(scenario())
+
+
+def test_a_port_that_could_not_be_bound_is_bound_at_a_later_sync_of_other_services(tmp_path) -> None:
+    # The daemon skips rebuilding probes when no Service with a healthCheckNodePort changed; a port
+    # that failed to bind must still be retried, as kube-proxy retries at every sync.
+    from dataplane.config import NodeSettings
+    from dataplane.daemon.app import Daemon, Options
+    from dataplane.lab.manifests import ManifestDir, endpoint_slice, port, service
+    from dataplane.nat.fake import FakeNftables
+
+    number = free_port()
+    manifests = ManifestDir(tmp_path / "manifests")
+    manifests.write("lb.yaml", [
+        service("lb", "10.96.0.20", [port("http", 80, node_port=30080)], type="LoadBalancer",
+                externalTrafficPolicy="Local", healthCheckNodePort=number),
+        endpoint_slice("lb", ["10.244.1.21"], [("http", 80, "TCP")], node="node1")])
+    manifests.write("web.yaml", [service("web", "10.96.0.10", [port("http", 80)])])
+    daemon = Daemon(Options(source=manifests.path, settings=NodeSettings(node_name="node1")), FakeNftables())
+    daemon.health_checks.host = "127.0.0.1"
+
+    async def scenario() -> None:
+        with socket.socket() as taken:  # someone else holds the port for a while
+            taken.bind(("127.0.0.1", number))
+            taken.listen()
+            daemon.source.load_all()
+            daemon.changed("start")
+            assert await daemon.loop.step(True)
+        manifests.write("web.yaml", [service("web", "10.96.0.10", [port("http", 81)])])  # not the LB Service
+        daemon.source.load_all()
+        daemon.changed("web")
+        assert await daemon.loop.step(False)
+        status, _, body = await get(number)
+        assert (status, body["localEndpoints"]) == (200, 1)
+        daemon.health_checks.close()
+
+    asyncio.run(scenario())

@@ -21,6 +21,7 @@ import pytest
 
 from dataplane.model import ServiceKey
 from dataplane.sync.manifests import ManifestSource, is_manifest, read_documents
+from dataplane.sync.reader import Limits
 from dataplane.sync.store import Store
 
 WAIT = 5.0
@@ -430,5 +431,99 @@ def test_watch_follows_files_written_later_in_a_directory_made_after_it_started(
         await until(changes, lambda: loaded(source)[key("marker")] == 81)  # the directory's event is handled
         write(tmp_path / "team-c" / "db.yaml", service("db", "10.96.0.12"))  # only its own watch reports this
         assert await until(changes, lambda: key("db") in loaded(source)) == {key("db")}
+
+    run_watching(source, scenario)
+
+
+def test_watch_follows_a_root_replaced_by_rename_or_deleted_and_made_again(tmp_path):
+    root = tmp_path / "manifests"
+    write(root / "web.yaml", service("web", "10.96.0.10"))
+    source = ManifestSource(root, Store())
+    source.load_all()
+
+    async def scenario(changes):
+        # A folder swapped whole (built beside it, renamed over): the old one's watches follow it away.
+        write(tmp_path / "next" / "web.yaml", service("web", "10.96.0.10", port=8080))
+        os.rename(root, tmp_path / "previous")
+        os.rename(tmp_path / "next", root)
+        await until(changes, lambda: loaded(source).get(key("web")) == 8080)
+        write(root / "api.yaml", service("api", "10.96.0.11"))  # only a watch on the new folder reports this
+        assert await until(changes, lambda: key("api") in loaded(source)) == {key("api")}
+        write(tmp_path / "previous" / "web.yaml", service("web", "10.96.0.10", port=9999))  # not ours any more
+
+        shutil.rmtree(root)
+        await until(changes, lambda: not loaded(source))
+        write(root / "db.yaml", service("db", "10.96.0.12"))
+        assert await until(changes, lambda: key("db") in loaded(source)) == {key("db")}
+
+    run_watching(source, scenario)
+    assert loaded(source) == {key("db"): 80}
+
+
+def test_watch_never_withdraws_a_file_saved_by_rename(tmp_path):
+    # vim's default save (backupcopy=auto on a plain file): the file is renamed to its backup, then
+    # written anew. For the moment in between it is missing; its Service must not be withdrawn.
+    web = write(tmp_path / "web.yaml", service("web", "10.96.0.10"))
+    source = ManifestSource(tmp_path, Store())
+    source.load_all()
+    served: list[bool] = []
+
+    async def scenario(changes):
+        async def record():
+            async for _ in changes:
+                served.append(key("web") in loaded(source))
+
+        recording = asyncio.ensure_future(record())
+        await asyncio.sleep(0.1)  # the watches are in place
+        os.rename(web, tmp_path / "web.yaml~")
+        await asyncio.sleep(0.002)  # the watcher has seen the rename, and nothing after it
+        write(web, service("web", "10.96.0.10", port=8080))
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while loaded(source).get(key("web")) != 8080 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        recording.cancel()
+        await asyncio.gather(recording, return_exceptions=True)
+
+    run_watching(source, scenario)
+    assert loaded(source) == {key("web"): 8080}
+    assert all(served), served
+
+
+def test_watch_with_allow_links_follows_edits_in_a_linked_directory(tmp_path):
+    # --allow-links reads manifests through a symlinked directory; its edits must have events too.
+    root, shared_dir = tmp_path / "root", tmp_path / "shared"
+    write(shared_dir / "web.yaml", service("web", "10.96.0.10"))
+    root.mkdir()
+    (root / "team").symlink_to(shared_dir)
+    source = ManifestSource(root, Store(), Limits(allow_links=True))
+    source.load_all()
+    assert key("web") in loaded(source)
+
+    async def scenario(changes):
+        write(root / "marker.yaml", service("marker", "10.96.0.13"))
+        await until(changes, lambda: key("marker") in loaded(source))  # the watcher runs
+        write(shared_dir / "web.yaml", service("web", "10.96.0.10", port=8080))
+        assert await until(changes, lambda: loaded(source).get(key("web")) == 8080) == {key("web")}
+
+    run_watching(source, scenario)
+
+
+def test_watch_follows_a_root_that_is_a_symlink_swapped_to_another_directory(tmp_path):
+    # The release-directory idiom: manifests -> releases/1, then a new link renamed over it.
+    write(tmp_path / "releases" / "1" / "web.yaml", service("web", "10.96.0.10"))
+    write(tmp_path / "releases" / "2" / "web.yaml", service("web", "10.96.0.10", port=8080))
+    root = tmp_path / "manifests"
+    root.symlink_to(tmp_path / "releases" / "1")
+    source = ManifestSource(root, Store())
+    source.load_all()
+
+    async def scenario(changes):
+        write(root / "marker.yaml", service("marker", "10.96.0.13"))
+        await until(changes, lambda: key("marker") in loaded(source))  # the watcher runs
+        (tmp_path / "next").symlink_to(tmp_path / "releases" / "2")
+        os.rename(tmp_path / "next", root)
+        await until(changes, lambda: loaded(source).get(key("web")) == 8080 and key("marker") not in loaded(source))
+        write(root / "api.yaml", service("api", "10.96.0.11"))  # only a watch on releases/2 reports this
+        assert await until(changes, lambda: key("api") in loaded(source)) == {key("api")}
 
     run_watching(source, scenario)
