@@ -145,13 +145,10 @@ class UserspaceMode:
             for family, version in FAMILIES.items():
                 rules = self.rules[family]
                 queued = rules.queued.get(key, frozenset())
-                addresses = state.service.cluster_ips + state.service.external_ips_all if state else ()
-                if any((":" in ip) == (version == 6) for ip in addresses):  # a family the Service has
+                if state is not None:
                     found, problems = port_tables(state, rules.ids.get, self.algorithm, version,
                                                   self.settings.node_name, self.settings.node_zone)
                     for port in found:
-                        if not port.addresses and not port.node_port:
-                            continue  # an external table with nothing external (no NodePort, no external IP)
                         if (PROTOCOL_NAMES[port.protocol], port.port) in queued:
                             ports.append(port)
                         elif table_balanced(state.service, self.algorithm):

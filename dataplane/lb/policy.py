@@ -71,7 +71,8 @@ def port_tables(
     of an externalTrafficPolicy: Local Service is not the forwarder's (see
     `frontends` below), so it has no table here. With internal and
     external endpoint sets differing, a port gets two tables, `...:port` and
-    `...:port/external`. Endpoints without an id (not programmed yet) are left out.
+    `...:port/external` (when it has an external address or a NodePort). A family the Service
+    has no address in gives no table. Endpoints without an id (not programmed yet) are left out.
     """
     service = state.service
     if not service.proxied:
@@ -81,6 +82,8 @@ def port_tables(
     rules = dict(service.lb_weights)
     holds = (lambda ip: ":" in ip) if family == 6 else (lambda ip: ":" not in ip)
     internal, external = frontends(state, holds)
+    if not internal and not external:
+        return (), problems  # a family the Service does not have
     dual_stack = any(":" not in ip for ip in (*service.cluster_ips, *service.external_ips_all))
     tables = []
 
@@ -109,8 +112,9 @@ def port_tables(
                                     targets=inside, **common))
         else:
             tables.append(PortTable(name=name, addresses=internal, node_port=None, targets=inside, **common))
-            tables.append(PortTable(name=f"{name}/external", addresses=external, node_port=node_port,
-                                    targets=outside, **common))
+            if external or node_port:  # an external table needs something external to be reached by
+                tables.append(PortTable(name=f"{name}/external", addresses=external, node_port=node_port,
+                                        targets=outside, **common))
     return tuple(tables), problems
 
 

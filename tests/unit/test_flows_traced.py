@@ -439,7 +439,7 @@ def balancer_for(nft: FakeNftables, algorithm: str) -> Balancer:
         found = []
         for version in (4, 6):
             ports, _ = port_tables(state, ids.get, algorithm, version, NODE_NAME, NODE_ZONE)
-            found += [p for p in ports if p.addresses]
+            found += ports
         tables[key] = tuple(found)
     balancer = Balancer(seed=10)
     balancer.handle(ServicesChanged(tables))

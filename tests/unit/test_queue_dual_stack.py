@@ -53,7 +53,7 @@ def dual_stack_tables() -> dict:
     ports = []
     for version, ids in ((4, V4_IDS), (6, V6_IDS)):  # as daemon/userspace.py's synced()
         found, _ = port_tables(state, ids.get, "round-robin", version, "node-a")
-        ports += [p for p in found if p.addresses or p.node_port]
+        ports += found
     return {key: tuple(ports)}
 
 
