@@ -25,7 +25,7 @@ import threading
 from pyroute2.netlink import NETLINK_NETFILTER
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
 
-from .encode import Message
+from .encode import Message, be32, strz
 
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -161,18 +161,18 @@ class NetlinkBatches:
         Raises BatchError with errno ENOENT when the table does not exist (a dump
         of a missing table's objects is merely empty, so that is asked apart)."""
         proto = NFPROTO[family]
-        name = _attr(NFTA_OBJ_TABLE, table.encode() + b"\0")
+        name = strz(NFTA_OBJ_TABLE, table)
         with self._lock:
             found = {}
             for body in self._request(NFT_MSG_GETOBJ, NLM_F_DUMP, proto,
-                                      name + _attr(NFTA_OBJ_TYPE, struct.pack(">I", NFT_OBJECT_COUNTER))):
+                                      name + be32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER)):
                 attrs = _attrs(body)
                 if NFTA_OBJ_NAME in attrs and NFTA_OBJ_DATA in attrs:
                     data = _attrs(attrs[NFTA_OBJ_DATA])
                     found[bytes(attrs[NFTA_OBJ_NAME]).rstrip(b"\0").decode()] = (
                         _u64(data.get(NFTA_COUNTER_PACKETS)), _u64(data.get(NFTA_COUNTER_BYTES)))
             if not found:
-                self._request(NFT_MSG_GETTABLE, 0, proto, _attr(NFTA_TABLE_NAME, table.encode() + b"\0"))
+                self._request(NFT_MSG_GETTABLE, 0, proto, strz(NFTA_TABLE_NAME, table))
             return found
 
     def _request(self, kind: int, flags: int, family: int, body: bytes) -> list[memoryview]:
@@ -194,14 +194,14 @@ class NetlinkBatches:
             view = memoryview(bytes(buffer[:size]))
             offset = 0
             while offset + _HEADER.size <= size:
-                length, reply_kind, _, reply_seq, _ = _HEADER.unpack_from(view, offset)
+                length, reply_kind, reply_flags, reply_seq, _ = _HEADER.unpack_from(view, offset)
                 if length < _HEADER.size or offset + length > size:
                     raise BatchError("a truncated reply from the kernel", None)
                 if reply_seq == seq:
                     if reply_kind == NLMSG_ERROR:
                         (code,) = struct.unpack_from("=i", view, offset + 16)
                         if code:
-                            raise BatchError(_describe(-code, _ext_ack_message(view[offset:offset + length], 0),
+                            raise BatchError(_describe(-code, _ext_ack_message(view[offset:offset + length], reply_flags),
                                                        "a get request"), -code)
                         return replies  # the ack, after the reply
                     if reply_kind == NLMSG_DONE:
@@ -283,10 +283,6 @@ def _put(data: bytearray, offset: int, kind: int, flags: int, seq: int, family: 
     _NFGEN.pack_into(data, offset + _HEADER.size, family, 0, socket.htons(res_id))
     data[offset + _FRAMED:offset + length] = body
     return offset + ((length + 3) & ~3)
-
-
-def _attr(kind: int, value: bytes) -> bytes:
-    return struct.pack("=HH", 4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
 
 
 def _attrs(data: memoryview) -> dict[int, memoryview]:
