@@ -131,11 +131,6 @@ class Log:
 
 # -- per Service port -----------------------------------------------------------------------------
 
-def family_of(table: PortTable) -> int:
-    """4 or 6: the address family of a port table (each table holds one family's frontends)."""
-    return 6 if table.addresses and len(table.addresses[0]) == 16 else table.family
-
-
 def flow_hash(flow: Flow) -> int:
     return zlib.crc32(flow.saddr + flow.daddr + _PORTS(flow.sport, flow.dport), flow.protocol)
 
@@ -387,14 +382,14 @@ class Balancer:
         for address in table.addresses:
             self.frontends[(address, table.protocol, table.port)] = state
         if table.node_port:
-            self.nodeports[(family_of(table), table.protocol, table.node_port)] = state
+            self.nodeports[(table.family, table.protocol, table.node_port)] = state
 
     def _unindex(self, state: PortState) -> None:
         table = state.table
         for address in table.addresses:
             if self.frontends.get((address, table.protocol, table.port)) is state:
                 del self.frontends[(address, table.protocol, table.port)]
-        key = (family_of(table), table.protocol, table.node_port)
+        key = (table.family, table.protocol, table.node_port)
         if table.node_port and self.nodeports.get(key) is state:
             del self.nodeports[key]
 

@@ -39,7 +39,7 @@ def targets(n: int, weights=None) -> tuple[Target, ...]:
 
 def table(n=3, algorithm="random", weights=None, affinity=None, name="default/web:http", node_port=None,
           address=CLUSTER_IP, protocol=6, port=80) -> PortTable:
-    return PortTable(name, protocol, (packed(address),), port, node_port, targets(n, weights), algorithm, affinity)
+    return PortTable(name, protocol, (packed(address),), port, node_port, targets(n, weights), algorithm, affinity, family=6 if ":" in address else 4)
 
 
 _TEMPLATES: dict = {}

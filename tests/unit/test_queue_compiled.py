@@ -37,7 +37,7 @@ def targets(n: int, weights=None) -> tuple[Target, ...]:
 
 
 def port(name, address, algorithm="random", n=3, weights=None, affinity=None, protocol=6, number=80, node_port=None):
-    return PortTable(name, protocol, (packed(address),), number, node_port, targets(n, weights), algorithm, affinity)
+    return PortTable(name, protocol, (packed(address),), number, node_port, targets(n, weights), algorithm, affinity, family=6 if ":" in address else 4)
 
 
 PORTS = (
