@@ -145,7 +145,6 @@ class Daemon:
                                      registry=self.metrics.registry, on_node=self._node_changed)
         else:
             self.source = ManifestSource(options.source, self.store, Limits(allow_links=options.allow_links))
-            self.source.prepare()  # the parser's interpreter starts while this one finishes its own start
         if options.kube is not None:
             self.source.on_endpoint_slice = self.metrics.triggers.record
         self.proxier = Proxier(options.settings, nft)

@@ -99,10 +99,6 @@ class ManifestSource:
         wanted = [p for p in listed if not (only_changed and self._stats.get(str(p)) == _stat(p))]
         return changed | self._load_many(wanted)
 
-    def prepare(self) -> None:
-        """Starts the parser process ahead of the first load (it reads nothing yet: the watch comes first)."""
-        self.parser.start()
-
     def close(self) -> None:
         self.parser.close()
 

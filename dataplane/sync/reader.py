@@ -211,11 +211,6 @@ class ParserProcess:
             pending = pending[done:]
         self._recycle()
 
-    def start(self) -> None:
-        """Starts the first child now, without waiting for it: its interpreter then starts while the daemon
-        does the rest of its own start (about 0.1 s of a cold start)."""
-        self._start()
-
     def _recycle(self) -> None:
         """Ends a child that a big file left big (Python keeps its heap): the next read starts a fresh one."""
         if self._child is None:
