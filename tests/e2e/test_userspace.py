@@ -383,7 +383,8 @@ def test_a_queue_that_overflows_lets_new_flows_through_to_the_kernels_pick(lab, 
         for cpu in queues:  # fanout: the queue of the sending CPU
             lab.client.popen("taskset", "-c", str(cpu), sys.executable, "-c", SPREAD, "17000", "10.96.0.30", "9",
                              str(23000 + 17000 * cpu)).wait(60)
-        assert all(waiting == 16384 for waiting in queue_waiting(lab).values()), queue_waiting(lab)
+        waiting = queue_waiting(lab)
+        assert waiting and all(count == 16384 for count in waiting.values()), waiting
         outcomes = [tcp_request(lab.client, "10.96.0.30", 80, timeout=0.9) for _ in range(20)]
         assert all(o.ok for o in outcomes), [str(o) for o in outcomes if not o.ok][:3]
         assert set(tally(outcomes)) == ALL  # the kernel's random pick, not one forwarder's
