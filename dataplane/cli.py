@@ -215,21 +215,20 @@ KUBE_PROXY_DESTS = (
 
 # kube-proxy flags that mean nothing here: accepted in kube-proxy's syntax (so its DaemonSet's
 # arguments still start the daemon) and logged once as ignored. Flag -> (value kind, why).
-_IPVS = "an IPVS setting; IPVS is not implemented here"
 IGNORED_FLAGS = {
-    "--iptables-localhost-nodeports": ("bool", "NodePorts never answer on loopback here"),
-    **{f"--ipvs-{name}": ("duration", _IPVS) for name in (
+    "--iptables-localhost-nodeports": ("bool", kpc.LOCALHOST_NODEPORTS),
+    **{f"--ipvs-{name}": ("duration", kpc.IPVS) for name in (
         "sync-period", "min-sync-period", "tcp-timeout", "tcpfin-timeout", "udp-timeout")},
-    "--ipvs-scheduler": ("string", _IPVS),
-    "--ipvs-exclude-cidrs": ("string", _IPVS),
-    "--ipvs-strict-arp": ("bool", _IPVS),
-    "--profiling": ("bool", "no /debug/pprof here"),
-    "--show-hidden-metrics-for-version": ("string", "no metric is hidden here"),
-    "--vmodule": ("string", "per-module verbosity is klog's"),
-    "--log-flush-frequency": ("duration", "logs are written unbuffered"),
-    "--log-json-info-buffer-size": ("string", "logs are written unbuffered"),
+    "--ipvs-scheduler": ("string", kpc.IPVS),
+    "--ipvs-exclude-cidrs": ("string", kpc.IPVS),
+    "--ipvs-strict-arp": ("bool", kpc.IPVS),
+    "--profiling": ("bool", kpc.NO_PPROF),
+    "--show-hidden-metrics-for-version": ("string", kpc.NO_HIDDEN_METRICS),
+    "--vmodule": ("string", kpc.VMODULE),
+    "--log-flush-frequency": ("duration", kpc.UNBUFFERED),
+    "--log-json-info-buffer-size": ("string", kpc.UNBUFFERED),
     "--log-json-split-stream": ("bool", "every log line goes to stderr"),
-    "--log-text-info-buffer-size": ("string", "logs are written unbuffered"),
+    "--log-text-info-buffer-size": ("string", kpc.UNBUFFERED),
     "--log-text-split-stream": ("bool", "every log line goes to stderr"),
 }
 

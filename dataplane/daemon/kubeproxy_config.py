@@ -218,7 +218,13 @@ def _ignored_section(why: str, **kinds: str) -> dict[str, Leaf]:
     return {name: Leaf(kind, ignored=why) for name, kind in kinds.items()}
 
 
-_IPVS = "an IPVS setting; IPVS is not implemented here"
+# Why a setting means nothing here; shared with cli.IGNORED_FLAGS, whose flags are these fields' twins.
+IPVS = "an IPVS setting; IPVS is not implemented here"
+LOCALHOST_NODEPORTS = "NodePorts never answer on loopback here"
+NO_PPROF = "no /debug/pprof here"
+NO_HIDDEN_METRICS = "no metric is hidden here"
+VMODULE = "per-module verbosity is klog's"
+UNBUFFERED = "logs are written unbuffered"
 _WINDOWS = "a Windows (winkernel) setting"
 # The mode's own section (iptables or nftables) gives masqueradeAll, masqueradeBit and the
 # sync periods, as kube-proxy's conversion does; the other section is ignored.
@@ -243,24 +249,24 @@ SCHEMA: dict[str, Any] = {
     "logging": {
         "format": _leaf("str", "logging_format"),
         "verbosity": _leaf("int", "v"),
-        **_ignored_section("logs are written unbuffered", flushFrequency="any", options="any"),
-        **_ignored_section("per-module verbosity is klog's", vmodule="any"),
+        **_ignored_section(UNBUFFERED, flushFrequency="any", options="any"),
+        **_ignored_section(VMODULE, vmodule="any"),
     },
     "hostnameOverride": _leaf("str", "hostname_override"),
     "bindAddress": _leaf("str", "bind_address"),
     "healthzBindAddress": _leaf("str", "healthz_bind_address"),
     "metricsBindAddress": _leaf("str", "metrics_bind_address"),
     "bindAddressHardFail": _leaf("bool", "bind_address_hard_fail"),
-    **_ignored_section("no /debug/pprof here", enableProfiling="bool"),
-    **_ignored_section("no metric is hidden here", showHiddenMetricsForVersion="str"),
+    **_ignored_section(NO_PPROF, enableProfiling="bool"),
+    **_ignored_section(NO_HIDDEN_METRICS, showHiddenMetricsForVersion="str"),
     "mode": _leaf("str"),  # read by parse(): it picks kernel mode or refuses, and the section to read
     "iptables": {
         **_SECTION_FIELDS,
-        **_ignored_section("NodePorts never answer on loopback here", localhostNodePorts="bool"),
+        **_ignored_section(LOCALHOST_NODEPORTS, localhostNodePorts="bool"),
         **_ignored_section("masquerading uses the egress address here", snatNodeInternalIP="bool"),
     },
     "nftables": dict(_SECTION_FIELDS),
-    "ipvs": _ignored_section(_IPVS, syncPeriod="duration", minSyncPeriod="duration", scheduler="str",
+    "ipvs": _ignored_section(IPVS, syncPeriod="duration", minSyncPeriod="duration", scheduler="str",
                              excludeCIDRs="strings", strictARP="bool", tcpTimeout="duration",
                              tcpFinTimeout="duration", udpTimeout="duration"),
     "winkernel": _ignored_section(_WINDOWS, networkName="str", sourceVip="str", enableDSR="bool",
