@@ -181,7 +181,7 @@ class _FragmentBuilder:
         assert self.table_ids is not None
         table_id = self.table_ids.get(self.owner, key, f"{self.name}/{port.protocol}/{port.port}/{role}")
         self.tables.add(key)
-        self.elements.extend(self.table_ids.slots.render(service, backends, size, table_id, layout.slots_map(size)))
+        self.elements.extend(self.table_ids.slots.render(service, backends, size, table_id))
         return id_text(table_id)
 
     def add(self, container: str, *items: tuple[str, str], comment: str = "") -> None:

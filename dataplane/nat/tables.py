@@ -103,22 +103,22 @@ class SlotElements:
     def __init__(self) -> None:
         self._last: dict[int, _Filled] = {}
 
-    def render(self, service: Service, backends: Sequence[Backend], size: int, table_id: int,
-               container: str) -> list[Element]:
-        """The table's slot elements in `container`: `id . slot` : `endpoint . port`."""
+    def render(self, service: Service, backends: Sequence[Backend], size: int, table_id: int) -> list[Element]:
+        """The table's slot elements in the map of its size: `id . slot` : `endpoint . port`."""
         ordered, names, weights = lb_tables.fill_input(service, backends)
         source = (names, weights, size)
         last = self._last.get(table_id)
         if last is not None and len(last.elements) != size:
             last = None
-        if last is not None and last.source == source and last.elements[0].container == container:
+        if last is not None and last.source == source:
             return last.elements
         if last is not None and last.previous_source == source and last.previous_fill is not None:
             fill = last.previous_fill
         else:
             fill = array("H" if len(names) < 1 << 16 else "I", maglev.build(names, weights, size))
         values = [f"{b.ip} . {b.port}" for b in ordered]
-        if last is None or last.elements[0].container != container:
+        container = layout.slots_map(size)  # a kept rendering has this size, so this container
+        if last is None:
             prefix = id_text(table_id)
             elements = [Element(container, f"{prefix} . {slot}", values[index]) for slot, index in enumerate(fill)]
         else:

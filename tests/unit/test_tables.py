@@ -414,10 +414,10 @@ def test_an_endpoint_coming_back_reuses_the_fill_before_and_its_unchanged_slots(
     _, state = state_of(documents())
     backends = list(state.port_backends())[0][1]
     slots = SlotElements()
-    first = slots.render(state.service, backends, 1021, 7, "slots-1021")
-    fewer = slots.render(state.service, backends[:-1], 1021, 7, "slots-1021")
-    back = slots.render(state.service, backends, 1021, 7, "slots-1021")
-    assert back == first and back == SlotElements().render(state.service, backends, 1021, 7, "slots-1021")
+    first = slots.render(state.service, backends, 1021, 7)
+    fewer = slots.render(state.service, backends[:-1], 1021, 7)
+    back = slots.render(state.service, backends, 1021, 7)
+    assert back == first and back == SlotElements().render(state.service, backends, 1021, 7)
     kept = sum(1 for a, b in zip(first, fewer) if a is b)
     assert kept == sum(1 for a, b in zip(first, fewer) if a == b) > 1021 * 0.8  # unchanged slots: the same objects
     assert all(a is b for a, b in zip(fewer, back) if a == b)
