@@ -7,8 +7,6 @@ sync leaves both the kernel and our memory of it as they were.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from ..nat.ruleset import Ruleset
 from ..nat.render import RulesetBuilder
 from ..nat.ruleset import Transaction
 from ..netlink.conntrack import StaleFlows
+from ..sync.reader import collector_paused
 
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,9 @@ class Proxier:
         render, userspace mode's `extend` or the planner raised) with the kernel and the
         planner's memory of it as they were (the next sync, a full one, starts from there)."""
         started = time.perf_counter()
-        with _collector_paused():
+        # Rendering 10,000 Services allocates 130,000 tuples, and a sync makes no cycles worth collecting:
+        # the cyclic collector would walk the heap again and again (render 0.5-0.8 s instead of 0.26 s).
+        with collector_paused():
             return self._sync(snapshot, node_ips, full, started)
 
     def _sync(self, snapshot: Snapshot, node_ips: tuple[str, ...], full: bool, started: float) -> SyncResult:
@@ -107,20 +108,6 @@ class Proxier:
                         if layout.holds_endpoints(state.ruleset.declarations.get(name)))
         timings = (rendered - started, planned - rendered, applied - planned)
         return SyncResult(len(tx), stale, services, endpoints, timings)
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """Rendering 10,000 Services allocates 130,000 tuples; the cyclic collector would walk
-    the whole heap again and again meanwhile (render 0.5-0.8 s instead of 0.26 s). The
-    sync creates no cycles worth collecting before it ends."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def stale_flows(old: Snapshot, new: Snapshot) -> tuple[StaleFlows, ...]:
