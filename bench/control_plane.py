@@ -63,8 +63,18 @@ class ControlPlaneResult:
     backend: str = "netlink"
     full_apply_s: float = 0.0  # the apply part of the full sync
     change_apply_ms: list[float] = field(default_factory=list)
-    resync_s: float | None = None  # a periodic full resync with nothing changed (flush and refill in place)
+    resync_s: float | None = None  # a periodic full resync with nothing changed (the kernel's generation vouches)
     resync_apply_s: float | None = None
+    # The next periodic resync after an unrelated commit in the namespace (another table's): the
+    # generation cannot vouch, so the tables are flushed and refilled in place.
+    forced_resync_s: float | None = None
+    forced_resync_apply_s: float | None = None
+    # A second daemon started on the first one's rules (a restart, a DaemonSet update): to the first sync
+    # live, to /healthz 200, and its peak RSS.
+    restart_s: float | None = None
+    restart_healthz_s: float | None = None
+    restart_full_sync_s: float | None = None
+    restart_peak_rss_mb: float | None = None
     tables: int = 0  # Services balanced by Maglev tables among `services`
     text_fallbacks: int = 0  # transactions the netlink applier handed to nft as text (the daemon's log)
     healthz_s: float | None = None  # daemon start -> /healthz first answers 200 (polled once the full sync is logged)
@@ -167,9 +177,11 @@ class _Daemon:
 
 
 def measure(services: int, endpoints: int = 10, changes: int = 100, progress=print,
-            backend: str = "netlink", resync_after: float = 0.0, tables: int = 0) -> ControlPlaneResult:
+            backend: str = "netlink", resync_after: float = 0.0, tables: int = 0,
+            restart: bool = False) -> ControlPlaneResult:
     """With `resync_after`, the daemon's --sync-period: after the changes, the next periodic
-    full resync (nothing changed) is timed too. The first `tables` Services are Maglev-balanced."""
+    full resync (nothing changed) is timed, then one after another table's commit. With `restart`,
+    a second daemon is started on the first one's rules. The first `tables` Services are Maglev-balanced."""
     with tempfile.TemporaryDirectory(prefix="dataplane-bench-") as tmp, _Netns(f"dpbench-{os.getpid()}") as netns:
         source = Path(tmp) / "manifests"
         write_cluster(source, services, endpoints)
@@ -201,13 +213,29 @@ def measure(services: int, endpoints: int = 10, changes: int = 100, progress=pri
             if resync_after:
                 _, resync_ms = daemon.next_sync("full", timeout=resync_after + 600)
                 result.resync_s, result.resync_apply_s = resync_ms / 1000, daemon.last_apply_ms / 1000
+                subprocess.run(["ip", "netns", "exec", netns.name, "nft", "add table inet bench-other"], check=True)
+                _, forced_ms = daemon.next_sync("full", timeout=resync_after + 600)
+                result.forced_resync_s, result.forced_resync_apply_s = forced_ms / 1000, daemon.last_apply_ms / 1000
                 progress(f"  {services} services ({backend}): full resync {resync_ms:.0f} ms "
+                         f"(nothing changed), {forced_ms:.0f} ms after another table's commit "
                          f"(apply {daemon.last_apply_ms:.0f} ms)")
             result.peak_rss_mb = daemon.peak_rss_mb()
             result.text_fallbacks = daemon.text_fallbacks
-            return result
         finally:
             daemon.stop()
+        if restart:  # the rules stay when a daemon stops: the next one starts on them
+            daemon = _Daemon(netns.name, source, backend, 86400)
+            try:
+                live, full_ms = daemon.next_sync("full", timeout=600)
+                result.restart_s, result.restart_full_sync_s = live - daemon.started, full_ms / 1000
+                result.restart_healthz_s = daemon.healthy_after(timeout=60) - daemon.started
+                result.restart_peak_rss_mb = daemon.peak_rss_mb()
+                progress(f"  {services} services ({backend}): restart on the rules in place: first sync live at "
+                         f"{result.restart_s:.2f} s (/healthz 200 at {result.restart_healthz_s:.2f} s), "
+                         f"full sync {full_ms:.0f} ms, peak RSS {result.restart_peak_rss_mb:.0f} MB")
+            finally:
+                daemon.stop()
+        return result
 
 
 def iptables_restore_seconds(services: int, endpoints: int = 10, cluster_cidr: str = "10.128.0.0/9") -> float:
@@ -225,7 +253,8 @@ def iptables_restore_seconds(services: int, endpoints: int = 10, cluster_cidr: s
 
 
 def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=print,
-                     resync_after: float = 0.0, appliers: tuple[str, ...] = APPLIERS, tables: int = 0) -> list[dict]:
+                     resync_after: float = 0.0, appliers: tuple[str, ...] = APPLIERS, tables: int = 0,
+                     restart: bool = False) -> list[dict]:
     """Both appliers at every size, in one run; the order alternates so that neither always runs on a
     machine warmed (or loaded) by the other. Changes are timed at `change_size` only."""
     records = []
@@ -235,7 +264,8 @@ def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=
         for backend in order:
             before = _loadavg()
             summary = measure(size, changes=changes if size == change_size else 0, progress=progress,
-                              backend=backend, resync_after=resync_after, tables=tables).summary()
+                              backend=backend, resync_after=resync_after, tables=tables,
+                              restart=restart).summary()
             summary["loadavg"] = f"{before} before, {_loadavg()} after"
             pair[backend] = summary
         if len(pair) < 2:  # one applier only: nothing to compare
@@ -245,6 +275,7 @@ def compare_appliers(sizes: list[int], changes: int, change_size: int, progress=
         record = {"services": size, "netlink": netlink, "nft": text, "ratio_netlink_to_nft": {
             key: round(netlink[key] / text[key], 3) if netlink.get(key) and text.get(key) else None
             for key in ("cold_start_s", "healthz_s", "full_sync_s", "full_apply_s", "resync_s", "resync_apply_s",
+                        "forced_resync_s", "restart_healthz_s", "restart_peak_rss_mb",
                         "change_latency_ms_median", "change_sync_ms_median", "change_apply_ms_median",
                         "peak_rss_mb")}}
         records.append(record)
@@ -262,6 +293,11 @@ def markdown(records: list[dict]) -> str:
                ("full_sync_s", "full sync (s)"),
                ("full_apply_s", "  of which apply (s)"), ("resync_s", "full resync, nothing changed (s)"),
                ("resync_apply_s", "  of which apply (s)"),
+               ("forced_resync_s", "full resync after another table's commit (s)"),
+               ("forced_resync_apply_s", "  of which apply (s)"),
+               ("restart_healthz_s", "restart on the rules in place to /healthz 200 (s)"),
+               ("restart_full_sync_s", "  its full sync (s)"),
+               ("restart_peak_rss_mb", "  its peak RSS (MB)"),
                ("change_latency_ms_median", "one change, write -> live (ms, median)"),
                ("change_latency_ms_p90", "one change, write -> live (ms, p90)"),
                ("change_latency_ms_p99", "one change, write -> live (ms, p99)"),
@@ -298,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--change-size", type=int, default=10000)
     parser.add_argument("--resync-after", type=float, default=0.0,
                         help="seconds: the daemon's --sync-period; the first periodic resync is timed (0: none)")
+    parser.add_argument("--restart", action="store_true",
+                        help="then start a second daemon on the first one's rules, as a restart does")
     parser.add_argument("--appliers", default=",".join(APPLIERS), help="netlink, nft or both, comma-separated")
     parser.add_argument("--tables", type=int, default=0,
                         help="the first N Services balanced by Maglev tables (16,381 slots each at 10 endpoints)")
@@ -312,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     records = compare_appliers(sizes, args.changes, args.change_size, progress=lambda m: print(m, flush=True),
                                resync_after=args.resync_after,
                                appliers=tuple(a for a in args.appliers.split(",") if a in APPLIERS),
-                               tables=args.tables)
+                               tables=args.tables, restart=args.restart)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m bench.control_plane", *(argv if argv is not None else sys.argv[1:])])

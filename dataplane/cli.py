@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             nft = Nftables(applier=getattr(args, "nftables_backend", "nft"))
-            nft.run("list tables")
+            nft.probe()
         except NftError as error:
             log.error("nftables is not usable: %s", error)
             return EXIT_NO_NFTABLES

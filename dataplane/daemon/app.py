@@ -217,10 +217,11 @@ class Daemon:
         # The rules are live: said first, and everything after is kept to the Services that changed.
         render, plan, apply = (round(s * 1000, 1) for s in result.seconds)
         log.info(
-            "%s sync: %d commands in %.1f ms (render %s, plan %s, apply %s; %d services, %d endpoint entries)",
-            "full" if full else "partial", result.commands, elapsed * 1000, render, plan, apply,
-            result.services, result.endpoints,
-            extra={"full": full, "commands": result.commands, "ms": round(elapsed * 1000, 1), "render_ms": render,
+            "%s sync: %d commands in %.1f ms (%s; %d services, %d endpoint entries)",
+            "full" if full else "partial", result.commands, elapsed * 1000,
+            "nothing changed here or in the kernel since the last sync: nothing sent" if result.verified
+            else f"render {render}, plan {plan}, apply {apply}", result.services, result.endpoints,
+            extra={"verified": result.verified, "full": full, "commands": result.commands, "ms": round(elapsed * 1000, 1), "render_ms": render,
                    "plan_ms": plan, "apply_ms": apply, "services": result.services,
                    "endpoints": result.endpoints},
         )

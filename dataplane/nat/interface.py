@@ -38,6 +38,11 @@ class Interface(Protocol):
         None when they cannot be listed (the caller then replaces the table whole)."""
         ...
 
+    def generation(self) -> int | None:
+        """The ruleset's generation, moved on by one by every committed transaction (anyone's);
+        None when it cannot be read. The same number later: nothing was changed in between."""
+        ...
+
     def delete_table(self, family: str, table: str) -> None:
         """Deletes the table; a missing one is already deleted."""
         ...

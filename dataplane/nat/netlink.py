@@ -30,8 +30,14 @@ from .encode import Message, be32, strz
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
-NFT_MSG_GETTABLE, NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 1, 18, 19
+NLM_F_DUMP_INTR = 0x10  # the objects changed while they were dumped: the dump may be inconsistent
+NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETSET, NFT_MSG_GETGEN = 1, 4, 10, 16
+NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
 NFTA_TABLE_NAME = 1
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
+NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_FLAGS = 1, 2, 3
+NFT_SET_ANONYMOUS, NFT_SET_MAP = 0x1, 0x8
+NFTA_GEN_ID = 1
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFT_OBJECT_COUNTER = 1
 NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
@@ -175,8 +181,42 @@ class NetlinkBatches:
                 self._request(NFT_MSG_GETTABLE, 0, proto, strz(NFTA_TABLE_NAME, table))
             return found
 
+    def generation(self) -> int:
+        """The namespace's ruleset generation: every committed transaction, by anyone, adds one."""
+        with self._lock:
+            replies = self._request(NFT_MSG_GETGEN, 0, socket.AF_UNSPEC, b"")
+        if len(replies) != 1 or NFTA_GEN_ID not in (attrs := _attrs(replies[0])):
+            raise BatchError("the kernel's reply to GETGEN holds no generation", None)
+        return _u32(attrs[NFTA_GEN_ID])
+
+    def objects(self, family: str, table: str) -> list[tuple[str, str]]:
+        """(kind, name) of every chain, map and named set in the table, as `nft list` shows them;
+        [] when the table does not exist. Two dumps of names: no rule and no element is read."""
+        proto, wanted = NFPROTO[family], table.encode()
+        found: list[tuple[str, str]] = []
+        with self._lock:
+            # The kernel filters a set dump by table; a chain dump it does not, so both are checked here.
+            for body in self._request(NFT_MSG_GETCHAIN, NLM_F_DUMP, proto, strz(NFTA_CHAIN_TABLE, table)):
+                attrs = _attrs(body)
+                if _text(attrs.get(NFTA_CHAIN_TABLE)) == wanted and NFTA_CHAIN_NAME in attrs:
+                    found.append(("chain", _text(attrs[NFTA_CHAIN_NAME]).decode()))
+            try:
+                sets = self._request(NFT_MSG_GETSET, NLM_F_DUMP, proto, strz(NFTA_SET_TABLE, table))
+            except BatchError as error:
+                if error.code == errno.ENOENT:  # no such table
+                    return []
+                raise
+            for body in sets:
+                attrs = _attrs(body)
+                flags = _u32(attrs.get(NFTA_SET_FLAGS))
+                if _text(attrs.get(NFTA_SET_TABLE)) == wanted and NFTA_SET_NAME in attrs \
+                        and not flags & NFT_SET_ANONYMOUS:  # a rule's own `{ ... }`, not an object of the table
+                    found.append(("map" if flags & NFT_SET_MAP else "set", _text(attrs[NFTA_SET_NAME]).decode()))
+        return found
+
     def _request(self, kind: int, flags: int, family: int, body: bytes) -> list[memoryview]:
-        """Sends one get request and returns its replies' payloads (after nfgenmsg); raises BatchError."""
+        """Sends one get request and returns its replies' payloads (after nfgenmsg); raises BatchError,
+        also when a dump was interrupted by a change (its replies may mix before and after)."""
         self._drain()
         self._seq += 1
         seq = self._seq
@@ -185,6 +225,7 @@ class NetlinkBatches:
         _put(data, 0, (NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | ack | flags, seq, family, body)
         self._sock.send(data)
         replies: list[memoryview] = []
+        interrupted = False
         buffer = bytearray(1 << 16)
         while True:
             ready, _, _ = select.select([self._sock], [], [], 5.0)
@@ -198,6 +239,7 @@ class NetlinkBatches:
                 if length < _HEADER.size or offset + length > size:
                     raise BatchError("a truncated reply from the kernel", None)
                 if reply_seq == seq:
+                    interrupted |= bool(reply_flags & NLM_F_DUMP_INTR)
                     if reply_kind == NLMSG_ERROR:
                         (code,) = struct.unpack_from("=i", view, offset + 16)
                         if code:
@@ -205,6 +247,8 @@ class NetlinkBatches:
                                                        "a get request"), -code)
                         return replies  # the ack, after the reply
                     if reply_kind == NLMSG_DONE:
+                        if interrupted:
+                            raise BatchError("a dump was interrupted by a change to the ruleset", errno.EINTR)
                         return replies
                     replies.append(view[offset + _FRAMED:offset + length])
                 offset += (length + 3) & ~3
@@ -295,6 +339,14 @@ def _attrs(data: memoryview) -> dict[int, memoryview]:
         found[kind & 0x3FFF] = data[offset + 4:offset + length]
         offset += (length + 3) & ~3
     return found
+
+
+def _u32(value: memoryview | None) -> int:
+    return struct.unpack(">I", value)[0] if value is not None and len(value) == 4 else 0
+
+
+def _text(value: memoryview | None) -> bytes:
+    return bytes(value).rstrip(b"\0") if value is not None else b""
 
 
 def _u64(value: memoryview | None) -> int:

@@ -158,6 +158,7 @@ class Nftables:
         elif wrapped - {netns}:
             raise ValueError(f"the nft commands run in {', '.join(sorted(wrapped))}, the netlink socket in "
                              f"{netns or 'this process namespace'}: both must program one namespace")
+        self._netns = netns
         if applier == "netlink":
             # Imported here: pyroute2 is for the netlink applier only (the fake and `render` do without).
             from .encode import Encoder
@@ -226,7 +227,19 @@ class Nftables:
 
     def list_objects(self, family: str, table: str) -> list[tuple[str, str]] | None:
         """(kind, name) of every chain, map and set in the table; [] when it does not
-        exist; None when nft cannot list (the caller then replaces the table whole)."""
+        exist; None when they cannot be listed (the caller then replaces the table whole).
+
+        Over netlink, names only. nft 1.0.6 would read the whole ruleset first, every
+        element included: 1.6 s and 236 MB at 10,000 Services, for a listing of 28 names."""
+        queries = self._queries()
+        if queries is not None:
+            from .netlink import BatchError
+
+            try:
+                return queries.objects(family, table)
+            except BatchError as error:
+                log.warning("cannot list the objects of %s %s over netlink: %s", family, table, error)
+                return None
         if not isinstance(self._bulk, NftCommand):
             return None
         rc, out, err = self._bulk.run_args(["-j", "-t", "list", "table", family, table])
@@ -238,6 +251,48 @@ class Nftables:
                 if kind in item:
                     found.append((kind, item[kind]["name"]))
         return found
+
+    def generation(self) -> int | None:
+        """The namespace's ruleset generation, which every committed transaction (anyone's) moves
+        on by one; None when it cannot be read. Equal before and after: nothing was changed between."""
+        queries = self._queries()
+        if queries is None:
+            return None
+        from .netlink import BatchError
+
+        try:
+            return queries.generation()
+        except BatchError as error:
+            log.warning("cannot read the nftables generation: %s", error)
+            return None
+
+    def probe(self) -> None:
+        """Raises NftError unless both paths work here: the kernel's nf_tables over netlink (for the
+        netlink applier) and nft's parser with the right to program it. Cheap at any ruleset size:
+        `list tables` would make nft 1.0.6 read every element first (2.4 s, 236 MB at 10,000 Services)."""
+        if self._batches is not None:
+            from .netlink import BatchError
+
+            try:
+                self._batches.generation()
+            except BatchError as error:
+                raise NftError(str(error), code=error.code) from None
+        self.run("add table ip dataplane-probe\n", check_only=True)  # parsed and validated, never committed
+
+    def _queries(self) -> NetlinkBatches | None:
+        """The netlink socket for reading: the applier's, else one of its own, opened once (None if it cannot be)."""
+        if self._batches is None and not self._queries_tried:
+            self._queries_tried = True
+            from .netlink import NetlinkBatches
+
+            try:
+                self._batches_for_queries = NetlinkBatches(self._netns)
+            except OSError as error:
+                log.warning("no netlink socket to nf_tables (%s): listing through nft", error)
+        return self._batches if self._batches is not None else self._batches_for_queries
+
+    _queries_tried = False
+    _batches_for_queries: NetlinkBatches | None = None
 
     def delete_table(self, family: str, table: str) -> None:
         """Idempotent: a missing table is already deleted."""

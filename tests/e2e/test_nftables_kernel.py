@@ -412,3 +412,52 @@ def test_a_batch_without_cap_net_admin_is_refused_with_eperm(pair) -> None:
                            "--clear-groups", sys.executable, "-c", script], capture_output=True, text=True)
     assert done.stdout.split() == [str(errno.EPERM), "0"], done.stderr
     assert table_state(pair[0]) == []
+
+
+def test_objects_are_listed_over_netlink_as_nft_lists_them(nft: Nftables) -> None:
+    """Names only, without reading a rule or element: what an in-place full sync needs, as nft -j -t gives it
+    (anonymous sets left out; chains of other tables with the same names too)."""
+    assert nft.list_objects("ip", "dataplane") == []
+    nft.run("add table ip other\nadd chain ip other services\nadd set ip other cluster-ips { type ipv4_addr ; }\n")
+    store, builder = Store(), RulesetBuilder(SETTINGS)
+    parsed, _ = parse_objects(_random_world(random.Random(5), 8))
+    store.replace("f", parsed)
+    nft.apply(plan.full(builder.build(store.snapshot(), ["192.168.50.1"]))[0])
+    nft.run("add chain ip dataplane extra\nadd rule ip dataplane extra ip daddr { 10.0.0.1, 10.0.0.2 } accept\n")
+    listed = nft.list_objects("ip", "dataplane")
+    assert sorted(listed) == sorted(nft_objects(nft)) and ("chain", "extra") in listed
+    assert {kind for kind, _ in listed} == {"chain", "map", "set"}
+
+
+def test_the_generation_moves_on_by_one_with_every_commit_of_anyones(nft: Nftables) -> None:
+    start = nft.generation()
+    assert isinstance(start, int) and start > 0
+    nft.apply(Transaction([Operation("add", Table("ip", "dataplane"))]))
+    assert nft.generation() == start + 1
+    nft.run("add table inet other\n")  # another table's, through nft: counted all the same
+    assert nft.generation() == start + 2
+    nft.run("add table ip x\n", check_only=True)  # checked, not committed
+    nft.probe()
+    assert nft.generation() == start + 2
+    with pytest.raises(NftError):
+        nft.run("add chain ip dataplane c\nadd rule ip dataplane missing accept\n")
+    assert nft.generation() == start + 2  # a refused batch commits nothing
+
+
+def test_a_resync_with_nothing_changed_sends_nothing_until_someone_commits(nft: Nftables) -> None:
+    """The proxier against the kernel: the generation vouches for the tables between our own commits."""
+    from dataplane.daemon.proxier import Proxier
+
+    proxier = Proxier(SETTINGS, nft, families=(4,))
+    store = Store()
+    parsed, _ = parse_objects(_random_world(random.Random(6), 8))
+    store.replace("f", parsed)
+    proxier.sync(store.snapshot(), ("192.168.50.1",), full=True)
+    healthy = table_state(nft)
+    generation = nft.generation()
+    assert proxier.sync(store.snapshot(), ("192.168.50.1",), full=True).verified
+    assert nft.generation() == generation
+    nft.run("flush map ip dataplane service-ips\n")
+    result = proxier.sync(store.snapshot(), ("192.168.50.1",), full=True)
+    assert not result.verified and result.commands > 0 and table_state(nft) == healthy
+    assert proxier.sync(store.snapshot(), ("192.168.50.1",), full=True).verified

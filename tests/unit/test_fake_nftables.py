@@ -564,3 +564,49 @@ def test_a_resync_with_nothing_changed_reuses_the_rulesets_and_still_repairs_the
     # Something changed (here the node addresses): rendered again.
     proxier.sync(store.snapshot(), NODE_IPS + ("192.168.50.9",), full=True)
     assert proxier.programmed[0].ruleset is not rendered
+
+
+def test_a_resync_sends_nothing_while_no_transaction_was_committed_since_ours() -> None:
+    """The ruleset generation (any commit in the namespace moves it on) says the kernel holds what the
+    last sync left: a resync with nothing changed then sends nothing, and one after anyone's commit repairs."""
+    nft = FakeNftables()
+    proxier = Proxier(SETTINGS, nft=nft, families=(4,))
+    store = _store(MANIFESTS)
+    proxier.sync(store.snapshot(), NODE_IPS, full=True)
+    objects, _ = parse_objects(_documents({"all": _keep_endpoints(1)})["all.yaml"], "all.yaml")
+    store.replace("all.yaml", objects)
+    assert proxier.sync(store.snapshot(), NODE_IPS, full=False).commands > 0
+    healthy, commits = nft.dump(), len(nft.applied)
+
+    result = proxier.sync(store.snapshot(), NODE_IPS, full=True)
+    assert result.verified and result.commands == 0 and len(nft.applied) == commits
+
+    nft.run("flush map ip dataplane service-ips\n")  # behind our back: a commit
+    result = proxier.sync(store.snapshot(), NODE_IPS, full=True)
+    assert not result.verified and result.commands > 0 and nft.dump() == healthy
+    assert proxier.sync(store.snapshot(), NODE_IPS, full=True).verified  # and trusted again after it
+
+    nft.run("add table ip someone-else\n")  # another table's commit: the generation cannot tell whose
+    assert not proxier.sync(store.snapshot(), NODE_IPS, full=True).verified
+
+
+def test_a_partial_sync_after_an_outside_commit_does_not_vouch_for_the_kernel() -> None:
+    """A partial sync is a difference from what we last left: on top of someone else's change it
+    leaves a kernel we do not know, and the next resync with nothing changed must rewrite it."""
+    nft = FakeNftables()
+    proxier = Proxier(SETTINGS, nft=nft, families=(4,))
+    store = _store(MANIFESTS)
+    proxier.sync(store.snapshot(), NODE_IPS, full=True)
+    nft.run("add chain ip dataplane intruder\n")
+    objects, _ = parse_objects(_documents({"all": _keep_endpoints(1)})["all.yaml"], "all.yaml")
+    store.replace("all.yaml", objects)
+    assert proxier.sync(store.snapshot(), NODE_IPS, full=False).commands > 0
+    assert "intruder" in nft.dump()
+    result = proxier.sync(store.snapshot(), NODE_IPS, full=True)
+    assert not result.verified and nft.dump() == _full_reference_v4(store.snapshot())
+
+
+def _full_reference_v4(snapshot) -> str:
+    reference = FakeNftables()
+    Proxier(SETTINGS, nft=reference, families=(4,)).sync(snapshot, NODE_IPS, full=True)
+    return reference.dump()

@@ -37,6 +37,7 @@ class FakeNftables:
         self.clock = clock  # for element timeouts; the tracer's `now` defaults to it
         self._tables: dict[tuple[str, str], TableState] = {}
         self.applied: list[Transaction] = []  # every committed batch, in order (str(): its script)
+        self._generation = 1
 
     # the Interface
 
@@ -61,6 +62,10 @@ class FakeNftables:
         if found is None:
             return []
         return [("chain", name) for name in found.chains] + [(s.kind, name) for name, s in found.sets.items()]
+
+    def generation(self) -> int:
+        """As the kernel's: one more for every committed transaction that changed something."""
+        return self._generation
 
     def delete_table(self, family: str, table: str) -> None:
         """Idempotent: a missing table is already deleted."""
@@ -95,6 +100,7 @@ class FakeNftables:
         if work.changes and not check_only:
             self._tables = work.tables
             self.applied.append(Transaction(c for c in commands if isinstance(c, Operation)))
+            self._generation += 1
         return "".join(work.output)
 
     # reading the state: golden tests, convergence checks, the tracer
