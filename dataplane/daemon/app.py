@@ -225,7 +225,7 @@ class Daemon:
                    "plan_ms": plan, "apply_ms": apply, "services": result.services,
                    "endpoints": result.endpoints},
         )
-        self.metrics.synced(elapsed, full, snapshot, self.options.settings.node_name)
+        self.metrics.synced(elapsed, full, snapshot, self.options.settings.node_name, result.verified)
         self.metrics.programmed(triggers)
         self.metrics.changes.synced(self.store.state, snapshot)
         if pending_mono is not None:

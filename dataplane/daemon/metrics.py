@@ -129,6 +129,9 @@ class Metrics:
         self.endpoints = Gauge("dataplane_endpoints_programmed", "Endpoint entries in the kernel", registry=r)
         self.conntrack_deleted = Counter(
             "dataplane_conntrack_entries_deleted_total", "Stale UDP/SCTP flows deleted", registry=r)
+        self.resyncs_verified = Counter(
+            "dataplane_resyncs_unchanged_total", "Full resyncs that sent nothing: no change here, and no "
+            "transaction committed in the kernel since ours (its ruleset generation)", registry=r)
         self.invalid_objects = Gauge(
             "dataplane_invalid_objects", "Objects skipped because they are invalid", registry=r)
         self.change_latency = Histogram(
@@ -144,10 +147,15 @@ class Metrics:
         for ip_family in IP_FAMILIES:
             self.last_queued.labels(ip_family).set_to_current_time()
 
-    def synced(self, seconds: float, full: bool, snapshot: "Snapshot", node_name: str) -> None:
+    def synced(self, seconds: float, full: bool, snapshot: "Snapshot", node_name: str,
+               verified: bool = False) -> None:
+        """`verified`: a full resync that sent nothing; counted apart, not as the duration of a full sync."""
+        if verified:
+            self.resyncs_verified.inc()
         for ip_family in IP_FAMILIES:
             self.sync_duration.labels(ip_family).observe(seconds)
-            (self.full_sync_duration if full else self.partial_sync_duration).labels(ip_family).observe(seconds)
+            if not verified:
+                (self.full_sync_duration if full else self.partial_sync_duration).labels(ip_family).observe(seconds)
             self.last_sync.labels(ip_family).set_to_current_time()
         for (ip_family, policy), count in self._no_local.update(snapshot, node_name).items():
             self.no_local_endpoints.labels(ip_family, policy).set(count)
