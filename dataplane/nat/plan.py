@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Hashable, Iterable
+from typing import Collection, Hashable, Iterable
 
 from .ruleset import (
     EMPTY, AddRule, Chain, Container, Declaration, Element, Elements, Fragment, Operation, Ruleset, Table, Transaction,
@@ -70,8 +70,9 @@ class Programmed:
         for owner in owners:
             before, after = old.fragments.get(owner, EMPTY), new.fragments.get(owner, EMPTY)
             refused = self.conflicts.get(owner, frozenset())
-            deltas[owner] = (Fragment(before.elements - after.elements, before.needs),
-                             Fragment((after.elements - before.elements) | (refused & after.elements), after.needs))
+            before_set, after_set = _as_set(before.elements), _as_set(after.elements)
+            deltas[owner] = (Fragment(before_set - after_set, before.needs),
+                             Fragment((after_set - before_set) | (refused & after_set), after.needs))
         for owner in owners:
             change.retract(owner, deltas[owner][0], removed)
         for owner in owners:
@@ -241,6 +242,10 @@ class Change:
                 self.shares[slot] = count - 1
         for name in fragment.needs:
             self._need(name, -1)
+
+
+def _as_set(elements: Collection[Element]) -> frozenset[Element] | set[Element]:
+    return elements if isinstance(elements, (frozenset, set)) else set(elements)
 
 
 def _changed_owners(old: Ruleset, new: Ruleset) -> set[Hashable]:

@@ -127,7 +127,7 @@ def _slot_count(fragment: Fragment) -> int:
 
 
 def node_fragment(node_ips: Iterable[str], family: layout.Family) -> Fragment:
-    return Fragment(frozenset(Element(layout.NODEPORT_IPS, ip) for ip in node_ips if family.holds(ip)))
+    return Fragment(tuple(dict.fromkeys(Element(layout.NODEPORT_IPS, ip) for ip in node_ips if family.holds(ip))))
 
 
 def service_fragment(
@@ -194,7 +194,8 @@ class _FragmentBuilder:
         )
 
     def fragment(self) -> Fragment:
-        return Fragment(frozenset(self.elements), _shared_needs(frozenset(self.needs)), tuple(self.owned))
+        # Each element once (a Pod behind two ports of the Service is one hairpin entry), in render order.
+        return Fragment(tuple(dict.fromkeys(self.elements)), _shared_needs(frozenset(self.needs)), tuple(self.owned))
 
 
 # A verdict names one of a few shared chains: one string for every element that jumps there.
