@@ -7,30 +7,95 @@ else the ready Pods its selector matches, as the endpoint controller would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
+from operator import attrgetter
 from typing import Callable, Iterable, Mapping
 
 from .endpoints import Endpoint, EndpointSlice, Pod
 from .service import Service, ServiceKey, ServicePort
 
 
-@dataclass(frozen=True, slots=True, order=True)
 class Backend:
-    """One endpoint of one Service port: where a connection may be sent."""
+    """One endpoint of one Service port: where a connection may be sent.
 
-    ip: str
+    A value, as a frozen dataclass of (ip, port, ready, serving, terminating,
+    node_name, zone, zone_hints, hostname) would be: compared, ordered and
+    hashed by those fields in that order. It holds only the Endpoint and the
+    port: joined from an EndpointSlice it shares the slice's Endpoint, 48
+    bytes instead of 104 (100,000 Backends at 10,000 Services x 10 endpoints).
+    """
+
+    __slots__ = ("endpoint", "port")
+    endpoint: Endpoint
     port: int
-    ready: bool = True
-    serving: bool = True
-    terminating: bool = False
-    node_name: str = ""
-    zone: str = ""
-    zone_hints: tuple[str, ...] = ()
-    hostname: str = ""
+
+    def __init__(self, ip: str, port: int, ready: bool = True, serving: bool = True, terminating: bool = False,
+                 node_name: str = "", zone: str = "", zone_hints: tuple[str, ...] = (), hostname: str = ""):
+        _set(self, "endpoint", Endpoint(ip, ready, serving, terminating, node_name, zone, hostname, zone_hints))
+        _set(self, "port", port)
+
+    @classmethod
+    def at(cls, endpoint: Endpoint, port: int) -> "Backend":
+        """The endpoint's Backend on `port`, sharing the Endpoint."""
+        backend = _new(cls)
+        _set(backend, "endpoint", endpoint)
+        _set(backend, "port", port)
+        return backend
+
+    ip = property(attrgetter("endpoint.address"))
+    ready = property(attrgetter("endpoint.ready"))
+    serving = property(attrgetter("endpoint.serving"))
+    terminating = property(attrgetter("endpoint.terminating"))
+    node_name = property(attrgetter("endpoint.node_name"))
+    zone = property(attrgetter("endpoint.zone"))
+    zone_hints = property(attrgetter("endpoint.zone_hints"))
+    hostname = property(attrgetter("endpoint.hostname"))
 
     @property
     def family(self) -> int:
-        return 6 if ":" in self.ip else 4
+        return 6 if ":" in self.endpoint.address else 4
+
+    def _fields(self) -> tuple:
+        e = self.endpoint
+        return (e.address, self.port, e.ready, e.serving, e.terminating, e.node_name, e.zone, e.zone_hints,
+                e.hostname)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self):
+        return Backend.at, (self.endpoint, self.port)
+
+    def __repr__(self) -> str:
+        return "Backend(" + ", ".join(f"{name}={value!r}" for name, value in zip(_BACKEND_FIELDS, self._fields())) + ")"
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Backend:
+            return NotImplemented
+        return self.port == other.port and (self.endpoint is other.endpoint or self._fields() == other._fields())
+
+    def __lt__(self, other: "Backend") -> bool:
+        return self._fields() < other._fields() if other.__class__ is Backend else NotImplemented
+
+    def __le__(self, other: "Backend") -> bool:
+        return self._fields() <= other._fields() if other.__class__ is Backend else NotImplemented
+
+    def __gt__(self, other: "Backend") -> bool:
+        return self._fields() > other._fields() if other.__class__ is Backend else NotImplemented
+
+    def __ge__(self, other: "Backend") -> bool:
+        return self._fields() >= other._fields() if other.__class__ is Backend else NotImplemented
+
+
+_BACKEND_FIELDS = ("ip", "port", "ready", "serving", "terminating", "node_name", "zone", "zone_hints", "hostname")
+_set = object.__setattr__
+_new = object.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +189,7 @@ def _from_slices(port: ServicePort, slices: tuple[EndpointSlice, ...]) -> tuple[
             key = (endpoint.address, number)
             previous = found.get(key)
             if previous is None or (endpoint.ready and not previous.ready):
-                found[key] = Backend(endpoint.address, number, endpoint.ready, endpoint.serving, endpoint.terminating,
-                                     endpoint.node_name, endpoint.zone, endpoint.zone_hints, endpoint.hostname)
+                found[key] = Backend.at(endpoint, number)
     return _sorted_by_key(found)
 
 

@@ -18,6 +18,7 @@ Services here, against about 1.3 s shared, as measured by `nft -f`). See nat/REA
 from __future__ import annotations
 
 import ipaddress
+import sys
 from dataclasses import dataclass
 
 from ..config import NodeSettings
@@ -96,25 +97,25 @@ def nodeport_local_pick_chain(m: int) -> str:
 
 
 def endpoints_map(n: int) -> str:
-    return f"endpoints-{n}"
+    return sys.intern(f"endpoints-{n}")  # the container of many elements: one string for all
 
 
 def nodeport_endpoints_map(n: int) -> str:
-    return f"nodeport-endpoints-{n}"
+    return sys.intern(f"nodeport-endpoints-{n}")
 
 
 def local_endpoints_map(m: int) -> str:
     """This node's endpoints, keyed apart: with m == n, `endpoints-n` holds other ones."""
-    return f"local-endpoints-{m}"
+    return sys.intern(f"local-endpoints-{m}")
 
 
 def nodeport_local_endpoints_map(m: int) -> str:
-    return f"nodeport-local-endpoints-{m}"
+    return sys.intern(f"nodeport-local-endpoints-{m}")
 
 
 def slots_map(m: int) -> str:
     """Every balancing table of m slots: table id . slot : endpoint."""
-    return f"slots-{m}"
+    return sys.intern(f"slots-{m}")
 
 
 def hash_chain(kind: str, m: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import sys
 import weakref
 from typing import Hashable, Iterable
 
@@ -126,7 +127,7 @@ def _slot_count(fragment: Fragment) -> int:
 
 
 def node_fragment(node_ips: Iterable[str], family: layout.Family) -> Fragment:
-    return Fragment(frozenset(Element(layout.NODEPORT_IPS, ip) for ip in node_ips if family.holds(ip)))
+    return Fragment(tuple(dict.fromkeys(Element(layout.NODEPORT_IPS, ip) for ip in node_ips if family.holds(ip))))
 
 
 def service_fragment(
@@ -193,7 +194,25 @@ class _FragmentBuilder:
         )
 
     def fragment(self) -> Fragment:
-        return Fragment(frozenset(self.elements), frozenset(self.needs), tuple(self.owned))
+        # Each element once (a Pod behind two ports of the Service is one hairpin entry), in render order.
+        return Fragment(tuple(dict.fromkeys(self.elements)), _shared_needs(frozenset(self.needs)), tuple(self.owned))
+
+
+# A verdict names one of a few shared chains: one string for every element that jumps there.
+_verdict = sys.intern
+
+# Most Services need what many others need ({Pick(10)}): one frozenset for all of them, not one
+# each (2 MB at 10,000 Services). Bounded: endpoint counts come from untrusted objects.
+_NEEDS: dict[frozenset, frozenset] = {}
+
+
+def _shared_needs(needs: frozenset) -> frozenset:
+    known = _NEEDS.get(needs)
+    if known is None:
+        if len(_NEEDS) >= 4096:
+            _NEEDS.clear()
+        known = _NEEDS[needs] = needs
+    return known
 
 
 def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, backends: list[Backend],
@@ -205,12 +224,15 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
     lb_ips = [ip for ip in service.load_balancer_ips if family.holds(ip)]
     if service.load_balancer_source_ranges and lb_ips:
         _firewall(out, service, port, proto, lb_ips, family, node_ips)
-    out.add(layout.CLUSTER_IP_PORTS, *((f"{ip} . {proto} . {port.port}", "") for ip in cluster_ips))
+    # Each address's key text once, for every map it is a key of.
+    cluster_keys = [f"{ip} . {proto} . {port.port}" for ip in cluster_ips]
+    out.add(layout.CLUSTER_IP_PORTS, *((key, "") for key in cluster_keys))
     if not chosen.any_usable:
         # No endpoint at all: refuse at once (ICMP port unreachable), as kube-proxy does.
-        reject = f"goto {layout.REJECT}"
-        out.add(layout.NO_ENDPOINT_SERVICES, *((f"{ip} . {proto} . {port.port}", reject)
-                                                for ip in cluster_ips + external_ips), comment=comment)
+        reject = _verdict(f"goto {layout.REJECT}")
+        out.add(layout.NO_ENDPOINT_SERVICES, *((key, reject) for key in
+                                                cluster_keys + [f"{ip} . {proto} . {port.port}" for ip in external_ips]),
+                comment=comment)
         if port.node_port:
             out.add(layout.NO_ENDPOINT_NODEPORTS, (f"{proto} . {port.node_port}", reject), comment=comment)
         return
@@ -240,8 +262,7 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
     else:
         out.needs |= {layout.Pick(n)} | ({layout.Pick(len(internal))} if internal else set())
 
-    for ip in cluster_ips:
-        key = f"{ip} . {proto} . {port.port}"
+    for key in cluster_keys:
         if not internal:  # internalTrafficPolicy: Local and no endpoint here: drop, do not refuse
             out.add(layout.NO_ENDPOINT_SERVICES, (key, "drop"), comment=comment)
             continue
@@ -250,7 +271,7 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
         else:
             target = layout.cluster_chain(len(internal))
             out.endpoints(layout.endpoints_map(len(internal)), key, internal)
-        out.add(layout.SERVICE_IPS, (key, f"goto {target}"), comment=comment)
+        out.add(layout.SERVICE_IPS, (key, _verdict(f"goto {target}")), comment=comment)
 
     # From outside: external addresses, keyed by address, and the NodePort, keyed by port alone.
     outside = [(f"{ip} . {proto} . {port.port}", False) for ip in external_ips]
@@ -269,7 +290,8 @@ def _render_port(out: _FragmentBuilder, service: Service, port: ServicePort, bac
         if not affinity:
             out.endpoints(layout.nodeport_endpoints_map(n) if nodeport else layout.endpoints_map(n), key,
                           chosen.cluster)
-        out.add(layout.SERVICE_NODEPORTS if nodeport else layout.SERVICE_IPS, (key, f"goto {chain}"), comment=comment)
+        out.add(layout.SERVICE_NODEPORTS if nodeport else layout.SERVICE_IPS, (key, _verdict(f"goto {chain}")),
+                comment=comment)
 
 
 def _render_table_port(out: _FragmentBuilder, service: Service, port: ServicePort, chosen: Selection,
@@ -286,7 +308,8 @@ def _render_table_port(out: _FragmentBuilder, service: Service, port: ServicePor
             continue
         internal_id = cluster_id if internal == chosen.cluster else out.table(service, port, "internal", internal, size)
         out.add(layout.TABLE_IDS, (key, internal_id))
-        out.add(layout.SERVICE_IPS, (key, f"goto {layout.hash_chain('cluster', size)}"), comment=comment)
+        out.add(layout.SERVICE_IPS, (key, _verdict(f"goto {layout.hash_chain('cluster', size)}")),
+                comment=comment)
     local_id = out.table(service, port, "local", chosen.local, size) if local_policy and chosen.local else None
     outside = [(f"{ip} . {proto} . {port.port}", False) for ip in external_ips]
     if port.node_port:
@@ -299,7 +322,8 @@ def _render_table_port(out: _FragmentBuilder, service: Service, port: ServicePor
                 out.add(layout.NODEPORT_LOCAL_TABLE_IDS if nodeport else layout.LOCAL_TABLE_IDS, (key, local_id))
         else:
             chain = layout.hash_chain("nodeport" if nodeport else "external", size)
-        out.add(layout.SERVICE_NODEPORTS if nodeport else layout.SERVICE_IPS, (key, f"goto {chain}"), comment=comment)
+        out.add(layout.SERVICE_NODEPORTS if nodeport else layout.SERVICE_IPS, (key, _verdict(f"goto {chain}")),
+                comment=comment)
 
 
 def _firewall(out: _FragmentBuilder, service: Service, port: ServicePort, proto: str, lb_ips: list[str],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterable, Mapping, NamedTuple
+from typing import Callable, Collection, Hashable, Iterable, Mapping, NamedTuple
 
 from .expr import Rule
 
@@ -109,9 +109,14 @@ Declaration = Chain | Container
 class Fragment:
     """What one owner contributes: elements, the shared declarations they
     need, and declarations of its own (its session-affinity chains and sets),
-    which live and die with it."""
+    which live and die with it.
 
-    elements: frozenset[Element] = frozenset()
+    `elements` holds each element once, as a tuple in the order they were
+    rendered (a fifth of a frozenset's memory, and 10,000 Services keep
+    130,000 elements alive) or as a frozenset: equal fragments render equal,
+    and the planner compares the elements of unequal ones as sets."""
+
+    elements: Collection[Element] = frozenset()
     needs: frozenset[Hashable] = frozenset()  # groups of shared declarations (layout.Need), by value
     owned: tuple[Declaration, ...] = ()
 

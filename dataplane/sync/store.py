@@ -43,7 +43,9 @@ class Store:
         self._joined: dict[ServiceKey, ServiceState] = {}  # before conflicts are decided
         self._states: dict[ServiceKey, ServiceState] = {}  # what snapshots hold
         self._claims: dict[ServiceKey, dict[Claim, int]] = {}
-        self._claimants: dict[Claim, set[ServiceKey]] = defaultdict(set)
+        # The holders of claims held by more than one Service; a claim held alone has only its winner
+        # (10,000 one-key sets were 2.3 MB at 10,000 Services).
+        self._claimants: dict[Claim, set[ServiceKey]] = {}
         self._reported: dict[str, tuple[str, ...]] = {}  # origin -> its problems, as reported
         self._derived: dict[ServiceKey, tuple[tuple[str, str], ...]] = {}  # conflicts decided here: (origin, problem)
         self._pod_index: dict[tuple[str, str], Pod] = {}
@@ -164,24 +166,29 @@ class Store:
     def _set_claims(self, key: ServiceKey, claims: dict[Claim, int]) -> None:
         """Replaces the Service's claims, keeping each claim's winner current (O(1) unless a winner leaves)."""
         for claim in self._claims.pop(key, {}):
-            holders = self._claimants[claim]
-            holders.discard(key)
-            if not holders:
-                del self._claimants[claim]
+            holders = self._claimants.get(claim)
+            if holders is None:  # held alone, by this Service
                 del self._winners[claim]
-            elif self._winners[claim] == key:
+                continue
+            holders.discard(key)
+            if len(holders) == 1:
+                del self._claimants[claim]
+            if self._winners[claim] == key:
                 self._winners[claim] = winner = min(holders, key=self._precedence)
                 self._moved.add(winner)
         if claims:
             self._claims[key] = claims
             first = self._precedence(key)
             for claim in claims:
-                holders = self._claimants[claim]
-                holders.add(key)
                 winner = self._winners.get(claim)
                 if winner is None:
                     self._winners[claim] = key
-                elif first < self._precedence(winner):
+                    continue
+                holders = self._claimants.get(claim)
+                if holders is None:
+                    holders = self._claimants[claim] = {winner}
+                holders.add(key)
+                if first < self._precedence(winner):
                     self._winners[claim] = key
                     self._moved.add(winner)
 

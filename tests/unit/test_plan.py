@@ -118,7 +118,7 @@ def test_unchanged_snapshot_plans_an_empty_transaction() -> None:
 def test_plan_leaves_state_untouched_until_commit() -> None:
     cluster = Cluster()
     cluster.put("a", service("a", "10.96.0.1"), endpoint_slice("a", "10.244.1.1"))
-    before = dict(cluster.state.held)
+    before = {container: dict(entries) for container, entries in cluster.state.held.items()}
     parsed, _ = parse_objects([service("b", "10.96.0.2"), endpoint_slice("b", "10.244.2.1")])
     cluster.store.replace("b", parsed)
     transaction, _change = cluster.state.plan(cluster.builder.build(cluster.store.snapshot(), ["192.168.50.1"]))
@@ -157,8 +157,8 @@ def test_element_counts_follow_commits() -> None:
     cluster.put("b", service("b", "10.96.0.2"), endpoint_slice("b", "10.244.1.1"))
     cluster.remove("a")
     counted: dict[str, int] = {}
-    for container, _ in cluster.state.held:
-        counted[container] = counted.get(container, 0) + 1
+    for container, entries in cluster.state.held.items():
+        counted[container] = len(entries)
     assert {k: v for k, v in cluster.state.sizes.items() if v} == counted
 
 
@@ -175,7 +175,7 @@ def test_an_entry_left_out_is_taken_when_its_holder_leaves_in_the_same_change() 
     b_changed = Fragment(frozenset({Element("m", "k", "b"), Element("m", "b2", "x")}))
     state = plan.Programmed()
     state = state.commit(state.plan(ruleset(a=a, b=b))[1])
-    assert state.held[("m", "k")].value == "a" and state.conflicts["b"]
+    assert state.held["m"]["k"].value == "a" and state.conflicts["b"]
     tx, change = state.plan(ruleset(b=b_changed))
     state = state.commit(change)
     assert "k : b" in str(tx) and not state.conflicts.get("b")
