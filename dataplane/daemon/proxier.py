@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import NodeSettings
-from ..model import Protocol, Snapshot
+from ..model import Backend, Protocol, ServicePort, ServiceState, Snapshot
 from ..nat import layout, plan
 from ..nat.interface import Interface
 from ..nat.nftables import NftError
@@ -146,16 +146,19 @@ def stale_flows(old: Snapshot, new: Snapshot) -> tuple[StaleFlows, ...]:
         before, after = old.services.get(key), new.services.get(key)
         if after is before:
             continue
-        serving_after = _serving(after) if after is not None else {}
-        for port, backends in before.port_backends() if before is not None else ():
-            if port.protocol != Protocol.TCP:  # a vanished TCP endpoint answers with a reset
-                keep = serving_after.get((port.name, port.protocol), set())
-                stale |= {StaleFlows(port.protocol.value, b.ip, b.port)
-                          for b in backends if b.serving and (b.ip, b.port) not in keep}
-        serving_before = _serving(before) if before is not None else {}
-        for port, backends in after.port_backends() if after is not None else ():
-            if port.protocol != Protocol.TCP and serving_after[(port.name, port.protocol)] \
-                    and not serving_before.get((port.name, port.protocol)):
+        # A vanished TCP endpoint answers with a reset: only UDP and SCTP ports leave flows behind. Most
+        # Services have none, and a first sync (every Service new) would build a set of every backend.
+        ports_before, ports_after = _connectionless(before), _connectionless(after)
+        if not ports_before and not ports_after:
+            continue
+        serving_after = _serving(ports_after)
+        for port, backends in ports_before:
+            keep = serving_after.get((port.name, port.protocol), set())
+            stale |= {StaleFlows(port.protocol.value, b.ip, b.port)
+                      for b in backends if b.serving and (b.ip, b.port) not in keep}
+        serving_before = _serving(ports_before)
+        for port, backends in ports_after:
+            if serving_after[(port.name, port.protocol)] and not serving_before.get((port.name, port.protocol)):
                 service = after.service
                 addresses = service.cluster_ips + service.external_ips_all
                 stale |= {StaleFlows(port.protocol.value, ip, port.port, "frontend") for ip in addresses}
@@ -164,6 +167,15 @@ def stale_flows(old: Snapshot, new: Snapshot) -> tuple[StaleFlows, ...]:
     return tuple(sorted(stale))
 
 
-def _serving(state) -> dict[tuple[str, Protocol], set[tuple[str, int]]]:
-    return {(port.name, port.protocol): {(b.ip, b.port) for b in backends if b.serving}
-            for port, backends in state.port_backends()}
+def _connectionless(state: ServiceState | None) -> list[tuple[ServicePort, tuple[Backend, ...]]]:
+    """The UDP and SCTP ports of `state` (None: a Service that is not there), each with its backends."""
+    if state is None:
+        return []
+    return [(port, backends) for port, backends in state.port_backends() if port.protocol is not _TCP]
+
+
+def _serving(ports: list[tuple[ServicePort, tuple[Backend, ...]]]) -> dict[tuple[str, Protocol], set[tuple[str, int]]]:
+    return {(port.name, port.protocol): {(b.ip, b.port) for b in backends if b.serving} for port, backends in ports}
+
+
+_TCP = Protocol.TCP

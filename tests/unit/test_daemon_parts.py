@@ -125,6 +125,21 @@ def test_udp_service_gaining_endpoints_clears_untranslated_flows() -> None:
     }
 
 
+def test_port_turning_from_tcp_to_udp_clears_untranslated_flows() -> None:
+    old = Snapshot({("default", "dns"): _state(Protocol.TCP, "10.244.1.1")})
+    new = Snapshot({("default", "dns"): _state(Protocol.UDP, "10.244.1.1")})
+    assert stale_flows(old, new) == (StaleFlows("UDP", "10.96.0.10", 53, "frontend"),)
+
+
+def test_udp_port_beside_tcp_ports_is_still_checked() -> None:
+    service = Service("default", "dns", cluster_ips=("10.96.0.10",),
+                      ports=(ServicePort("tcp", Protocol.TCP, 53, 53), ServicePort("udp", Protocol.UDP, 53, 53)))
+    both = (Backend("10.244.1.1", 53), Backend("10.244.1.2", 53))
+    old = Snapshot({("default", "dns"): ServiceState(service, (both, both))})
+    new = Snapshot({("default", "dns"): ServiceState(service, (both[:1], both[:1]))})
+    assert stale_flows(old, new) == (StaleFlows("UDP", "10.244.1.2", 53),)
+
+
 def test_health_keeps_a_change_queued_during_a_sync_pending() -> None:
     probe, schedule, clock = health(stale_after=30)
     schedule.ran(clock.now, True, True, None)
