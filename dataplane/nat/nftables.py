@@ -307,11 +307,12 @@ class Nftables:
         other failure when nft cannot list (libnftables is used without JSON
         output here, so this needs the nft command).
         """
-        if self._batches is not None:  # no nft process: a scrape must stay cheap at any ruleset size
+        queries = self._queries()
+        if queries is not None:  # no nft process: a scrape must stay cheap at any ruleset size
             from .netlink import BatchError
 
             try:
-                return self._batches.counters(family, table)
+                return queries.counters(family, table)
             except BatchError as error:
                 raise NftError(str(error), code=error.code) from None
         if not isinstance(self._bulk, NftCommand):
