@@ -10,6 +10,7 @@ rules in place: traffic keeps flowing until the next start adopts them.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import json
 import logging
@@ -49,6 +50,10 @@ log = logging.getLogger("dataplane")
 # probes and DNS stay answered.
 INLINE_SYNC_CHANGES = 20
 INLINE_SYNC_BACKENDS = 500
+# While the manifests first load, the Services read so far are rendered whenever the parser process
+# is behind (the daemon would only wait for it), at most once per this many files: each pass copies
+# the store's and the builders' maps whole.
+RENDER_AHEAD_FILES = 1000
 
 
 @dataclass
@@ -85,6 +90,16 @@ def _small_change(previous: Snapshot, snapshot: Snapshot) -> bool:
                    for state in (previous.services.get(key), snapshot.services.get(key)) if state is not None
                    for port_backends in state.backends)
     return backends <= INLINE_SYNC_BACKENDS
+
+
+def _release_free_heap() -> None:
+    """Hands the C heap's free pages back to the kernel (glibc's malloc_trim). Loading leaves holes
+    where each file's decoded documents were; left resident, they add to the first sync's peak
+    (VmHWM 3.5 MB lower with this at 10,000 Services; it takes 9 ms)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to hand back this way
 
 
 class Health:
@@ -158,7 +173,9 @@ class Daemon:
             self.metrics.registry.register(UserspaceCollector(userspace))
         self.node_ips: tuple[str, ...] = ()
         self._probed_ips: tuple[str, ...] | None = None  # the node addresses health_checks were last given
-        self._collector_off = False  # run() turned the cyclic collector off until the first sync ends
+        self._collector_off = False  # load_manifests() turned the cyclic collector off until the first sync ends
+        self._rendered_ahead: Snapshot | None = None  # what load_manifests() rendered; the first sync follows it
+        self._rendered_at: float = 0  # files read when it was taken
         self.health_checks = HealthCheckServers(options.settings.node_name, healthy=lambda: self.health.healthy())
         self.dns = None
         if options.dns_bind:
@@ -204,7 +221,8 @@ class Daemon:
         try:
             await self._sync_snapshot(full)
         finally:
-            if self._collector_off:  # the first sync, done or failed: see run()
+            self._rendered_ahead = None
+            if self._collector_off:  # the first sync, done or failed: see load_manifests()
                 self._collector_off = False
                 gc.enable()
 
@@ -265,6 +283,35 @@ class Daemon:
                 log.info("deleted %d stale conntrack entries for %d endpoints", deleted, len(result.stale))
             except Exception as error:  # the rules are live; a cleanup failure must not fail the sync
                 log.warning("conntrack cleanup failed: %s", error)
+
+    def load_manifests(self) -> None:
+        """The first load of the manifest folder, before the first sync. What the daemon would spend
+        waiting for the parser process goes to rendering the Services read so far (`_render_ahead`)."""
+        # The cyclic collector stays off until the first sync is over (`_sync`; it freezes what
+        # loaded first). Loading and the sync pause it anyway; enabled in between, its first pass
+        # walked every object just loaded (0.14 s at 10,000 Services), and the next every object
+        # the sync allocated, all of it before /healthz could pass.
+        self._collector_off = gc.isenabled()
+        gc.disable()
+        self.source.load_all(idle=self._render_ahead)
+        _release_free_heap()
+
+    def _render_ahead(self, files: int) -> None:
+        """Renders the store as loaded so far. The builders keep each Service's fragment and render
+        again only the Services a later snapshot names as changed, so the first sync, whose snapshot
+        follows this one, renders only what loaded after it: the same ruleset, sooner."""
+        if files - self._rendered_at < RENDER_AHEAD_FILES:
+            return
+        self._rendered_at = files
+        snapshot = self.store.snapshot()
+        try:
+            for builder in self.proxier.builders:
+                builder.build(snapshot, self.node_ips)
+        except Exception as error:  # a bug: the first sync, rendering everything again, meets it and says so
+            log.warning("rendering ahead of the first sync failed (%s); it renders everything", error)
+            self._rendered_at, self._rendered_ahead = float("inf"), None
+            return
+        self._rendered_ahead = snapshot  # the builders hold it weakly; the first sync's must follow it
 
     def _probes_may_change(self, previous: Snapshot, snapshot: Snapshot) -> bool:
         """False when no Service that has or had a healthCheckNodePort changed, nor the node addresses,
@@ -335,13 +382,7 @@ class Daemon:
             # previous run left, and /healthz must not pass before the cluster is programmed.
             ready = await self._wait_synced(watcher, stop)
         else:
-            # The cyclic collector stays off until the first sync is over (`_sync`; it freezes what
-            # loaded first). Loading and the sync pause it anyway; enabled in between, its first pass
-            # walked every object just loaded (0.14 s at 10,000 Services), and the next every object
-            # the sync allocated, all of it before /healthz could pass.
-            self._collector_off = gc.isenabled()
-            gc.disable()
-            self.source.load_all()
+            self.load_manifests()
         if ready:
             self.changed("start")
         if self.dns is not None:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Callable, Iterable
 
 from ..model import ServiceKey, parse_objects
 from . import manifests_watch
@@ -89,32 +89,38 @@ class ManifestSource:
             return self._withdraw(str(path))
         return self._load_many([path])
 
-    def load_all(self, only_changed: bool = False) -> set[ServiceKey]:
-        """(Re)reads every file, or with `only_changed` those whose mtime, size or inode moved."""
+    def load_all(self, only_changed: bool = False, idle: Callable[[int], object] | None = None) -> set[ServiceKey]:
+        """(Re)reads every file, or with `only_changed` those whose mtime, size or inode moved.
+
+        `idle(files)`, if given, is called between two files while the parser process is still
+        at work on the next (`files`: how many this call has stored so far); the store is
+        consistent there, and may be read (a snapshot taken)."""
         listed = self.files()
         present = {str(p) for p in listed}
         changed: set[ServiceKey] = set()
         for origin in (self.store.origins | set(self._stats)) - present:
             changed |= self._withdraw(origin)
         wanted = [p for p in listed if not (only_changed and self._stats.get(str(p)) == _stat(p))]
-        return changed | self._load_many(wanted)
+        return changed | self._load_many(wanted, idle)
 
     def close(self) -> None:
         self.parser.close()
 
-    def _load_many(self, paths: Iterable[Path]) -> set[ServiceKey]:
+    def _load_many(self, paths: Iterable[Path], idle: Callable[[int], object] | None = None) -> set[ServiceKey]:
         self._loaded = True
         paths = list(paths)
         for path in paths:
             self._stats[str(path)] = _stat(path)
         with collector_paused():
-            return self._load_paths(paths)
+            return self._load_paths(paths, idle)
 
-    def _load_paths(self, paths: list[Path]) -> set[ServiceKey]:
+    def _load_paths(self, paths: list[Path], idle: Callable[[int], object] | None = None) -> set[ServiceKey]:
         # Run with the cyclic collector paused: model values make no cycles, and at 10,000 files its
         # passes over the growing heap cost 0.8 s of CPU (what becomes garbage, reference counting frees).
         changed: set[ServiceKey] = set()
-        for path, documents in self.parser.read(paths):
+        stored = 0
+        for path, documents in self.parser.read(paths, None if idle is None else lambda: idle(stored)):
+            stored += 1
             origin = str(path)
             self._read.add(origin)
             if isinstance(documents, Refused):

@@ -20,6 +20,7 @@ Each refusal is a `Refused` (a ValueError) whose message names the file.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import os
@@ -35,7 +36,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ..model.objects import SERVED_KINDS
 
@@ -53,6 +54,7 @@ class Limits:
 
 
 RECYCLE_ABOVE = 256 * 2**20  # bytes resident in the parser process after a batch
+PIPE_BYTES = 2**20  # the child's answers in flight: about 700 of 1.4 KB (/proc/sys/fs/pipe-max-size allows 1 MiB)
 
 
 class Refused(ValueError):
@@ -173,6 +175,9 @@ class ParserProcess:
     `read(paths)` yields (path, documents or Refused) in order. A file that
     kills the child (a signal, the memory limit) or outlasts the timeout is
     refused alone; the child is started again for the files after it.
+    `idle`, if given, is called before waiting for an answer the child has not
+    sent yet, between two files: the caller's work done there costs no wall time
+    (it does not count against the parse timeout either).
     """
 
     def __init__(self, root: Path, limits: Limits = Limits()):
@@ -184,7 +189,8 @@ class ParserProcess:
         self._selector: selectors.BaseSelector | None = None
         self._buffer = bytearray()
 
-    def read(self, paths: Iterable[Path]) -> Iterator[tuple[Path, list | Refused]]:
+    def read(self, paths: Iterable[Path], idle: Callable[[], object] | None = None
+             ) -> Iterator[tuple[Path, list | Refused]]:
         pending = list(paths)
         while pending:
             child = self._start()
@@ -196,6 +202,8 @@ class ParserProcess:
                 pass  # the child died: the first read below says why
             done = 0
             for path in pending:
+                if idle is not None and not self._answer_ready():
+                    idle()
                 try:
                     answer = self._answer(child)
                 except Refused as why:
@@ -238,6 +246,12 @@ class ParserProcess:
             cwd=_package_parent(), close_fds=True,
         )
         self.starts += 1
+        try:
+            # Room for a few hundred answers: the child parses on while the daemon builds objects,
+            # rather than waiting on every 64 KiB (the default) for the daemon to catch up.
+            fcntl.fcntl(self._child.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass  # over the user's pipe quota: the default size works, in step
         self._finalizer = weakref.finalize(self, _kill, self._child)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._child.stdout.fileno(), selectors.EVENT_READ)
@@ -259,6 +273,13 @@ class ParserProcess:
             self._selector = None
         self._child = None
         self._buffer = bytearray()
+
+    def _answer_ready(self) -> bool:
+        """True when a whole answer is buffered or more of one waits in the pipe."""
+        buffer = self._buffer
+        if len(buffer) >= _FRAME.size and len(buffer) >= _FRAME.size + _FRAME.unpack_from(buffer)[0]:
+            return True
+        return self._selector is not None and bool(self._selector.select(0))
 
     def _answer(self, child: subprocess.Popen) -> dict:
         """The child's next answer; raises Refused saying how the child failed."""

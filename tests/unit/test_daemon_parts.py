@@ -196,3 +196,57 @@ def test_a_partial_sync_runs_on_the_loop_only_when_its_work_is_small(tmp_path) -
 
     asyncio.run(scenario())
     assert threads == [False, True, False]  # full: a thread; small: the loop; large: a thread
+
+
+def test_rendering_ahead_while_loading_leaves_the_first_sync_the_same_transaction(tmp_path, monkeypatch) -> None:
+    # Issue 14: while the parser process is behind, the daemon renders what has loaded; the first
+    # sync then renders only the rest, and must send exactly what rendering everything would.
+    import asyncio
+
+    from dataplane.config import NodeSettings
+    from dataplane.daemon import app
+    from dataplane.daemon.app import Daemon, Options
+    from dataplane.lab.manifests import ManifestDir, endpoint_slice, port, service
+    from dataplane.nat.fake import FakeNftables
+    from dataplane.sync.reader import ParserProcess
+
+    manifests = ManifestDir(tmp_path / "manifests")
+    for i in range(12):
+        protocol = "UDP" if i % 3 == 0 else "TCP"
+        manifests.write(f"svc-{i:02}.yaml", [
+            service(f"svc-{i}", f"10.96.0.{i + 10}", [port("p", 53, protocol=protocol, node_port=30000 + i)],
+                    type="NodePort"),
+            endpoint_slice(f"svc-{i}", [f"10.244.{i}.{j + 1}" for j in range(i % 4)], [("p", 53, protocol)])])
+    monkeypatch.setattr(app, "RENDER_AHEAD_FILES", 5)
+
+    class Recording(FakeNftables):
+        def apply(self, tx) -> None:
+            self.sent = str(tx)
+            super().apply(tx)
+
+    def first_sync(parser_behind: bool) -> tuple[str, list[int]]:
+        monkeypatch.setattr(ParserProcess, "_answer_ready", lambda self: not parser_behind)
+        nft = Recording()
+        daemon = Daemon(Options(source=manifests.path, settings=NodeSettings(node_name="node1")), nft)
+        daemon.node_ips = ("192.168.50.1",)
+        rendered: list[int] = []  # Services each ip-family render took
+        builder = daemon.proxier.builders[0]
+        build = builder.build
+        builder.build = lambda snapshot, ips: rendered.append(len(snapshot.changed or snapshot.services)) \
+            or build(snapshot, ips)  # type: ignore[method-assign]
+
+        async def scenario() -> None:
+            daemon.load_manifests()
+            daemon.changed("start")
+            assert await daemon.loop.step(True)
+
+        asyncio.run(scenario())
+        daemon.source.close()
+        assert daemon._rendered_ahead is None  # let go once the first sync is done
+        return nft.sent, rendered
+
+    everything, rendered = first_sync(parser_behind=False)
+    assert rendered == [12]
+    ahead, rendered = first_sync(parser_behind=True)
+    assert rendered == [5, 5, 2]  # after 5 and 10 files; the first sync: the last 2
+    assert ahead == everything
